@@ -1,0 +1,75 @@
+"""ONNX Runtime backend: one session per model version, CUDA when present and allowed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from service.backends import Array, BackendOptions
+from service.errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Ops that normalize with statistics of the tensor they are given: with batch-dependent input
+# they mix samples. InstanceNorm/LayerNorm are per sample and safe; BatchNormalization is not
+# (in training mode it uses the batch; in eval mode it should have been folded by our exporter).
+BATCH_STATISTICS_OPS = frozenset({"BatchNormalization"})
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+def choose_providers(device: str, available: list[str]) -> list[str]:
+    if device == "cpu":
+        return [_CPU]
+    if _CUDA in available:
+        return [_CUDA, _CPU]
+    if device == "cuda":
+        raise ConfigError(
+            f"device 'cuda' requested but onnxruntime offers only {available}; install "
+            "onnxruntime-gpu on a machine with a GPU, or set FOLDSERVE_DEVICE=cpu"
+        )
+    log.warning("no CUDA execution provider available (%s): running on CPU", available)
+    return [_CPU]
+
+
+class OnnxBackend:
+    format = "onnx"
+
+    def __init__(self, path: Path, options: BackendOptions) -> None:
+        self._path = path
+        session_options = ort.SessionOptions()
+        # NOTE: one intra-op thread per session; small models gain nothing from more and
+        # the tail latency suffers when threads contend across server workers.
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = choose_providers(options.device, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+        self.device = "cuda" if self._session.get_providers()[0] == _CUDA else "cpu"
+        self._input_name = self._session.get_inputs()[0].name
+        self._output_names = [self._session.get_outputs()[0].name]
+
+    def run(self, batch: Array) -> Array:
+        try:
+            (outputs,) = self._session.run(self._output_names, {self._input_name: batch})
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed on a batch of {len(batch)}: {exc}") from exc
+        return np.asarray(outputs, dtype=np.float32)
+
+    def batch_statistics_ops(self) -> list[str]:
+        # Check the file as written, not ORT's optimized graph: the file is what we vouch for.
+        graph = onnx.load(str(self._path), load_external_data=False).graph
+        found = [f"{n.op_type} ({n.name or 'unnamed'})" for n in graph.node if n.op_type in BATCH_STATISTICS_OPS]
+        for function in onnx.load(str(self._path), load_external_data=False).functions:
+            found += [f"{n.op_type} (in {function.name})" for n in function.node if n.op_type in BATCH_STATISTICS_OPS]
+        return found

@@ -1,0 +1,66 @@
+"""TorchScript backend: the only module of the server that imports torch."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.backends import Array, BackendOptions
+from service.errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+_BATCH_NORM_KINDS = ("aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit")
+
+
+class TorchScriptBackend:
+    format = "torchscript"
+
+    def __init__(self, path: Path, options: BackendOptions) -> None:
+        self.device = _choose_device(options.device)
+        torch.set_num_threads(options.intra_op_threads)
+        try:
+            with warnings.catch_warnings():
+                # NOTE: torch 2.13 deprecates torch.jit; loading TorchScript is still what we serve.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._module = torch.jit.load(str(path), map_location=self.device)
+        except Exception as exc:
+            raise BackendError(f"{path}: torch cannot load the TorchScript program: {exc}") from exc
+        self._module.eval()
+
+    def run(self, batch: Array) -> Array:
+        try:
+            with torch.inference_mode():
+                result = self._module(torch.from_numpy(batch).to(self.device))
+        except Exception as exc:
+            raise BackendError(f"TorchScript failed on a batch of {len(batch)}: {exc}") from exc
+        return np.asarray(result.detach().cpu().numpy(), dtype=np.float32)
+
+    def batch_statistics_ops(self) -> list[str]:
+        found = [
+            f"module {name or '<root>'} ({module.original_name})"
+            for name, module in self._module.named_modules()
+            if "BatchNorm" in getattr(module, "original_name", "")
+        ]
+        # The inlined graph holds every submodule's code, so one walk sees every op.
+        found += [
+            node.kind()
+            for node in self._module.inlined_graph.nodes()
+            if node.kind() in _BATCH_NORM_KINDS
+        ]
+        return found
+
+
+def _choose_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise ConfigError("device 'cuda' requested but torch sees no GPU; set FOLDSERVE_DEVICE=cpu")
+    log.warning("torch sees no CUDA device: TorchScript runs on CPU")
+    return "cpu"

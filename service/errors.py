@@ -1,0 +1,79 @@
+"""The one error hierarchy. Each error carries the HTTP status it maps to; one handler renders it."""
+
+from __future__ import annotations
+
+
+class FoldserveError(Exception):
+    """Base of every error foldserve raises on purpose."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidInput(FoldserveError):
+    status = 400
+
+
+class PayloadTooLarge(FoldserveError):
+    status = 413
+
+
+class ModelNotFound(FoldserveError):
+    status = 404
+
+
+class ModelNotReady(FoldserveError):
+    status = 503
+
+
+class Overloaded(FoldserveError):
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class InferenceTimeout(FoldserveError):
+    status = 504
+
+
+class BackendError(FoldserveError):
+    """The runtime failed while running a batch: only that batch's requests see it."""
+
+    status = 500
+
+
+class ConfigError(FoldserveError):
+    """A setting or a file on disk is wrong; the message names the value and the fix."""
+
+    status = 500
+
+
+class StoreError(FoldserveError):
+    """The model store holds something unreadable or inconsistent."""
+
+    status = 500
+
+
+class VerificationError(FoldserveError):
+    """A model failed a check that proves it never uses batch statistics; it is not served."""
+
+    status = 500
+
+
+class FoldingError(FoldserveError):
+    """A network cannot be folded safely (e.g. a BN without running statistics)."""
+
+    status = 500

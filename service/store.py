@@ -1,0 +1,224 @@
+"""The model store: layout on disk and the manifest schema, the one contract shared by trainer and server.
+
+Layout: ``<root>/<name>/<version>/`` with integer versions, the model files and ``manifest.json``.
+A version is written into a hidden temporary folder and renamed into place, so a crash mid-write
+never leaves a version that loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import StoreError
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+ModelFormat = Literal["onnx", "torchscript"]
+Placement = Literal["folded_into_previous", "folded_into_next", "frozen_affine"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output tensor; ``shape`` is per sample (the batch dimension is implied)."""
+
+    name: str
+    dtype: Literal["float32"] = "float32"
+    shape: tuple[int, ...]
+
+
+class ModelFile(_Strict):
+    format: ModelFormat
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int
+
+
+class BatchNormRecord(_Strict):
+    """Where one BatchNorm layer of the trained network went in the exported graph."""
+
+    name: str
+    features: int
+    placement: Placement
+    target: str | None = Field(description="the layer it was folded into, or None for an affine")
+    stats_sha256: str = Field(description="sha256 of the frozen mean, var, eps, weight, bias")
+
+
+class Verification(_Strict):
+    """What the exporter proved before the version was written; tolerances are absolute."""
+
+    atol: float
+    rtol: float
+    batch_statistics_ops: int
+    max_abs_diff: dict[ModelFormat, float]
+    batch_invariance_max_diff: float
+    samples_checked: int
+
+
+class Provenance(_Strict):
+    dataset: str
+    split: str
+    seed: int
+    epochs: int
+    bn_stats: Literal["ema", "population"]
+    accuracy_ema: float
+    accuracy_population: float
+    accuracy_unfolded_exported_stats: float
+    torch_version: str
+    onnx_opset: int
+    command: str
+    created_at: str
+
+
+class Golden(_Strict):
+    """A few samples and the outputs the exported model gives; the server re-checks them at load."""
+
+    inputs: list[list[float]]
+    outputs: list[list[float]]
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(64, ge=1, description="cap on rows per backend call")
+    max_delay_ms: float = Field(2.0, ge=0.0, description="longest wait counted from the oldest request")
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: int = Field(ge=1)
+    architecture: str
+    task: Literal["classification", "regression"]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    labels: list[str]
+    files: tuple[ModelFile, ...]
+    batch_norm: tuple[BatchNormRecord, ...]
+    verification: Verification
+    provenance: Provenance
+    golden: Golden
+    batching: BatchingConfig = BatchingConfig()
+
+    def file(self, fmt: ModelFormat) -> ModelFile | None:
+        return next((f for f in self.files if f.format == fmt), None)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME_PATTERN.fullmatch(name):
+        raise StoreError(
+            f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' or '-' "
+            "(at most 64 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+def version_dir(root: Path, name: str, version: int) -> Path:
+    return root / check_model_name(name) / str(version)
+
+
+def list_models(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME_PATTERN.fullmatch(p.name))
+
+
+def list_versions(root: Path, name: str) -> list[int]:
+    """Complete versions only: integer folders holding a manifest (temporary folders are hidden)."""
+    model_root = root / check_model_name(name)
+    if not model_root.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in model_root.iterdir()
+        if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
+    )
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_FILE
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise StoreError(f"{path}: no manifest") from exc
+    except ValueError as exc:
+        raise StoreError(f"{path}: invalid manifest: {exc}") from exc
+
+
+def write_version(
+    root: Path,
+    name: str,
+    files: Mapping[str, bytes],
+    make_manifest: Callable[[int, dict[str, str]], Manifest],
+) -> Path:
+    """Write ``files`` and the manifest as the next free version of ``name``, atomically.
+
+    ``make_manifest(version, sha256_by_filename)`` builds the manifest once the version is known.
+    The version folder appears in one ``rename``; if another writer took that number first, the
+    next one is tried.
+    """
+    model_root = root / check_model_name(name)
+    model_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
+    try:
+        digests: dict[str, str] = {}
+        for filename, content in files.items():
+            _write_durably(staging / filename, content)
+            digests[filename] = hashlib.sha256(content).hexdigest()
+        for _attempt in range(100):
+            version = max(list_versions(root, name) + _numbered_dirs(model_root), default=0) + 1
+            manifest = make_manifest(version, digests)
+            if manifest.name != name or manifest.version != version:
+                raise StoreError("make_manifest must use the name and version it is given")
+            _write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+            try:
+                # NOTE: rename onto an existing non-empty folder fails, which is our lock.
+                os.rename(staging, model_root / str(version))
+            except OSError:
+                continue
+            _fsync_dir(model_root)
+            return model_root / str(version)
+        raise StoreError(f"could not find a free version for {name!r}")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _numbered_dirs(model_root: Path) -> list[int]:
+    return [int(p.name) for p in model_root.iterdir() if p.name.isdigit()]
+
+
+def _write_durably(path: Path, content: bytes) -> None:
+    with path.open("wb") as stream:
+        stream.write(content)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
