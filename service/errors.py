@@ -1,4 +1,4 @@
-"""The one error hierarchy. Each error carries the HTTP status it maps to; one handler renders it."""
+"""One error hierarchy; each error carries the HTTP status it maps to; one handler renders it."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     default_model: str = Field("digits-mlp", description="model answering requests naming none")
     backend: BackendName = Field("onnx", description="runtime: onnx (onnxruntime) or torchscript")
     device: Device = Field(
-        "auto", description="auto: CUDA when present, else CPU (logged); cuda: missing GPU is an error"
+        "auto",
+        description="auto: CUDA when present, else CPU (logged); cuda: missing GPU is an error",
     )
     intra_op_threads: int = Field(1, ge=1, description="threads per inference session")
     max_batch_size: int | None = Field(None, ge=1, description="override every manifest's row cap")

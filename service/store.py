@@ -1,4 +1,4 @@
-"""The model store: layout on disk and the manifest schema, the one contract shared by trainer and server.
+"""The model store: its layout and manifest schema, the one contract of trainer and server.
 
 Layout: ``<root>/<name>/<version>/`` with integer versions, the model files and ``manifest.json``.
 A version is written into a hidden temporary folder and renamed into place, so a crash mid-write
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.errors import StoreError
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 ModelFormat = Literal["onnx", "torchscript"]
@@ -93,11 +93,13 @@ class Golden(_Strict):
 
 class BatchingConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, description="cap on rows per backend call")
-    max_delay_ms: float = Field(2.0, ge=0.0, description="longest wait counted from the oldest request")
+    max_delay_ms: float = Field(
+        2.0, ge=0.0, description="longest wait counted from the oldest request"
+    )
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str
     version: int = Field(ge=1)
     architecture: str

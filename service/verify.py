@@ -103,7 +103,9 @@ def wild_mates(inputs: Array, rng: np.random.Generator, count: int = 64) -> Arra
     return (picks * scale + noise).astype(np.float32)
 
 
-def verify_loaded_model(directory: Path, manifest: Manifest, backend: Backend) -> VerificationReport:
+def verify_loaded_model(
+    directory: Path, manifest: Manifest, backend: Backend
+) -> VerificationReport:
     """Everything the server checks before a model version is served (files checked first)."""
     check_no_batch_statistics(backend)
     golden_diff = check_golden(backend, manifest)

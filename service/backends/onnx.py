@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from service.backends import Array, BackendOptions
 from service.errors import BackendError, ConfigError
+from service.settings import BackendName
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
 
 
 class OnnxBackend:
-    format = "onnx"
+    format: BackendName = "onnx"
 
     def __init__(self, path: Path, options: BackendOptions) -> None:
         self._path = path
@@ -69,7 +70,15 @@ class OnnxBackend:
     def batch_statistics_ops(self) -> list[str]:
         # Check the file as written, not ORT's optimized graph: the file is what we vouch for.
         graph = onnx.load(str(self._path), load_external_data=False).graph
-        found = [f"{n.op_type} ({n.name or 'unnamed'})" for n in graph.node if n.op_type in BATCH_STATISTICS_OPS]
+        found = [
+            f"{n.op_type} ({n.name or 'unnamed'})"
+            for n in graph.node
+            if n.op_type in BATCH_STATISTICS_OPS
+        ]
         for function in onnx.load(str(self._path), load_external_data=False).functions:
-            found += [f"{n.op_type} (in {function.name})" for n in function.node if n.op_type in BATCH_STATISTICS_OPS]
+            found += [
+                f"{n.op_type} (in {function.name})"
+                for n in function.node
+                if n.op_type in BATCH_STATISTICS_OPS
+            ]
         return found

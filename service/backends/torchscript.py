@@ -11,14 +11,19 @@ import torch
 
 from service.backends import Array, BackendOptions
 from service.errors import BackendError, ConfigError
+from service.settings import BackendName
 
 log = logging.getLogger(__name__)
 
-_BATCH_NORM_KINDS = ("aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit")
+_BATCH_NORM_KINDS = (
+    "aten::batch_norm",
+    "aten::native_batch_norm",
+    "aten::_native_batch_norm_legit",
+)
 
 
 class TorchScriptBackend:
-    format = "torchscript"
+    format: BackendName = "torchscript"
 
     def __init__(self, path: Path, options: BackendOptions) -> None:
         self.device = _choose_device(options.device)
@@ -27,7 +32,9 @@ class TorchScriptBackend:
             with warnings.catch_warnings():
                 # NOTE: torch 2.13 deprecates torch.jit; loading TorchScript is still what we serve.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self._module = torch.jit.load(str(path), map_location=self.device)
+                self._module = torch.jit.load(  # type: ignore[no-untyped-call]
+                    str(path), map_location=self.device
+                )
         except Exception as exc:
             raise BackendError(f"{path}: torch cannot load the TorchScript program: {exc}") from exc
         self._module.eval()

@@ -1,0 +1,139 @@
+"""The app factory: wires settings, metrics, registry and dataplane; renders every error once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.dataplane import DataPlane
+from service.errors import FoldserveError, InvalidInput, PayloadTooLarge
+from service.metrics import Metrics
+from service.registry import Registry
+from service.routes import health, metrics, models, predict
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build an app; models load in the background at startup so liveness answers meanwhile."""
+    app_metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    model_registry = Registry(settings, app_metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        model_registry.scan()
+        loading = asyncio.create_task(model_registry.load_all(), name="foldserve-load")
+        loading.add_done_callback(_log_crash)
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await model_registry.stop()  # drains: every accepted request is answered
+
+    app = FastAPI(title="foldserve", version=__version__, lifespan=lifespan, docs_url=None)
+    app.state.metrics = app_metrics
+    app.state.model_registry = model_registry
+    app.state.dataplane = DataPlane(settings, model_registry, app_metrics)
+    for module in (predict, models, health, metrics):
+        app.include_router(module.router)
+    app.add_exception_handler(FoldserveError, _foldserve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` worker processes: settings come from FOLDSERVE_* vars."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def configure_logging(level: str) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt)
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    body = orjson.dumps({"error": message})
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+async def _foldserve_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FoldserveError)
+    if exc.status >= 500:
+        log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers())
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    # Framework validation (e.g. a non-integer version in the path) is invalid input like ours.
+    parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    return await _foldserve_error(request, InvalidInput("; ".join(parts) or "invalid request"))
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> Response:
+    log.error("unexpected error", exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("model loading crashed", exc_info=task.exception())
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes: by Content-Length up front, else as they arrive.
+
+    The refusal is raised from ``receive``, i.e. inside the route reading the body, so it goes
+    through the one FoldserveError handler (and the route's metrics) like any other error.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            too_large = f"body of {int(declared)} bytes exceeds max_body_bytes={limit}"
+        else:
+            too_large = ""
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            if too_large:
+                raise PayloadTooLarge(too_large)
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"body exceeds max_body_bytes={limit}")
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,268 @@
+"""Dynamic batching for one model version: numpy rows in, numpy rows out, no protocol.
+
+Requests queue FIFO; a batch leaves when it holds ``max_batch_size`` rows or when the oldest
+waiting request has waited ``max_delay_ms``. Requests larger than the cap are split into chunks
+that may share batches with their neighbours and are reassembled in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.backends import Array
+from service.errors import (
+    BackendError,
+    ConfigError,
+    FoldserveError,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Hooks for the metrics layer; called on the event loop, so they must be cheap."""
+
+    def on_batch(self, rows: int, seconds: float) -> None: ...
+
+    def on_queue_depth(self, rows: int) -> None: ...
+
+
+@dataclass(eq=False)  # identity equality: deque.remove must find this request, not an equal one
+class _Request:
+    rows: Array
+    future: asyncio.Future[Array]
+    arrived: float  # loop.time() at submit; the batch deadline is counted from the oldest
+    taken: int = 0  # rows already handed to a batch; the rest are still queued
+    chunks: list[Array] = field(default_factory=list)
+
+
+_Part = tuple[_Request, int, int]  # rows [start, stop) of one request inside a batch
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[Array], Array],
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue_rows: int,
+        executor: concurrent.futures.Executor | None = None,
+        observer: BatchObserver | None = None,
+        adaptive_delay: bool = False,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
+        if max_delay_ms < 0:
+            raise ConfigError(f"max_delay_ms={max_delay_ms}: must be 0 (no wait) or more")
+        if max_queue_rows < 1:
+            raise ConfigError(f"max_queue_rows={max_queue_rows}: must be at least 1")
+        self._run = run
+        self._cap = max_batch_size
+        self._delay_s = max_delay_ms / 1000.0
+        self._max_queue_rows = max_queue_rows
+        # NOTE: one worker thread by default: the loop never blocks on inference, and one model
+        # version never runs two batches at once (the loop awaits each run before the next).
+        self._owns_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="foldserve-batch"
+        )
+        self._observer = observer
+        self._adaptive = adaptive_delay
+        self._queue: deque[_Request] = deque()
+        self._queue_rows = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_alone = True  # adaptive mode: did the previous batch hold a single request?
+        self._last_done = 0.0
+
+    @property
+    def queue_rows(self) -> int:
+        return self._queue_rows
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def stop(self) -> None:
+        """Refuse new requests, answer every accepted one, then release the owned executor."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+
+    async def submit(self, rows: Array) -> Array:
+        if self._stopping or self._task is None:
+            raise ModelNotReady("model version is not serving (stopping or not started)")
+        n = len(rows)
+        if n == 0:
+            raise InvalidInput("request has no rows: send at least one")
+        if n > self._max_queue_rows:
+            # 413, not 503: this request can never fit, so a client retrying on 503 would loop.
+            raise PayloadTooLarge(
+                f"request has {n} rows but at most {self._max_queue_rows} can queue: send fewer "
+                "rows per request or raise max_queue_rows"
+            )
+        if self._queue_rows + n > self._max_queue_rows:
+            # Retry-After 1 s, the header's smallest step: a full queue drains well within it.
+            raise Overloaded(f"queue full: {self._queue_rows} of {self._max_queue_rows} rows wait")
+        loop = asyncio.get_running_loop()
+        req = _Request(rows, loop.create_future(), loop.time())
+        was_empty = not self._queue
+        self._queue.append(req)
+        self._queue_rows += n
+        if was_empty or self._queue_rows >= self._cap:
+            self._wake.set()  # only these change what the loop waits for; skip needless wake-ups
+        self._observe()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            # Client gone (or wait_for timed out): never compute its queued rows.
+            self._discard(req)
+            self._wake.set()  # the oldest request may have changed: recompute the deadline
+            raise
+
+    def _observe(self, batch_rows: int | None = None, seconds: float = 0.0) -> None:
+        """Report queue depth, or a finished batch; a metrics bug must never strand a request."""
+        if self._observer is None:
+            return
+        try:
+            if batch_rows is None:
+                self._observer.on_queue_depth(self._queue_rows)
+            else:
+                self._observer.on_batch(batch_rows, seconds)
+        except Exception:
+            log.exception("batch observer failed; serving goes on")
+
+    def _discard(self, req: _Request) -> None:
+        if req.taken < len(req.rows):
+            self._queue.remove(req)
+            self._queue_rows -= len(req.rows) - req.taken
+            req.taken = len(req.rows)
+            self._observe()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._wait_for_batch(loop)
+                if self._queue:
+                    await self._run_batch(loop, self._take())
+        finally:
+            # Reached on stop (queue empty) or if this task dies: fail the rest, never hang them.
+            for req in self._queue:
+                req.taken = len(req.rows)  # out of the queue: a later cancel has nothing to remove
+                if not req.future.done():
+                    req.future.set_exception(ModelNotReady("batcher stopped"))
+            self._queue.clear()
+            self._queue_rows = 0
+
+    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        # NOTE: trade-off. Waiting for batch mates while the backend sits idle costs a lone request
+        # up to max_delay_ms (the whole tax at concurrency 1) but lets concurrent requests share one
+        # run. We wait by default, as configured. With adaptive_delay we skip the wait when the last
+        # batch was a single request and this one arrived after it finished: no overlap seen, so
+        # waiting most likely buys nothing. Overlap (two requests in one batch) restores the wait.
+        while self._queue and self._queue_rows < self._cap and not self._stopping:
+            head = self._queue[0]
+            if (
+                self._adaptive
+                and self._last_alone
+                and len(self._queue) == 1
+                and head.arrived >= self._last_done
+            ):
+                return
+            deadline = head.arrived + self._delay_s
+            if loop.time() >= deadline:
+                return
+            self._wake.clear()
+            timer = loop.call_at(deadline, self._wake.set)  # a timer handle, not a polling sleep
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
+
+    def _take(self) -> list[_Part]:
+        """Pop up to the cap in rows, FIFO; a request too big for the room left is split."""
+        parts: list[_Part] = []
+        room = self._cap
+        while self._queue and room > 0:
+            req = self._queue[0]
+            stop = min(len(req.rows), req.taken + room)
+            parts.append((req, req.taken, stop))
+            room -= stop - req.taken
+            self._queue_rows -= stop - req.taken
+            req.taken = stop
+            if stop == len(req.rows):
+                self._queue.popleft()
+        self._observe()
+        return parts
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> None:
+        first, lo, hi = parts[0]
+        whole = len(parts) == 1 and lo == 0 and hi == len(first.rows)
+        batch = first.rows if whole else np.concatenate([r.rows[a:b] for r, a, b in parts])
+        started = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._executor, self._run, batch)
+        except asyncio.CancelledError:
+            self._fail(parts, ModelNotReady, "batcher cancelled while running this batch")
+            raise
+        except Exception as exc:
+            self._fail(parts, BackendError, f"inference failed: {type(exc).__name__}: {exc}", exc)
+            return
+        finally:
+            self._last_alone = len(parts) == 1
+            self._last_done = loop.time()
+            self._observe(len(batch), time.perf_counter() - started)
+        if not isinstance(out, np.ndarray) or out.ndim == 0 or len(out) != len(batch):
+            got = getattr(out, "shape", type(out).__name__)
+            # Never guess which output row belongs to whom: the whole batch fails.
+            self._fail(parts, BackendError, f"backend returned {got} for {len(batch)} input rows")
+            return
+        offset = 0
+        for req, a, b in parts:
+            chunk, offset = out[offset : offset + b - a], offset + b - a
+            if req.future.done():  # cancelled while running: drop its result quietly
+                continue
+            req.chunks.append(chunk)  # chunks arrive in order: one batch runs at a time, FIFO
+            if b == len(req.rows):
+                result = chunk if len(req.chunks) == 1 else np.concatenate(req.chunks)
+                req.future.set_result(result)
+
+    def _fail(
+        self,
+        parts: list[_Part],
+        kind: type[FoldserveError],
+        msg: str,
+        cause: Exception | None = None,
+    ) -> None:
+        for req, _, _ in parts:
+            if not req.future.done():
+                # One instance per caller: a shared one would collect every raiser's traceback.
+                error = kind(msg)
+                error.__cause__ = cause
+                req.future.set_exception(error)
+            self._discard(req)  # a failed request's later chunks are never computed

@@ -1,0 +1,87 @@
+"""``foldserve serve`` runs the server; ``foldserve train`` hands over to the torch-only trainer."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+# Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
+_SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the verified models of a model store")
+    serve.add_argument("--host", help="address to listen on (FOLDSERVE_HOST; 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (FOLDSERVE_PORT; 8000)")
+    serve.add_argument("--model-store", help="model store folder (FOLDSERVE_MODEL_STORE)")
+    serve.add_argument("--workers", type=int, help="server processes (FOLDSERVE_WORKERS; 1)")
+    serve.add_argument("--default-model", help="model for requests naming none (digits-mlp)")
+    serve.add_argument("--backend", choices=["onnx", "torchscript"], help="runtime (onnx)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (auto)")
+    commands.add_parser("train", help="train, fold and export a model (needs foldserve[train])")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags override FOLDSERVE_* variables, which override the defaults."""
+    overrides = {k: getattr(args, k) for k in _SERVE_FLAGS if getattr(args, k) is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])  # the trainer owns its own flags
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"foldserve: invalid setting:\n{exc}", file=sys.stderr)
+        return 2
+    return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import configure_logging, create_app
+
+    configure_logging(settings.log_level)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # NOTE: worker processes rebuild the app from an import string, so the resolved settings
+    # travel as FOLDSERVE_* variables: each worker reads exactly what this process decided.
+    for key, value in settings.model_dump(exclude_none=True).items():
+        os.environ[f"FOLDSERVE_{key.upper()}"] = str(value)
+    uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **options)
+    return 0
+
+
+def _train(rest: list[str]) -> int:
+    try:
+        from trainer.cli import main as train_main
+    except ImportError as exc:
+        print(
+            f"foldserve train needs the training extra ({exc}): pip install 'foldserve[train]'",
+            file=sys.stderr,
+        )
+        return 2
+    result: int = train_main(rest)
+    return result

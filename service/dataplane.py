@@ -1,0 +1,119 @@
+"""The protocol-free dataplane: resolve a model version, validate rows, batch, time out, count.
+
+Every protocol (``/predict`` today, KServe V2 next) parses its own body into a numpy array and
+calls ``DataPlane.infer``; nothing here knows HTTP beyond the status code each error carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.backends import Array
+from service.errors import FoldserveError, InferenceTimeout, InvalidInput, ModelNotReady
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+from service.store import Manifest, TensorSpec
+
+_NUMERIC_KINDS = "fiu"  # floats and integers; bools, strings and objects are refused
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model: str
+    version: int
+    outputs: Array  # (n, *output shape), one row per input row
+    manifest: Manifest
+
+    def predictions(self) -> list[str] | list[int] | None:
+        """For classifiers: the label (or index, without labels) of each row's arg-max."""
+        if self.manifest.task != "classification" or not len(self.outputs):
+            return None
+        best = np.argmax(self.outputs.reshape(len(self.outputs), -1), axis=1)
+        labels = self.manifest.labels
+        if labels:
+            return [labels[i] for i in best.tolist()]
+        return [int(i) for i in best.tolist()]
+
+
+def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
+    """Check one request's array against the per-sample spec; accept nested or flat samples."""
+    shape = spec.shape
+    size = math.prod(shape)
+    if rows.dtype.kind not in _NUMERIC_KINDS:
+        raise InvalidInput(f"input {spec.name!r} must hold numbers only (got {_kind(rows)})")
+    if rows.ndim == 0 or rows.shape[0] == 0:
+        raise InvalidInput(f"input {spec.name!r} holds no samples: send at least one")
+    n = rows.shape[0]
+    if rows.shape[1:] == shape:
+        pass
+    elif rows.shape[1:] == (size,):
+        rows = rows.reshape(n, *shape)
+    else:
+        expected = f"(n, {', '.join(map(str, shape))})"
+        if len(shape) > 1:
+            expected += f" or flat (n, {size})"
+        raise InvalidInput(
+            f"input {spec.name!r}: expected samples shaped {expected}, got {rows.shape}"
+        )
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        rows = rows.astype(np.float32, copy=False)
+    if not np.isfinite(rows).all():
+        raise InvalidInput(
+            f"input {spec.name!r} holds non-finite values (NaN, infinity or beyond float32 range)"
+        )
+    return rows
+
+
+def _kind(rows: np.ndarray) -> str:
+    return {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed or missing values"}.get(
+        rows.dtype.kind, str(rows.dtype)
+    )
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self._timeout_s = settings.request_timeout_s
+
+    async def infer(
+        self,
+        name: str | None,
+        version: int | None,
+        rows: np.ndarray,
+        *,
+        started: float | None = None,
+    ) -> InferenceResult:
+        """Run one request; ``started`` (perf_counter) lets the caller include its parsing time."""
+        started = time.perf_counter() if started is None else started
+        model, label = "", ""  # stay "" until resolved: unknown names must not become labels
+        try:
+            entry = self.registry.resolve(name, version)
+            model, label = entry.name, str(entry.version)
+            if entry.batcher is None or entry.manifest is None:
+                raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
+            valid = validate_rows(rows, entry.manifest.inputs[0])
+            try:
+                # NOTE: asyncio.timeout cancels this task at the deadline; the batcher then drops
+                # the request's queued rows. Cheaper than wait_for, which wraps a new task.
+                async with asyncio.timeout(self._timeout_s):
+                    outputs = await entry.batcher.submit(valid)
+            except TimeoutError:
+                raise InferenceTimeout(
+                    f"no result within {self._timeout_s:g} s (request_timeout_s)"
+                ) from None
+        except FoldserveError as exc:
+            self.metrics.observe_request(model, label, exc.status, time.perf_counter() - started)
+            raise
+        self.metrics.observe_request(model, label, 200, time.perf_counter() - started)
+        return InferenceResult(entry.name, entry.version, outputs, entry.manifest)
+
+    def reject(self, error: FoldserveError, started: float) -> None:
+        """Count a request refused before it reached ``infer`` (unreadable body, too large)."""
+        self.metrics.observe_request("", "", error.status, time.perf_counter() - started)

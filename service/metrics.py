@@ -1,0 +1,91 @@
+"""Prometheus metrics on a registry passed in (never the global one): apps can live side by side."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latencies here range from tens of microseconds (one small batch) to the request timeout.
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "foldserve_requests",
+            "Inference requests by model, version and HTTP status code",
+            ["model", "version", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "foldserve_request_duration_seconds",
+            "Time from reading a request to having its answer",
+            ["model"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "foldserve_batch_size",
+            "Rows per backend call",
+            ["model", "version"],
+            buckets=_ROWS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "foldserve_queue_depth",
+            "Rows waiting for a batch",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "foldserve_inference_duration_seconds",
+            "Time of one backend call (one batch)",
+            ["model", "version"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.model_loaded = Gauge(
+            "foldserve_model_loaded",
+            "1 when the version is verified and serving, else 0",
+            ["model", "version"],
+            registry=registry,
+        )
+        # NOTE: labels() takes a lock and builds a tuple on every call; the hot path reuses
+        # the children. Keys are bounded: only resolved models and real status codes get here.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, model: str, version: str, code: int, seconds: float) -> None:
+        """Count one finished request; model and version are "" when it never resolved to one."""
+        key = (model, version, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(model, version, str(code)),
+                self.request_duration.labels(model),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def set_loaded(self, model: str, version: int, loaded: bool) -> None:
+        self.model_loaded.labels(model, str(version)).set(1 if loaded else 0)
+
+    def observer(self, model: str, version: int) -> VersionObserver:
+        return VersionObserver(self, model, str(version))
+
+
+class VersionObserver:
+    """The batcher's observer for one model version (see service.batching.BatchObserver)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._batch_size = metrics.batch_size.labels(model, version)
+        self._inference = metrics.inference_duration.labels(model, version)
+        self._queue_depth = metrics.queue_depth.labels(model, version)
+
+    def on_batch(self, rows: int, seconds: float) -> None:
+        self._batch_size.observe(rows)
+        self._inference.observe(seconds)
+
+    def on_queue_depth(self, rows: int) -> None:
+        self._queue_depth.set(rows)

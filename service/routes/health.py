@@ -1,0 +1,25 @@
+"""Liveness (the process answers) and readiness (the default model is verified and serving)."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from service.routes.models import describe, registry_of
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return Response(b'{"status":"alive"}', media_type="application/json")
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    registry = registry_of(request)
+    ready, reason = registry.readiness()
+    body = {"ready": ready, "reason": reason, "models": [describe(e) for e in registry.entries()]}
+    return Response(
+        orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json"
+    )

@@ -1,0 +1,61 @@
+"""``/models``: every model version in the store, its status and, when it failed, why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from service.errors import ModelNotFound
+from service.registry import ModelVersion, Registry
+
+router = APIRouter()
+
+
+def registry_of(request: Request) -> Registry:
+    registry: Registry = request.app.state.model_registry
+    return registry
+
+
+def describe(entry: ModelVersion) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "name": entry.name,
+        "version": entry.version,
+        "status": entry.status.value,
+        "reason": entry.reason,
+    }
+    if entry.backend is not None:
+        info.update(backend=entry.backend.format, device=entry.backend.device)
+    if entry.report is not None:
+        info.update(
+            golden_max_abs_diff=entry.report.golden_max_abs_diff,
+            batch_invariance_max_diff=entry.report.batch_invariance_max_diff,
+        )
+    if entry.manifest is not None:
+        spec = entry.manifest.inputs[0]
+        info.update(task=entry.manifest.task, input_shape=spec.shape, labels=entry.manifest.labels)
+    return info
+
+
+@router.get("/models")
+async def list_models(request: Request) -> Response:
+    registry = registry_of(request)
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for entry in registry.entries():
+        by_name.setdefault(entry.name, []).append(describe(entry))
+    body = {
+        "default_model": registry.default_model,
+        "models": [{"name": name, "versions": versions} for name, versions in by_name.items()],
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.get("/models/{name}")
+async def get_model(request: Request, name: str) -> Response:
+    versions = [describe(e) for e in registry_of(request).entries() if e.name == name]
+    if not versions:
+        raise ModelNotFound(f"model {name!r} not found")
+    return Response(
+        orjson.dumps({"name": name, "versions": versions}), media_type="application/json"
+    )

@@ -1,0 +1,193 @@
+"""Fixtures: a tiny real model store (built here with torch, not the trainer) and a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import uvicorn
+
+from service.store import (
+    BatchingConfig,
+    Golden,
+    Manifest,
+    ModelFile,
+    ModelFormat,
+    Provenance,
+    TensorSpec,
+    Verification,
+    write_version,
+)
+
+SHAPE = (2, 8)  # per sample; two dimensions so nested and flat samples differ
+CLASSES = ["ant", "bee", "cat", "dog"]
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    onnx: bytes
+    torchscript: bytes
+    golden_inputs: np.ndarray  # (8, *SHAPE)
+    golden_outputs: np.ndarray  # (8, 4), computed by onnxruntime on the exported file
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, len(CLASSES)),
+    ).eval()
+    example = torch.randn(3, *SHAPE)
+    out = tmp_path_factory.mktemp("export")
+    onnx_path, ts_path = out / "model.onnx", out / "model.pt"
+    with warnings.catch_warnings():
+        # The legacy exporter and torch.jit both warn that they are deprecated in torch 2.13.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            net,
+            (example,),
+            onnx_path,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+        traced = torch.jit.trace(net, example)  # type: ignore[no-untyped-call]
+        torch.jit.save(traced, ts_path)
+    golden_inputs = np.random.default_rng(1).normal(size=(8, *SHAPE)).astype(np.float32)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (golden_outputs,) = session.run(None, {"x": golden_inputs})
+    return Artifacts(onnx_path.read_bytes(), ts_path.read_bytes(), golden_inputs, golden_outputs)
+
+
+def add_version(
+    root: Path,
+    art: Artifacts,
+    name: str = "tiny",
+    *,
+    golden_shift: float = 0.0,
+    formats: tuple[ModelFormat, ...] = ("onnx", "torchscript"),
+    batching: BatchingConfig | None = None,
+) -> Path:
+    """Write one version of the tiny model; ``golden_shift`` plants a wrong golden output."""
+    files = {"model.onnx": art.onnx, "model.pt": art.torchscript}
+    paths: dict[ModelFormat, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
+    files = {paths[f]: files[paths[f]] for f in formats}
+
+    def manifest(version: int, digests: dict[str, str]) -> Manifest:
+        return Manifest(
+            name=name,
+            version=version,
+            architecture="mlp-16-32-4",
+            task="classification",
+            inputs=(TensorSpec(name="x", shape=SHAPE),),
+            outputs=(TensorSpec(name="logits", shape=(len(CLASSES),)),),
+            labels=CLASSES,
+            files=tuple(
+                ModelFile(
+                    format=f,
+                    path=paths[f],
+                    sha256=digests[paths[f]],
+                    size_bytes=len(files[paths[f]]),
+                )
+                for f in formats
+            ),
+            batch_norm=(),
+            verification=Verification(
+                atol=1e-5,
+                rtol=1e-5,
+                batch_statistics_ops=0,
+                max_abs_diff={"onnx": 0.0},
+                batch_invariance_max_diff=0.0,
+                samples_checked=len(art.golden_inputs),
+            ),
+            provenance=Provenance(
+                dataset="random",
+                split="none",
+                seed=0,
+                epochs=0,
+                bn_stats="ema",
+                accuracy_ema=0.0,
+                accuracy_population=0.0,
+                accuracy_unfolded_exported_stats=0.0,
+                torch_version="test",
+                onnx_opset=17,
+                command="tests/service/conftest.py",
+                created_at="2026-01-01T00:00:00Z",
+            ),
+            golden=Golden(
+                inputs=art.golden_inputs.reshape(len(art.golden_inputs), -1).tolist(),
+                outputs=(art.golden_outputs + golden_shift).tolist(),
+            ),
+            batching=batching or BatchingConfig(max_batch_size=64, max_delay_ms=5.0),
+        )
+
+    return write_version(root, name, files, manifest)
+
+
+@pytest.fixture
+def store(tmp_path: Path, artifacts: Artifacts) -> Path:
+    root = tmp_path / "store"
+    add_version(root, artifacts)
+    return root
+
+
+def reference(store_root: Path, x: np.ndarray, name: str = "tiny", version: int = 1) -> np.ndarray:
+    """The model file's own outputs: onnxruntime run directly on the stored file."""
+    path = store_root / name / str(version) / "model.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": np.asarray(x, dtype=np.float32).reshape(-1, *SHAPE)})
+    return np.asarray(out)
+
+
+@contextlib.contextmanager
+def serve(app: Any, *, wait_loaded: bool = True) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        if wait_loaded:
+            until_loaded(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+def until_loaded(base: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{base}/models").json()["models"]
+        statuses = [v["status"] for m in models for v in m["versions"]]
+        if "loading" not in statuses:
+            return
+        time.sleep(0.02)
+    raise AssertionError("models still loading")

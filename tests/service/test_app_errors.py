@@ -1,0 +1,217 @@
+"""End to end, when things go wrong: bad models stay out, bad requests fail alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import service.registry as registry_module
+from service.app import create_app
+from service.backends.onnx import OnnxBackend
+from service.dataplane import InferenceResult
+from service.store import version_dir
+from tests.service.conftest import Artifacts, add_version, reference, serve, until_loaded
+from tests.service.test_app_e2e import outputs, samples, settings
+
+POISON = 1234.5  # a batch holding this value makes the patched backend raise
+
+
+def error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    assert isinstance(message, str) and message
+    return message
+
+
+async def gather_posts(
+    base: str, requests: list[tuple[str, dict[str, Any]]]
+) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        return await asyncio.gather(*(client.post(path, **kw) for path, kw in requests))
+
+
+@pytest.fixture
+def poisoned_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_run = OnnxBackend.run
+
+    def run(self: OnnxBackend, batch: np.ndarray) -> np.ndarray:
+        if (batch == POISON).any():
+            raise RuntimeError("injected failure")
+        return real_run(self, batch)
+
+    monkeypatch.setattr(OnnxBackend, "run", run)
+
+
+@pytest.fixture
+def slow_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    real_run = OnnxBackend.run
+
+    def run(self: OnnxBackend, batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)
+        return real_run(self, batch)
+
+    monkeypatch.setattr(OnnxBackend, "run", run)
+    yield
+
+
+def test_corrupted_file_keeps_the_model_out_and_readiness_says_why(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    root = tmp_path / "store"
+    add_version(root, artifacts)
+    add_version(root, artifacts, name="other")
+    path = version_dir(root, "tiny", 1) / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with serve(create_app(settings(root))) as base:
+        ready = httpx.get(f"{base}/readyz")
+        listed = {m["name"]: m["versions"][0] for m in httpx.get(f"{base}/models").json()["models"]}
+        default = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
+        other = httpx.post(f"{base}/models/other/predict", json={"inputs": samples(1, 0).tolist()})
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert "sha256" in ready.json()["reason"]
+    assert listed["tiny"]["status"] == "failed" and "sha256" in listed["tiny"]["reason"]
+    assert listed["other"]["status"] == "ready"  # one model's failure never stops the others
+    assert "sha256" in error(default, 503)
+    assert other.status_code == 200
+
+
+def test_wrong_golden_output_keeps_the_model_out(tmp_path: Path, artifacts: Artifacts) -> None:
+    root = tmp_path / "store"
+    add_version(root, artifacts, golden_shift=0.5)
+    with serve(create_app(settings(root))) as base:
+        ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 503
+    assert "golden outputs differ" in ready.json()["reason"]
+    assert ready.json()["models"][0]["status"] == "failed"
+
+
+BAD_REQUESTS: list[tuple[str, dict[str, Any], int]] = [
+    ("/predict", {"json": {"inputs": [[1.0, 2.0, 3.0]]}}, 400),  # wrong shape
+    ("/predict", {"json": {"inputs": [[1e39] * 16]}}, 400),  # beyond float32: infinite
+    ("/predict", {"content": b'{"inputs": [[NaN' + b", 0" * 15 + b"]]}"}, 400),
+    ("/predict", {"json": {"inputs": [["a"] * 16]}}, 400),  # not numbers
+    ("/predict", {"json": {"inputs": [[None] * 16]}}, 400),
+    ("/predict", {"json": {"inputs": [[1.0] * 16, [1.0] * 15]}}, 400),  # ragged
+    ("/predict", {"json": {"inputs": []}}, 400),
+    ("/predict", {"json": {"model": "tiny"}}, 400),  # missing inputs
+    ("/predict", {"json": {"inputs": [[0.0] * 16], "version": True}}, 400),
+    ("/predict", {"content": b"not json"}, 400),
+    ("/predict", {"json": [1, 2]}, 400),
+    ("/models/nope/predict", {"json": {"inputs": [[0.0] * 16]}}, 404),
+    ("/models/tiny/versions/9/predict", {"json": {"inputs": [[0.0] * 16]}}, 404),
+    ("/models/tiny/versions/x/predict", {"json": {"inputs": [[0.0] * 16]}}, 400),
+    ("/nowhere", {"json": {}}, 404),
+]
+
+
+def test_bad_requests_fail_alone_with_json_errors(store: Path) -> None:
+    good = [samples(2, seed=200 + i) for i in range(30)]
+    requests = [(path, kw) for path, kw, _ in BAD_REQUESTS]
+    requests += [("/predict", {"json": {"inputs": x.tolist()}}) for x in good]
+    with serve(create_app(settings(store, max_delay_ms=20.0))) as base:
+        responses = asyncio.run(gather_posts(base, requests))
+    for (path, _, status), response in zip(BAD_REQUESTS, responses, strict=False):
+        assert error(response, status), path
+    shape_error = error(responses[0], 400)
+    assert "(n, 2, 8)" in shape_error and "(1, 3)" in shape_error
+    for x, response in zip(good, responses[len(BAD_REQUESTS) :], strict=True):
+        np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.usefixtures("poisoned_backend")
+def test_a_failing_backend_fails_only_its_batch_and_the_server_lives_on(store: Path) -> None:
+    poison = np.full((1, 2, 8), POISON, dtype=np.float32)
+    good = [samples(1, seed=300 + i) for i in range(12)]
+    with serve(create_app(settings(store, max_delay_ms=20.0))) as base:
+        alone = httpx.post(f"{base}/predict", json={"inputs": poison.tolist()})
+        mixed = asyncio.run(
+            gather_posts(
+                base, [("/predict", {"json": {"inputs": x.tolist()}}) for x in [poison, *good]]
+            )
+        )
+        after = httpx.post(f"{base}/predict", json={"inputs": good[0].tolist()})
+    assert "injected failure" in error(alone, 500)
+    assert "injected failure" in error(mixed[0], 500)
+    for x, response in zip(good, mixed[1:], strict=True):
+        if response.status_code != 200:  # a batch mate of the poison: same batch, same fate
+            assert "injected failure" in error(response, 500)
+        else:
+            np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(outputs(after), reference(store, good[0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.usefixtures("slow_backend")
+def test_overload_answers_503_with_retry_after(store: Path) -> None:
+    config = settings(store, max_queue_rows=4, max_batch_size=2, max_delay_ms=0.0)
+    with serve(create_app(config)) as base:
+        requests = [
+            ("/predict", {"json": {"inputs": samples(1, seed=i).tolist()}}) for i in range(40)
+        ]
+        responses = asyncio.run(gather_posts(base, requests))
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and any(r.status_code == 200 for r in responses)
+    assert all(r.headers["retry-after"] == "1" and "queue full" in error(r, 503) for r in refused)
+
+
+def test_bodies_over_the_limit_get_413(store: Path) -> None:
+    big = {"inputs": samples(40, seed=0).tolist()}  # several kB
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"inputs": ['
+        yield b",".join([b"[" + b",".join([b"0.5"] * 16) + b"]"] * 100)
+        yield b"]}"
+
+    with serve(create_app(settings(store, max_body_bytes=1024))) as base:
+        declared = httpx.post(f"{base}/predict", json=big)
+        streamed = httpx.post(f"{base}/predict", content=chunks())
+        small = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
+    assert "max_body_bytes=1024" in error(declared, 413)
+    assert "max_body_bytes=1024" in error(streamed, 413)
+    assert small.status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500_and_serving_goes_on(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: InferenceResult) -> None:
+        raise RuntimeError("a bug")
+
+    with serve(create_app(settings(store))) as base:
+        monkeypatch.setattr(InferenceResult, "predictions", broken)
+        failed = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
+        monkeypatch.undo()
+        after = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
+    assert "RuntimeError" in error(failed, 500)
+    assert after.status_code == 200
+
+
+def test_liveness_answers_while_models_load_and_readiness_waits(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_verify = registry_module.verify_loaded_model
+
+    def held(*args: Any) -> Any:
+        assert release.wait(10)
+        return real_verify(*args)
+
+    monkeypatch.setattr(registry_module, "verify_loaded_model", held)
+    with serve(create_app(settings(store)), wait_loaded=False) as base:
+        live = httpx.get(f"{base}/healthz")
+        loading = httpx.get(f"{base}/readyz")
+        release.set()
+        until_loaded(base)
+        ready = httpx.get(f"{base}/readyz")
+    assert live.status_code == 200
+    assert loading.status_code == 503 and "v1 loading" in loading.json()["reason"]
+    assert ready.status_code == 200

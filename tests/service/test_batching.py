@@ -1,0 +1,419 @@
+"""The batcher on its own: no HTTP, a numpy function standing in for the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.backends import Array
+from service.batching import Batcher
+from service.errors import (
+    BackendError,
+    ConfigError,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+)
+
+
+def f(x: Array) -> Array:
+    """Row-wise and deterministic, with an output shape unlike the input's."""
+    flat = x.reshape(len(x), -1)
+    return np.stack([flat.sum(axis=1), flat.max(axis=1) * 2 + 1], axis=1).astype(np.float32)
+
+
+def rows(n: int, start: float = 0.0, width: int = 3) -> Array:
+    return (np.arange(n * width, dtype=np.float32).reshape(n, width) + start).astype(np.float32)
+
+
+class Recorder:
+    """A backend that records every batch, optionally holding each run until released."""
+
+    def __init__(self, fn: Callable[[Array], Array] = f, *, hold: bool = False) -> None:
+        self.fn = fn
+        self.batches: list[Array] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, x: Array) -> Array:
+        self.batches.append(x.copy())
+        self.entered.set()
+        assert self.release.wait(5), "test forgot to release the backend"
+        return self.fn(x)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+def arun(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
+async def started(run: Callable[[Array], Array], **kw: Any) -> Batcher:
+    opts: dict[str, Any] = {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_rows": 1024}
+    b = Batcher(run, **(opts | kw))
+    await b.start()
+    return b
+
+
+async def timed(aw: Awaitable[Array]) -> tuple[Array, float]:
+    t0 = time.monotonic()
+    out = await aw
+    return out, time.monotonic() - t0
+
+
+def test_lone_request_waits_for_the_deadline() -> None:
+    async def main() -> None:
+        b = await started(Recorder(), max_delay_ms=100)
+        x = rows(1)
+        out, took = await timed(b.submit(x))
+        np.testing.assert_array_equal(out, f(x))
+        assert 0.09 <= took < 2.0
+        await b.stop()
+
+    arun(main())
+
+
+def test_full_batch_goes_without_waiting_for_the_deadline() -> None:
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=8, max_delay_ms=60_000)
+        (_, took), (o2, _) = await asyncio.gather(
+            timed(b.submit(rows(4))), timed(b.submit(rows(4, 100)))
+        )
+        assert took < 2.0 and run.sizes == [8]
+        np.testing.assert_array_equal(o2, f(rows(4, 100)))
+        await b.stop()
+
+    arun(main())
+
+
+def test_zero_delay_sends_whatever_is_queued_at_once() -> None:
+    async def main() -> None:
+        b = await started(Recorder(), max_delay_ms=0)
+        _, took = await timed(b.submit(rows(1)))
+        assert took < 1.0
+        await b.stop()
+
+    arun(main())
+
+
+def test_concurrent_requests_merge_and_the_cap_counts_rows() -> None:
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=16, max_delay_ms=50)
+        xs = [rows(5, 1000 * i) for i in range(20)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_array_equal(out, f(x))
+        assert max(run.sizes) <= 16 and sum(run.sizes) == 100
+        assert len(run.sizes) <= 8  # merged: 20 requests in at most ceil(100 / 16) + 1 runs
+        await b.stop()
+
+    arun(main())
+
+
+def test_large_request_is_split_and_reassembled_in_order() -> None:
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=64)
+        x = rows(150)
+        out = await b.submit(x)
+        assert run.sizes == [64, 64, 22]
+        np.testing.assert_array_equal(out, f(x))
+        await b.stop()
+
+    arun(main())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    yields=st.lists(st.integers(0, 3), min_size=12, max_size=12),
+    cap=st.integers(1, 32),
+    delay_ms=st.sampled_from([0.0, 1.0]),
+)
+def test_every_caller_gets_exactly_its_own_rows(
+    sizes: list[int], yields: list[int], cap: int, delay_ms: float
+) -> None:
+    async def one(b: Batcher, x: Array, pause: int) -> Array:
+        for _ in range(pause):  # stagger arrivals so batches form at different boundaries
+            await asyncio.sleep(0)
+        return await b.submit(x)
+
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=cap, max_delay_ms=delay_ms)
+        xs = [rows(n, 10_000 * i) for i, n in enumerate(sizes)]
+        outs = await asyncio.gather(*(one(b, x, p) for x, p in zip(xs, yields, strict=False)))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_array_equal(out, f(x))
+        assert max(run.sizes) <= cap and sum(run.sizes) == sum(sizes)
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_failing_run_fails_only_its_batch() -> None:
+    def poisoned(x: Array) -> Array:
+        if (x < 0).any():
+            raise RuntimeError("poisoned row")
+        return f(x)
+
+    async def main() -> None:
+        run = Recorder(poisoned)
+        b = await started(run, max_batch_size=4, max_delay_ms=20)
+        bad, mate, later = rows(1, -100), rows(3), rows(4, 50)  # batches [bad+mate], [later]
+        results = await asyncio.gather(
+            b.submit(bad), b.submit(mate), b.submit(later), return_exceptions=True
+        )
+        for r in results[:2]:
+            assert isinstance(r, BackendError) and "poisoned row" in r.message
+        assert results[0] is not results[1]  # each caller raises its own instance
+        np.testing.assert_array_equal(results[2], f(later))
+        np.testing.assert_array_equal(await b.submit(rows(3)), f(rows(3)))  # still serving
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_split_request_failing_midway_is_not_computed_further() -> None:
+    def fails_on_large_values(x: Array) -> Array:
+        if (x > 200).any():
+            raise RuntimeError("boom")
+        return f(x)
+
+    async def main() -> None:
+        run = Recorder(fails_on_large_values)
+        b = await started(run, max_batch_size=10, max_delay_ms=0)
+        with pytest.raises(BackendError, match="boom"):
+            await b.submit(rows(100))  # values pass 200 in the 7th chunk of 10 rows
+        assert len(run.batches) == 7 and b.queue_rows == 0
+        await b.stop()
+
+    arun(main())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda x: f(x)[:-1], lambda x: np.concatenate([f(x), f(x)]), lambda x: 3.0, lambda x: None],
+    ids=["fewer-rows", "more-rows", "scalar", "none"],
+)
+def test_wrong_output_row_count_fails_the_batch(bad: Callable[[Array], Any]) -> None:
+    async def main() -> None:
+        good = {"on": False}
+        run = Recorder(lambda x: f(x) if good["on"] else bad(x))
+        b = await started(run, max_delay_ms=20)
+        results = await asyncio.gather(b.submit(rows(2)), b.submit(rows(3)), return_exceptions=True)
+        assert all(isinstance(r, BackendError) for r in results), results
+        assert "input rows" in str(results[0])
+        good["on"] = True
+        np.testing.assert_array_equal(await b.submit(rows(2)), f(rows(2)))
+        await b.stop()
+
+    arun(main())
+
+
+def test_queue_bound_raises_overloaded_with_retry_after() -> None:
+    async def main() -> None:
+        run = Recorder(hold=True)
+        b = await started(run, max_batch_size=4, max_delay_ms=0, max_queue_rows=10)
+        running = asyncio.ensure_future(b.submit(rows(4)))
+        await until(run.entered.is_set)  # the first batch holds the backend; the queue is empty
+        queued = [asyncio.ensure_future(b.submit(rows(5, 10 * i))) for i in range(2)]
+        await until(lambda: b.queue_rows == 10)
+        with pytest.raises(Overloaded) as info:
+            await b.submit(rows(1))
+        assert info.value.status == 503 and info.value.headers() == {"Retry-After": "1"}
+        with pytest.raises(PayloadTooLarge, match="max_queue_rows"):
+            await b.submit(rows(11))
+        run.release.set()
+        await asyncio.gather(running, *queued)
+        assert b.queue_rows == 0
+        await b.stop()
+
+    arun(main())
+
+
+def test_stop_drains_every_accepted_request_then_refuses() -> None:
+    async def main() -> None:
+        run = Recorder(hold=True)
+        b = await started(run, max_batch_size=8, max_delay_ms=60_000)
+        first = asyncio.ensure_future(b.submit(rows(8)))
+        await until(run.entered.is_set)
+        xs = [rows(3, 100 * i) for i in range(7)]
+        tasks = [asyncio.ensure_future(b.submit(x)) for x in xs]
+        await until(lambda: b.queue_rows == 21)
+        stopping = asyncio.ensure_future(b.stop())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ModelNotReady):
+            await b.submit(rows(1))
+        t0 = time.monotonic()
+        run.release.set()
+        await stopping
+        assert time.monotonic() - t0 < 2.0  # the drain does not wait out the 60 s deadline
+        assert run.sizes == [8, 8, 8, 5]
+        await first
+        for x, t in zip(xs, tasks, strict=True):
+            np.testing.assert_array_equal(t.result(), f(x))
+
+    arun(main())
+
+
+def test_submit_before_start_is_refused() -> None:
+    async def main() -> None:
+        b = Batcher(f, max_batch_size=4, max_delay_ms=0, max_queue_rows=8)
+        with pytest.raises(ModelNotReady):
+            await b.submit(rows(1))
+        await b.stop()
+
+    arun(main())
+
+
+def test_cancelled_request_leaves_the_queue_and_is_never_computed() -> None:
+    async def main() -> None:
+        run = Recorder(hold=True)
+        b = await started(run, max_batch_size=4, max_delay_ms=0)
+        first = asyncio.ensure_future(b.submit(rows(2)))
+        await until(run.entered.is_set)
+        gone = asyncio.ensure_future(b.submit(rows(3, -1000)))
+        kept = asyncio.ensure_future(b.submit(rows(1, 7)))
+        await until(lambda: b.queue_rows == 4)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert b.queue_rows == 1
+        run.release.set()
+        await asyncio.gather(first, kept)
+        assert gone.cancelled()
+        assert not any((batch < 0).any() for batch in run.batches)
+        assert run.sizes == [2, 1]
+        await b.stop()
+
+    arun(main())
+
+
+def test_wait_for_timeout_keeps_the_batcher_consistent() -> None:
+    async def main() -> None:
+        run = Recorder(hold=True)
+        b = await started(run, max_batch_size=64, max_delay_ms=0)
+        first = asyncio.ensure_future(b.submit(rows(2)))
+        await until(run.entered.is_set)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(b.submit(rows(150, -1000)), timeout=0.05)  # queued, split
+        assert b.queue_rows == 0
+        run.release.set()
+        await first
+        np.testing.assert_array_equal(await b.submit(rows(70)), f(rows(70)))
+        assert run.sizes == [2, 64, 6]
+        await b.stop()
+
+    arun(main())
+
+
+def test_cancel_while_running_discards_only_that_result() -> None:
+    async def main() -> None:
+        run = Recorder(hold=True)
+        b = await started(run, max_delay_ms=20)
+        a, c = asyncio.ensure_future(b.submit(rows(2))), asyncio.ensure_future(b.submit(rows(3)))
+        await until(run.entered.is_set)
+        a.cancel()
+        await asyncio.sleep(0)
+        run.release.set()
+        np.testing.assert_array_equal(await c, f(rows(3)))
+        assert a.cancelled() and run.sizes == [5]
+        await b.stop()
+
+    arun(main())
+
+
+def test_adaptive_delay_skips_the_wait_when_nothing_overlaps() -> None:
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_delay_ms=300, adaptive_delay=True)
+        for i in range(3):  # concurrency 1: no request ever waits for mates that never come
+            _, took = await timed(b.submit(rows(1, i)))
+            assert took < 0.25
+        outs = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(6)))
+        assert len(outs) == 6 and run.sizes[3:] in ([1, 5], [6])  # overlap still merges
+        await b.stop()
+
+    arun(main())
+
+
+def test_observer_sees_batches_and_queue_depth() -> None:
+    class Obs:
+        def __init__(self) -> None:
+            self.batches: list[tuple[int, float]] = []
+            self.depths: list[int] = []
+
+        def on_batch(self, rows: int, seconds: float) -> None:
+            self.batches.append((rows, seconds))
+
+        def on_queue_depth(self, rows: int) -> None:
+            self.depths.append(rows)
+
+    async def main() -> None:
+        obs = Obs()
+        b = await started(Recorder(), max_batch_size=4, max_delay_ms=0, observer=obs)
+        await b.submit(rows(6))
+        assert [r for r, _ in obs.batches] == [4, 2] and all(s >= 0 for _, s in obs.batches)
+        assert obs.depths[0] == 6 and obs.depths[-1] == 0
+        await b.stop()
+
+    arun(main())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"max_batch_size": 0}, {"max_delay_ms": -1.0}, {"max_queue_rows": 0}],
+)
+def test_bad_configuration_names_the_value(kw: dict[str, Any]) -> None:
+    opts: dict[str, Any] = {"max_batch_size": 4, "max_delay_ms": 1.0, "max_queue_rows": 8}
+    with pytest.raises(ConfigError, match=next(iter(kw))):
+        Batcher(f, **(opts | kw))
+
+
+def test_empty_request_is_invalid() -> None:
+    async def main() -> None:
+        b = await started(Recorder())
+        with pytest.raises(InvalidInput, match="no rows"):
+            await b.submit(rows(0))
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_failing_observer_never_strands_a_request(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def on_batch(self, rows: int, seconds: float) -> None:
+            raise RuntimeError("metrics bug")
+
+        def on_queue_depth(self, rows: int) -> None:
+            raise RuntimeError("metrics bug")
+
+    async def main() -> None:
+        b = await started(Recorder(), max_batch_size=4, max_delay_ms=0, observer=Broken())
+        np.testing.assert_array_equal(await b.submit(rows(6)), f(rows(6)))
+        await b.stop()
+
+    arun(main())
+    assert "batch observer failed" in caplog.text

@@ -1,0 +1,98 @@
+"""Validation of a request's array against the model's input spec, and the dataplane's timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.backends.onnx import OnnxBackend
+from service.dataplane import DataPlane, validate_rows
+from service.errors import InferenceTimeout, InvalidInput
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+from service.store import TensorSpec
+
+SPEC = TensorSpec(name="x", shape=(2, 3))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.zeros((4, 2, 3)),  # nested, float64: cast
+        np.zeros((4, 6)),  # flat
+        np.zeros((1, 2, 3), dtype=np.int64),  # integers are numbers too
+        np.zeros((2, 2, 3), dtype=np.float32),
+    ],
+)
+def test_valid_rows_come_back_float32_in_the_model_shape(rows: np.ndarray) -> None:
+    valid = validate_rows(rows, SPEC)
+    assert valid.dtype == np.float32 and valid.shape == (len(rows), 2, 3)
+
+
+def test_float32_rows_in_the_right_shape_are_not_copied() -> None:
+    rows = np.ones((3, 2, 3), dtype=np.float32)
+    assert validate_rows(rows, SPEC) is rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            np.zeros((4, 3, 2)),
+            r"expected samples shaped \(n, 2, 3\) or flat \(n, 6\), got \(4, 3, 2\)",
+        ),
+        (np.zeros((4, 5)), r"got \(4, 5\)"),
+        (np.zeros(6), r"got \(6,\)"),  # one flat sample not wrapped in a list
+        (np.zeros((0, 6)), "no samples"),
+        (np.asarray(1.0), "no samples"),
+        (np.full((1, 6), np.nan), "non-finite"),
+        (np.full((1, 6), np.inf), "non-finite"),
+        (np.full((1, 6), 1e39), "non-finite"),  # finite in float64, infinite in float32
+        (np.asarray([["1"] * 6]), "numbers only .got strings"),
+        (np.asarray([[None] * 6]), "numbers only .got mixed or missing values"),
+        (np.ones((1, 6), dtype=bool), "numbers only .got booleans"),
+    ],
+)
+def test_invalid_rows_are_refused_naming_the_problem(rows: np.ndarray, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        validate_rows(rows, SPEC)
+
+
+def test_a_slow_inference_times_out_and_is_counted(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_run = OnnxBackend.run
+    slow_now = threading.Event()  # verification at load runs at full speed first
+
+    def run(self: OnnxBackend, batch: np.ndarray) -> np.ndarray:
+        if slow_now.is_set():
+            time.sleep(0.3)
+        return real_run(self, batch)
+
+    monkeypatch.setattr(OnnxBackend, "run", run)
+    config = Settings(model_store=store, default_model="tiny", request_timeout_s=0.05)
+    metrics = Metrics(CollectorRegistry())
+    registry = Registry(config, metrics)
+    plane = DataPlane(config, registry, metrics)
+
+    async def main() -> None:
+        await registry.load_all()
+        slow_now.set()
+        try:
+            with pytest.raises(InferenceTimeout, match="request_timeout_s"):
+                await plane.infer(None, None, np.zeros((1, 16)))
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+    count = metrics.registry.get_sample_value(
+        "foldserve_requests_total", {"model": "tiny", "version": "1", "code": "504"}
+    )
+    assert count == 1
