@@ -75,6 +75,9 @@ class Provenance(_Strict):
     seed: int
     epochs: int
     bn_stats: Literal["ema", "population"]
+    train_config: dict[str, str | int | float] = Field(
+        default_factory=dict, description="every training hyper-parameter, so a run can be redone"
+    )
     accuracy_ema: float
     accuracy_population: float
     accuracy_unfolded_exported_stats: float
@@ -182,6 +185,8 @@ def write_version(
     model_root = root / check_model_name(name)
     model_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
+    # mkdtemp makes a private 0700 folder; a server running as another user must read it.
+    staging.chmod(0o755)
     try:
         digests: dict[str, str] = {}
         for filename, content in files.items():
