@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.errors import StoreError
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION: Literal[1] = 1
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# ASCII digits, no leading zero: "01" next to "1", or "²" (str.isdigit says yes), is not a version.
+_VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,8}$")
+_FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a plain name inside the version
+STALE_STAGING_S = 3600.0
 
 ModelFormat = Literal["onnx", "torchscript"]
 Placement = Literal["folded_into_previous", "folded_into_next", "frozen_affine"]
@@ -43,7 +49,7 @@ class TensorSpec(_Strict):
 
 class ModelFile(_Strict):
     format: ModelFormat
-    path: str
+    path: str = Field(pattern=_FILE_PATTERN.pattern, description="a file name in the version")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int
 
@@ -61,8 +67,9 @@ class BatchNormRecord(_Strict):
 class Verification(_Strict):
     """What the exporter proved before the version was written; tolerances are absolute."""
 
-    atol: float
-    rtol: float
+    # Bounded so an artifact cannot switch the server's checks off with a huge tolerance.
+    atol: float = Field(ge=0.0, le=1e-3)
+    rtol: float = Field(ge=0.0, le=1e-3)
     batch_statistics_ops: int
     max_abs_diff: dict[ModelFormat, float]
     batch_invariance_max_diff: float
@@ -117,6 +124,25 @@ class Manifest(_Strict):
     golden: Golden
     batching: BatchingConfig = BatchingConfig()
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        """Refuse a manifest whose parts disagree, before any model is loaded from it."""
+        if len(self.inputs) != 1 or len(self.outputs) != 1:
+            raise ValueError("foldserve serves models with exactly one input and one output")
+        in_size, out_size = math.prod(self.inputs[0].shape), math.prod(self.outputs[0].shape)
+        if self.labels and len(self.labels) != out_size:
+            raise ValueError(f"{len(self.labels)} labels for {out_size} outputs per sample")
+        golden = self.golden
+        if not golden.inputs or len(golden.inputs) != len(golden.outputs):
+            raise ValueError("golden inputs and outputs must be non-empty and of equal count")
+        if any(len(row) != in_size for row in golden.inputs):
+            raise ValueError(f"every golden input must hold {in_size} values")
+        if any(len(row) != out_size for row in golden.outputs):
+            raise ValueError(f"every golden output must hold {out_size} values")
+        if len({f.path for f in self.files}) != len(self.files):
+            raise ValueError("two files share one path")
+        return self
+
     def file(self, fmt: ModelFormat) -> ModelFile | None:
         return next((f for f in self.files if f.format == fmt), None)
 
@@ -156,7 +182,7 @@ def list_versions(root: Path, name: str) -> list[int]:
     return sorted(
         int(p.name)
         for p in model_root.iterdir()
-        if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
+        if _VERSION_PATTERN.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
     )
 
 
@@ -184,6 +210,7 @@ def write_version(
     """
     model_root = root / check_model_name(name)
     model_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(model_root)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
     # mkdtemp makes a private 0700 folder; a server running as another user must read it.
     staging.chmod(0o755)
@@ -198,6 +225,7 @@ def write_version(
             if manifest.name != name or manifest.version != version:
                 raise StoreError("make_manifest must use the name and version it is given")
             _write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+            _fsync_dir(staging)  # the folder's entries reach the disk before it becomes visible
             try:
                 # NOTE: rename onto an existing non-empty folder fails, which is our lock.
                 os.rename(staging, model_root / str(version))
@@ -212,7 +240,16 @@ def write_version(
 
 
 def _numbered_dirs(model_root: Path) -> list[int]:
-    return [int(p.name) for p in model_root.iterdir() if p.name.isdigit()]
+    return [int(p.name) for p in model_root.iterdir() if _VERSION_PATTERN.fullmatch(p.name)]
+
+
+def _remove_stale_staging(model_root: Path) -> None:
+    """Staging folders of writers that died long ago; a live writer's folder is recent."""
+    cutoff = time.time() - STALE_STAGING_S
+    for path in model_root.glob(".staging-*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
 
 
 def _write_durably(path: Path, content: bytes) -> None:

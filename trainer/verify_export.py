@@ -22,8 +22,8 @@ from service.store import ModelFormat, Verification
 from service.verify import (
     check_batch_invariance,
     check_no_batch_statistics,
-    max_tolerance_excess,
     wild_mates,
+    within_tolerance,
 )
 from trainer.data import Features
 from trainer.train import predict
@@ -70,7 +70,7 @@ def verify_exports(
             backend = load_backend(export.format, path, BackendOptions(device="cpu"))
             check_no_batch_statistics(backend)
             actual = backend.run(held_out)
-            if max_tolerance_excess(actual, expected, atol, rtol) > 0:
+            if not within_tolerance(actual, expected, atol, rtol):
                 raise VerificationError(
                     f"{export.format} outputs differ from the unfolded eval-mode model by up to "
                     f"{_max_diff(actual, expected):.3g} on the held-out set "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +70,21 @@ class OnnxBackend:
 
     def batch_statistics_ops(self) -> list[str]:
         # Check the file as written, not ORT's optimized graph: the file is what we vouch for.
-        graph = onnx.load(str(self._path), load_external_data=False).graph
-        found = [
-            f"{n.op_type} ({n.name or 'unnamed'})"
-            for n in graph.node
-            if n.op_type in BATCH_STATISTICS_OPS
-        ]
-        for function in onnx.load(str(self._path), load_external_data=False).functions:
-            found += [
-                f"{n.op_type} (in {function.name})"
-                for n in function.node
-                if n.op_type in BATCH_STATISTICS_OPS
-            ]
+        model = onnx.load(str(self._path), load_external_data=False)
+        found = _find_ops(model.graph.node, "graph")
+        for function in model.functions:
+            found += _find_ops(function.node, f"function {function.name}")
         return found
+
+
+def _find_ops(nodes: Iterable[onnx.NodeProto], where: str) -> list[str]:
+    """Batch-statistics ops in ``nodes`` and in every subgraph (If/Loop/Scan bodies) below them."""
+    found: list[str] = []
+    for node in nodes:
+        if node.op_type in BATCH_STATISTICS_OPS:
+            found.append(f"{node.op_type} ({node.name or 'unnamed'} in {where})")
+        for attribute in node.attribute:
+            subgraphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
+            for subgraph in subgraphs:
+                found += _find_ops(subgraph.node, f"{where}/{node.op_type} {node.name}")
+    return found

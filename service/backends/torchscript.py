@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,7 @@ class TorchScriptBackend:
             if "BatchNorm" in getattr(module, "original_name", "")
         ]
         # The inlined graph holds every submodule's code, so one walk sees every op.
-        found += [
-            node.kind()
-            for node in self._module.inlined_graph.nodes()
-            if node.kind() in _BATCH_NORM_KINDS
-        ]
+        found += _find_kinds(self._module.inlined_graph.nodes())
         return found
 
 
@@ -71,3 +68,14 @@ def _choose_device(device: str) -> str:
         raise ConfigError("device 'cuda' requested but torch sees no GPU; set FOLDSERVE_DEVICE=cpu")
     log.warning("torch sees no CUDA device: TorchScript runs on CPU")
     return "cpu"
+
+
+def _find_kinds(nodes: Iterable[torch.Node]) -> list[str]:
+    """Batch-norm nodes, including inside the blocks of control flow (if/loop)."""
+    found: list[str] = []
+    for node in nodes:
+        if node.kind() in _BATCH_NORM_KINDS:
+            found.append(node.kind())
+        for block in node.blocks():
+            found += _find_kinds(block.nodes())
+    return found
