@@ -2,7 +2,8 @@
 
 Requests queue FIFO; a batch leaves when it holds ``max_batch_size`` rows or when the oldest
 waiting request has waited ``max_delay_ms``. Requests larger than the cap are split into chunks
-that may share batches with their neighbours and are reassembled in order.
+that may share batches with their neighbours and are reassembled in order. A batch that fails
+is re-run one request at a time, so a request only ever fails for its own rows.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class _Request:
 _Part = tuple[_Request, int, int]  # rows [start, stop) of one request inside a batch
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """A run that raised or returned the wrong rows; returned, not raised, so callers pick whom."""
+
+    message: str
+    cause: Exception | None = None
+
+
 class Batcher:
     def __init__(
         self,
@@ -86,6 +95,7 @@ class Batcher:
         self._queue_rows = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running: list[_Part] = []  # the batch in the executor: stop() may have to fail it
         self._stopping = False
         self._last_alone = True  # adaptive mode: did the previous batch hold a single request?
         self._last_done = 0.0
@@ -98,14 +108,45 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
-    async def stop(self) -> None:
-        """Refuse new requests, answer every accepted one, then release the owned executor."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Refuse new requests, answer every accepted one, then release the owned executor.
+
+        ``timeout_s`` bounds the drain (None waits for ever): a drain still going after it, say
+        behind a stuck inference, is cut short and every unanswered request gets ModelNotReady.
+        """
+        if timeout_s is not None and timeout_s < 0:
+            raise ConfigError(f"timeout_s={timeout_s}: must be None (wait for ever) or 0 or more")
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        task = self._task
+        if task is not None:
+            try:
+                done, _ = await asyncio.wait([task], timeout=timeout_s)
+            except asyncio.CancelledError:
+                task.cancel()  # whoever cancelled stop() gave up on the drain: end it, as before
+                raise
+            if done:
+                task.result()  # a serving task that died re-raises here, as before
+            else:
+                await self._abandon(task, timeout_s)
         if self._owns_executor:
             self._executor.shutdown(wait=False)
+
+    async def _abandon(self, task: asyncio.Task[None], timeout_s: float | None) -> None:
+        """Cancel a drain that overran; no accepted request is left waiting."""
+        running = [req for req, _, _ in self._running]
+        # A set: a split request can be both running and queued. (_Request hashes by identity.)
+        stranded = len({req for req in [*running, *self._queue] if not req.future.done()})
+        task.cancel()
+        await asyncio.wait([task])  # its handlers fail the running batch, then the queue
+        # NOTE: a task cancelled before its first step never enters _serve, so no handler ran.
+        self._fail_queue()
+        # The stuck call keeps its worker thread until it returns; its result is then dropped.
+        log.warning(
+            "batcher drain overran stop(timeout_s=%s): failed %d unanswered requests",
+            timeout_s,
+            stranded,
+        )
 
     async def submit(self, rows: Array) -> Array:
         if self._stopping or self._task is None:
@@ -172,12 +213,15 @@ class Batcher:
                     await self._run_batch(loop, self._take())
         finally:
             # Reached on stop (queue empty) or if this task dies: fail the rest, never hang them.
-            for req in self._queue:
-                req.taken = len(req.rows)  # out of the queue: a later cancel has nothing to remove
-                if not req.future.done():
-                    req.future.set_exception(ModelNotReady("batcher stopped"))
-            self._queue.clear()
-            self._queue_rows = 0
+            self._fail_queue()
+
+    def _fail_queue(self) -> None:
+        for req in self._queue:
+            req.taken = len(req.rows)  # out of the queue: a later cancel has nothing to remove
+            if not req.future.done():
+                req.future.set_exception(ModelNotReady("batcher stopped before this request ran"))
+        self._queue.clear()
+        self._queue_rows = 0
 
     async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         # NOTE: trade-off. Waiting for batch mates while the backend sits idle costs a lone request
@@ -221,30 +265,55 @@ class Batcher:
         return parts
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> None:
+        self._running = parts
+        try:
+            outcome = await self._infer(loop, parts)
+            if isinstance(outcome, _Failed) and len(parts) > 1:
+                # One request must never fail another: find out whose rows break the backend.
+                # (len(parts) counts requests: _take gives each request at most one part.)
+                await self._run_each_alone(loop, parts)
+            else:
+                self._settle(parts, outcome)
+        except asyncio.CancelledError:
+            self._fail(parts, ModelNotReady, "batcher stopped while this request's batch ran")
+            raise
+        finally:
+            self._running = []
+            self._last_alone = len(parts) == 1
+            self._last_done = loop.time()
+
+    async def _run_each_alone(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> None:
+        # NOTE: sequential, in FIFO order, before the next batch: still one run at a time, and a
+        # split request's chunk lands after its earlier chunks and before its later ones.
+        for part in parts:
+            if not part[0].future.done():  # cancelled meanwhile: nothing to compute
+                self._settle([part], await self._infer(loop, [part]))
+
+    async def _infer(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> Array | _Failed:
+        """Run ``parts`` as one batch in the executor; report it to the observer either way."""
         first, lo, hi = parts[0]
         whole = len(parts) == 1 and lo == 0 and hi == len(first.rows)
         batch = first.rows if whole else np.concatenate([r.rows[a:b] for r, a, b in parts])
         started = time.perf_counter()
         try:
             out = await loop.run_in_executor(self._executor, self._run, batch)
-        except asyncio.CancelledError:
-            self._fail(parts, ModelNotReady, "batcher cancelled while running this batch")
-            raise
         except Exception as exc:
-            self._fail(parts, BackendError, f"inference failed: {type(exc).__name__}: {exc}", exc)
-            return
+            return _Failed(f"inference failed: {type(exc).__name__}: {exc}", exc)
         finally:
-            self._last_alone = len(parts) == 1
-            self._last_done = loop.time()
             self._observe(len(batch), time.perf_counter() - started)
         if not isinstance(out, np.ndarray) or out.ndim == 0 or len(out) != len(batch):
             got = getattr(out, "shape", type(out).__name__)
-            # Never guess which output row belongs to whom: the whole batch fails.
-            self._fail(parts, BackendError, f"backend returned {got} for {len(batch)} input rows")
+            # Never guess which output row belongs to whom.
+            return _Failed(f"backend returned {got} for {len(batch)} input rows")
+        return out
+
+    def _settle(self, parts: list[_Part], outcome: Array | _Failed) -> None:
+        if isinstance(outcome, _Failed):
+            self._fail(parts, BackendError, outcome.message, outcome.cause)
             return
         offset = 0
         for req, a, b in parts:
-            chunk, offset = out[offset : offset + b - a], offset + b - a
+            chunk, offset = outcome[offset : offset + b - a], offset + b - a
             if req.future.done():  # cancelled while running: drop its result quietly
                 continue
             req.chunks.append(chunk)  # chunks arrive in order: one batch runs at a time, FIFO

@@ -57,6 +57,36 @@ class Recorder:
         return [len(b) for b in self.batches]
 
 
+class Obs:
+    """A batch observer that records what it is told."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, float]] = []
+        self.depths: list[int] = []
+
+    def on_batch(self, rows: int, seconds: float) -> None:
+        self.batches.append((rows, seconds))
+
+    def on_queue_depth(self, rows: int) -> None:
+        self.depths.append(rows)
+
+
+POISON = -7.0  # no rows() output holds it unless a test puts it there
+
+
+def poisoned(x: Array) -> Array:
+    """A backend that fails any batch holding the poison value, and is f otherwise."""
+    if (x == POISON).any():
+        raise RuntimeError("poisoned row")
+    return f(x)
+
+
+def poison(n: int, at: int = 0) -> Array:
+    x = rows(n, 1000)
+    x[at, 0] = POISON
+    return x
+
+
 def arun(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(coro)
 
@@ -173,24 +203,77 @@ def test_every_caller_gets_exactly_its_own_rows(
     arun(main())
 
 
-def test_a_failing_run_fails_only_its_batch() -> None:
-    def poisoned(x: Array) -> Array:
-        if (x < 0).any():
-            raise RuntimeError("poisoned row")
-        return f(x)
+def test_a_failing_request_never_fails_its_batch_mates() -> None:
+    async def main() -> None:
+        obs, run = Obs(), Recorder(poisoned)
+        # A full cap and a 60 s deadline: the four requests leave together, as one batch.
+        b = await started(run, max_batch_size=6, max_delay_ms=60_000, observer=obs)
+        xs = [rows(3), poison(1), rows(1, 50), poison(1)]
+        results = await asyncio.gather(*(b.submit(x) for x in xs), return_exceptions=True)
+        np.testing.assert_array_equal(results[0], f(xs[0]))
+        np.testing.assert_array_equal(results[2], f(xs[2]))
+        for r in results[1::2]:
+            assert isinstance(r, BackendError) and "poisoned row" in r.message
+            assert isinstance(r.__cause__, RuntimeError)
+        assert results[1] is not results[3]  # each caller raises its own instance
+        assert run.sizes == [6, 3, 1, 1, 1]  # the batch, then each request alone, in order
+        assert [n for n, _ in obs.batches] == run.sizes  # every re-run is reported as a batch
+        np.testing.assert_array_equal(await b.submit(rows(6)), f(rows(6)))  # still serving
+        await b.stop()
 
+    arun(main())
+
+
+def test_a_split_request_keeps_its_row_order_through_a_re_run() -> None:
     async def main() -> None:
         run = Recorder(poisoned)
-        b = await started(run, max_batch_size=4, max_delay_ms=20)
-        bad, mate, later = rows(1, -100), rows(3), rows(4, 50)  # batches [bad+mate], [later]
+        b = await started(run, max_batch_size=4, max_delay_ms=60_000)
+        big, bad, small = rows(6), poison(1), rows(1, 50)  # batches [big 0:4], [big 4:6 bad small]
         results = await asyncio.gather(
-            b.submit(bad), b.submit(mate), b.submit(later), return_exceptions=True
+            b.submit(big), b.submit(bad), b.submit(small), return_exceptions=True
         )
-        for r in results[:2]:
-            assert isinstance(r, BackendError) and "poisoned row" in r.message
-        assert results[0] is not results[1]  # each caller raises its own instance
-        np.testing.assert_array_equal(results[2], f(later))
-        np.testing.assert_array_equal(await b.submit(rows(3)), f(rows(3)))  # still serving
+        assert run.sizes == [4, 4, 2, 1, 1]
+        np.testing.assert_array_equal(results[0], f(big))
+        assert isinstance(results[1], BackendError)
+        np.testing.assert_array_equal(results[2], f(small))
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_split_request_failing_in_a_re_run_fails_whole_and_is_not_computed_further() -> None:
+    async def main() -> None:
+        run = Recorder(poisoned)
+        b = await started(run, max_batch_size=4, max_delay_ms=60_000)
+        mate, bad, later = rows(2), poison(6), rows(2, 50)  # first batch: [mate, bad 0:2]
+        tasks = [asyncio.ensure_future(b.submit(x)) for x in (mate, bad, later)]
+        await asyncio.wait(tasks[:2])
+        np.testing.assert_array_equal(tasks[0].result(), f(mate))
+        with pytest.raises(BackendError, match="poisoned row"):
+            tasks[1].result()
+        assert b.queue_rows == 2  # bad's last four rows are dropped; later waits for mates
+        await b.stop()
+        np.testing.assert_array_equal(tasks[2].result(), f(later))
+        assert run.sizes == [4, 2, 2, 2]
+
+    arun(main())
+
+
+def test_a_request_cancelled_while_its_batch_fails_is_not_re_run() -> None:
+    async def main() -> None:
+        run = Recorder(poisoned, hold=True)
+        b = await started(run, max_batch_size=4, max_delay_ms=60_000)
+        gone, bad = (
+            asyncio.ensure_future(b.submit(rows(3))),
+            asyncio.ensure_future(b.submit(poison(1))),
+        )
+        await until(run.entered.is_set)
+        gone.cancel()
+        await asyncio.sleep(0)
+        run.release.set()
+        with pytest.raises(BackendError):
+            await bad
+        assert gone.cancelled() and run.sizes == [4, 1]
         await b.stop()
 
     arun(main())
@@ -218,7 +301,7 @@ def test_a_split_request_failing_midway_is_not_computed_further() -> None:
     [lambda x: f(x)[:-1], lambda x: np.concatenate([f(x), f(x)]), lambda x: 3.0, lambda x: None],
     ids=["fewer-rows", "more-rows", "scalar", "none"],
 )
-def test_wrong_output_row_count_fails_the_batch(bad: Callable[[Array], Any]) -> None:
+def test_wrong_output_row_count_fails_each_request(bad: Callable[[Array], Any]) -> None:
     async def main() -> None:
         good = {"on": False}
         run = Recorder(lambda x: f(x) if good["on"] else bad(x))
@@ -226,8 +309,31 @@ def test_wrong_output_row_count_fails_the_batch(bad: Callable[[Array], Any]) -> 
         results = await asyncio.gather(b.submit(rows(2)), b.submit(rows(3)), return_exceptions=True)
         assert all(isinstance(r, BackendError) for r in results), results
         assert "input rows" in str(results[0])
+        assert run.sizes == [5, 2, 3]  # wrong alone too: each request fails on its own rows
         good["on"] = True
         np.testing.assert_array_equal(await b.submit(rows(2)), f(rows(2)))
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_backend_wrong_only_on_batches_still_answers_single_rows_via_re_runs() -> None:
+    # A backend that drops a row whenever it sees more than one is a broken backend, but the
+    # re-run alone is the same contract check: each request gets correct rows or BackendError for
+    # its own rows. Single-row requests are all answered correctly (at one run each); a multi-row
+    # request fails, since its rows alone still come back wrong. No output row is ever guessed.
+    def wrong_on_batches(x: Array) -> Array:
+        return f(x) if len(x) == 1 else f(x)[:-1]
+
+    async def main() -> None:
+        run = Recorder(wrong_on_batches)
+        b = await started(run, max_batch_size=5, max_delay_ms=60_000)
+        xs = [rows(1, 10 * i) for i in range(3)] + [rows(2, 50)]
+        results = await asyncio.gather(*(b.submit(x) for x in xs), return_exceptions=True)
+        for x, out in zip(xs[:3], results[:3], strict=True):
+            np.testing.assert_array_equal(out, f(x))
+        assert isinstance(results[3], BackendError) and "for 2 input rows" in results[3].message
+        assert run.sizes == [5, 1, 1, 1, 2]
         await b.stop()
 
     arun(main())
@@ -254,7 +360,8 @@ def test_queue_bound_raises_overloaded_with_retry_after() -> None:
     arun(main())
 
 
-def test_stop_drains_every_accepted_request_then_refuses() -> None:
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
+def test_stop_drains_every_accepted_request_then_refuses(timeout_s: float | None) -> None:
     async def main() -> None:
         run = Recorder(hold=True)
         b = await started(run, max_batch_size=8, max_delay_ms=60_000)
@@ -263,7 +370,7 @@ def test_stop_drains_every_accepted_request_then_refuses() -> None:
         xs = [rows(3, 100 * i) for i in range(7)]
         tasks = [asyncio.ensure_future(b.submit(x)) for x in xs]
         await until(lambda: b.queue_rows == 21)
-        stopping = asyncio.ensure_future(b.stop())
+        stopping = asyncio.ensure_future(b.stop(timeout_s))
         await asyncio.sleep(0.01)
         with pytest.raises(ModelNotReady):
             await b.submit(rows(1))
@@ -275,6 +382,62 @@ def test_stop_drains_every_accepted_request_then_refuses() -> None:
         await first
         for x, t in zip(xs, tasks, strict=True):
             np.testing.assert_array_equal(t.result(), f(x))
+
+    arun(main())
+
+
+def test_stop_with_a_timeout_fails_what_a_stuck_backend_never_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = Recorder(hold=True)  # the first batch never returns until the test ends
+
+    async def main() -> None:
+        b = await started(run, max_batch_size=4, max_delay_ms=0)
+        split = asyncio.ensure_future(b.submit(rows(6)))  # rows 0:4 run and stick, 4:6 queue
+        await until(run.entered.is_set)
+        queued = [asyncio.ensure_future(b.submit(rows(3, 100 * i))) for i in range(3)]
+        await until(lambda: b.queue_rows == 11)
+        t0 = time.monotonic()
+        await b.stop(timeout_s=0.1)
+        assert 0.09 <= time.monotonic() - t0 < 2.0
+        for t in [split, *queued]:
+            assert t.done() and isinstance(t.exception(), ModelNotReady)
+        assert "stopped before this request ran" in str(queued[0].exception())
+        assert b.queue_rows == 0 and run.sizes == [4]
+        with pytest.raises(ModelNotReady):
+            await b.submit(rows(1))
+
+    try:
+        arun(main())
+    finally:
+        run.release.set()  # let the worker thread finish; its late result is dropped
+    assert "failed 4 unanswered requests" in caplog.text  # the split request counts once
+
+
+def test_cancelling_stop_ends_the_drain_and_fails_what_was_waiting() -> None:
+    run = Recorder(hold=True)
+
+    async def main() -> None:
+        b = await started(run, max_batch_size=4, max_delay_ms=0)
+        tasks = [asyncio.ensure_future(b.submit(rows(3, 100 * i))) for i in range(3)]
+        await until(lambda: run.entered.is_set() and b.queue_rows == 5)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(b.stop(), timeout=0.05)
+        await asyncio.wait(tasks)
+        assert all(isinstance(t.exception(), ModelNotReady) for t in tasks)
+
+    try:
+        arun(main())
+    finally:
+        run.release.set()
+
+
+def test_stop_rejects_a_negative_timeout() -> None:
+    async def main() -> None:
+        b = await started(Recorder())
+        with pytest.raises(ConfigError, match="timeout_s=-1"):
+            await b.stop(timeout_s=-1)
+        await b.stop()
 
     arun(main())
 
@@ -360,17 +523,6 @@ def test_adaptive_delay_skips_the_wait_when_nothing_overlaps() -> None:
 
 
 def test_observer_sees_batches_and_queue_depth() -> None:
-    class Obs:
-        def __init__(self) -> None:
-            self.batches: list[tuple[int, float]] = []
-            self.depths: list[int] = []
-
-        def on_batch(self, rows: int, seconds: float) -> None:
-            self.batches.append((rows, seconds))
-
-        def on_queue_depth(self, rows: int) -> None:
-            self.depths.append(rows)
-
     async def main() -> None:
         obs = Obs()
         b = await started(Recorder(), max_batch_size=4, max_delay_ms=0, observer=obs)
