@@ -72,6 +72,7 @@ class Batcher:
         executor: concurrent.futures.Executor | None = None,
         observer: BatchObserver | None = None,
         adaptive_delay: bool = False,
+        inline: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
@@ -91,6 +92,10 @@ class Batcher:
         )
         self._observer = observer
         self._adaptive = adaptive_delay
+        # NOTE: inline runs the model on the event loop itself. For a model that answers in tens
+        # of microseconds the hop to a worker thread (~100 us, and a second thread fighting for
+        # the GIL) costs more than the inference; the caller decides from a measured batch time.
+        self._inline = inline
         self._queue: deque[_Request] = deque()
         self._queue_rows = 0
         self._wake = asyncio.Event()
@@ -296,7 +301,10 @@ class Batcher:
         batch = first.rows if whole else np.concatenate([r.rows[a:b] for r, a, b in parts])
         started = time.perf_counter()
         try:
-            out = await loop.run_in_executor(self._executor, self._run, batch)
+            if self._inline:
+                out = self._run(batch)
+            else:
+                out = await loop.run_in_executor(self._executor, self._run, batch)
         except Exception as exc:
             return _Failed(f"inference failed: {type(exc).__name__}: {exc}", exc)
         finally:

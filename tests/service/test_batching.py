@@ -569,3 +569,25 @@ def test_a_failing_observer_never_strands_a_request(caplog: pytest.LogCaptureFix
 
     arun(main())
     assert "batch observer failed" in caplog.text
+
+
+def test_inline_mode_runs_on_the_loop_thread_and_keeps_every_guarantee() -> None:
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+
+        def on_loop(x: Array) -> Array:
+            threads.append(threading.get_ident())
+            return poisoned(x)
+
+        b = await started(on_loop, max_batch_size=6, max_delay_ms=60_000, inline=True)
+        xs = [rows(3), poison(1), rows(1, 50), rows(7, 7)]  # 12 rows: two full batches, one split
+        results = await asyncio.gather(*(b.submit(x) for x in xs), return_exceptions=True)
+        np.testing.assert_array_equal(results[0], f(xs[0]))
+        assert isinstance(results[1], BackendError)
+        np.testing.assert_array_equal(results[2], f(xs[2]))
+        np.testing.assert_array_equal(results[3], f(xs[3]))
+        assert set(threads) == {loop_thread}
+        await b.stop()
+
+    arun(main())
