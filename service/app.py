@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping
 
 import orjson
@@ -20,7 +21,7 @@ from service.errors import FoldserveError, InvalidInput, PayloadTooLarge
 from service.metrics import Metrics
 from service.registry import Registry
 from service.routes import health, metrics, models, predict
-from service.settings import Settings
+from service.settings import Settings, unknown_env_message, unknown_env_names
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,21 @@ def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings come from FOLDSERVE_* vars."""
     settings = Settings()
     configure_logging(settings.log_level)
+    warn_unknown_env(os.environ)
     return create_app(settings)
 
 
 def configure_logging(level: str) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt)
+
+
+def warn_unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """Warn once about FOLDSERVE_* variables no setting reads (a typo is otherwise silent)."""
+    unknown = unknown_env_names(environ)
+    if unknown:
+        log.warning("%s", unknown_env_message(unknown))
+    return unknown
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:

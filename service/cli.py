@@ -9,8 +9,9 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from service.settings import Settings
+from service.settings import Settings, to_environ
 
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
 _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:  # SettingsError: e.g. a JSON value unparsed
         print(f"foldserve: invalid setting:\n{exc}", file=sys.stderr)
         return 2
     return _serve(settings)
@@ -53,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     import uvicorn
 
-    from service.app import configure_logging, create_app
+    from service.app import configure_logging, create_app, warn_unknown_env
 
     configure_logging(settings.log_level)
+    unknown = warn_unknown_env(os.environ)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -68,8 +70,10 @@ def _serve(settings: Settings) -> int:
         return 0
     # NOTE: worker processes rebuild the app from an import string, so the resolved settings
     # travel as FOLDSERVE_* variables: each worker reads exactly what this process decided.
-    for key, value in settings.model_dump(exclude_none=True).items():
-        os.environ[f"FOLDSERVE_{key.upper()}"] = str(value)
+    # Unknown ones were reported above; dropped, so each worker does not repeat the warning.
+    for name in unknown:
+        del os.environ[name]
+    os.environ.update(to_environ(settings))
     uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **options)
     return 0
 

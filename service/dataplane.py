@@ -70,6 +70,24 @@ def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
     return rows
 
 
+def check_finite_outputs(outputs: Array) -> None:
+    """A finite input can still overflow inside the model (e.g. 3e38 times a weight above 1).
+
+    NaN or infinity then comes back, and its arg-max would be a confident-looking label. Rows are
+    independent (the model is folded and verified batch invariant), so only the request whose
+    rows overflowed is refused; its batch mates' outputs are their own and finite.
+    """
+    finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite).tolist()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise InvalidInput(
+            "input is outside the range the model can compute: outputs are not finite "
+            f"(NaN or infinity) for sample{'s' if len(bad) > 1 else ''} {shown}; "
+            "send values of the scale the model was trained on"
+        )
+
+
 def _kind(rows: np.ndarray) -> str:
     return {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed or missing values"}.get(
         rows.dtype.kind, str(rows.dtype)
@@ -108,6 +126,7 @@ class DataPlane:
                 raise InferenceTimeout(
                     f"no result within {self._timeout_s:g} s (request_timeout_s)"
                 ) from None
+            check_finite_outputs(outputs)
         except FoldserveError as exc:
             self.metrics.observe_request(model, label, exc.status, time.perf_counter() - started)
             raise

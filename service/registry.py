@@ -10,16 +10,18 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 from service.backends import Backend, BackendOptions, load_backend
 from service.batching import Batcher
 from service.errors import FoldserveError, ModelNotFound, ModelNotReady, VerificationError
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import BatchingOverride, Settings
 from service.store import Manifest, list_models, list_versions, read_manifest, version_dir
 from service.verify import VerificationReport, check_files, verify_loaded_model
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class Status(enum.StrEnum):
@@ -56,12 +58,34 @@ class Registry:
         for name in list_models(root):
             self._models[name] = [ModelVersion(name, v) for v in list_versions(root, name)]
         self._scanned = True
+        unmatched = sorted(set(self._settings.model_batching) - set(self._models))
+        if unmatched:
+            log.warning(
+                "model_batching has entries for %s that match no model in %s (models: %s); "
+                "they apply to nothing: check the spelling",
+                ", ".join(map(repr, unmatched)),
+                root,
+                ", ".join(self._models) or "none",
+            )
 
     async def load_all(self) -> None:
         if not self._scanned:
             self.scan()
-        # The default model first: readiness waits for it alone.
-        for entry in sorted(self.entries(), key=lambda e: e.name != self.default_model):
+        try:
+            # The default model first: readiness waits for it alone.
+            for entry in sorted(self.entries(), key=lambda e: e.name != self.default_model):
+                await self._load_one(entry)
+        except BaseException as exc:
+            # Cancelled at shutdown, or a bug in this loop: never leave a version "loading".
+            why = "cancelled" if isinstance(exc, asyncio.CancelledError) else _describe(exc)
+            for entry in self.entries():
+                if entry.status is Status.LOADING:
+                    self._fail(entry, f"loading was interrupted: {why}")
+            raise
+
+    async def _load_one(self, entry: ModelVersion) -> None:
+        """Load, verify and start one version; any failure keeps this version out, alone."""
+        try:
             # NOTE: hashing, session creation and verification block for a while: off the loop.
             backend = await asyncio.to_thread(self._load, entry)
             if backend is not None and entry.manifest is not None:
@@ -71,15 +95,30 @@ class Registry:
                 entry.batcher = self._make_batcher(entry, entry.manifest, backend)
                 await entry.batcher.start()
                 entry.status = Status.READY
+        except Exception as exc:
+            self._fail(entry, _describe(exc))
+        self._publish(entry)
+
+    def _fail(self, entry: ModelVersion, reason: str) -> None:
+        entry.status, entry.reason = Status.FAILED, reason
+        log.error("model %s v%s NOT served: %s", entry.name, entry.version, reason)
+        self._publish(entry)
+
+    def _publish(self, entry: ModelVersion) -> None:
+        # NOTE: a metrics bug must never fail a model or stop the others from loading.
+        try:
             self._metrics.set_loaded(entry.name, entry.version, entry.status is Status.READY)
+        except Exception:
+            log.exception("metrics failed for model %s v%s", entry.name, entry.version)
 
     async def stop(self) -> None:
         """Stop every batcher; each answers all the requests it accepted first."""
         for entry in self.entries():
             if entry.batcher is not None:
                 await entry.batcher.stop()
-                entry.status = Status.STOPPED
-                self._metrics.set_loaded(entry.name, entry.version, False)
+                if entry.status is Status.READY:  # a failed version keeps its reason
+                    entry.status = Status.STOPPED
+                self._publish(entry)
 
     @property
     def default_model(self) -> str:
@@ -134,9 +173,10 @@ class Registry:
             backend = load_backend(fmt, directory / model_file.path, options)
             entry.report = verify_loaded_model(directory, manifest, backend)
         except Exception as exc:  # any failure keeps only this version out
-            reason = str(exc) if isinstance(exc, FoldserveError) else f"{type(exc).__name__}: {exc}"
-            entry.status, entry.reason = Status.FAILED, reason
-            log.error("model %s v%s (%s) NOT served: %s", entry.name, entry.version, fmt, reason)
+            entry.status, entry.reason = Status.FAILED, _describe(exc)
+            log.error(
+                "model %s v%s (%s) NOT served: %s", entry.name, entry.version, fmt, entry.reason
+            )
             return None
         log.info(
             "model %s v%s verified: backend=%s device=%s golden_diff=%.3g invariance_diff=%.3g",
@@ -151,13 +191,35 @@ class Registry:
 
     def _make_batcher(self, entry: ModelVersion, manifest: Manifest, backend: Backend) -> Batcher:
         s, m = self._settings, manifest.batching
+        # The most specific value wins: this model's override, the global one, the manifest.
+        own = s.model_batching.get(entry.name, BatchingOverride())
+        cap = _first(own.max_batch_size, s.max_batch_size, m.max_batch_size)
+        delay = _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
+        log.info(
+            "model %s v%s batching: max_batch_size=%d max_delay_ms=%g adaptive_delay=%s",
+            entry.name,
+            entry.version,
+            cap,
+            delay,
+            s.adaptive_delay,
+        )
         return Batcher(
             backend.run,
-            max_batch_size=m.max_batch_size if s.max_batch_size is None else s.max_batch_size,
-            max_delay_ms=m.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
+            max_batch_size=cap,
+            max_delay_ms=delay,
             max_queue_rows=s.max_queue_rows,
             observer=self._metrics.observer(entry.name, entry.version),
+            adaptive_delay=s.adaptive_delay,
         )
+
+
+def _first(*values: _T | None) -> _T:
+    """The first value that is set; the last one (the manifest's) always is."""
+    return next(v for v in values if v is not None)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, FoldserveError) else f"{type(exc).__name__}: {exc}"
 
 
 def _reasons(versions: list[ModelVersion]) -> str:

@@ -1,19 +1,36 @@
-"""The one settings object: every field is a CLI flag and a ``FOLDSERVE_*`` environment variable."""
+"""The one settings object: every field is a ``FOLDSERVE_*`` environment variable (most are flags).
+
+This module is the only one that knows the prefix: the CLI hands settings to worker processes
+with ``to_environ`` and asks ``unknown_env_names`` which variables are typos.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 BackendName = Literal["onnx", "torchscript"]
+ENV_PREFIX = "FOLDSERVE_"
+
+
+class BatchingOverride(BaseModel):
+    """One model's batching values; each one set here beats the global setting and the manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(None, ge=1, description="cap on rows per backend call")
+    max_delay_ms: float | None = Field(None, ge=0, description="longest wait for batch mates")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FOLDSERVE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
@@ -28,7 +45,60 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(1, ge=1, description="threads per inference session")
     max_batch_size: int | None = Field(None, ge=1, description="override every manifest's row cap")
     max_delay_ms: float | None = Field(None, ge=0, description="override every manifest's delay")
+    # NOTE: a dict field: pydantic-settings reads FOLDSERVE_MODEL_BATCHING as JSON, e.g.
+    # '{"digits-cnn": {"max_batch_size": 32, "max_delay_ms": 1}}'.
+    model_batching: dict[str, BatchingOverride] = Field(
+        default_factory=dict,
+        description="per-model batching by model name; beats max_batch_size/max_delay_ms",
+    )
+    adaptive_delay: bool = Field(
+        False, description="skip the batch wait while requests arrive one at a time"
+    )
     max_queue_rows: int = Field(4096, ge=1, description="rows waiting per model before 503")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an inference result")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def env_names() -> list[str]:
+    """Every environment variable a Settings field reads, in field order."""
+    return [env_name(field) for field in Settings.model_fields]
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
+    """``FOLDSERVE_*`` names in ``environ`` that no field reads (typos, removed settings)."""
+    known = set(env_names())
+    # NOTE: pydantic-settings matches names case-insensitively, so foldserve_port is not a typo.
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    )
+
+
+def unknown_env_message(unknown: list[str]) -> str:
+    """A warning naming each unknown variable, the closest valid name, and all valid names."""
+    valid = env_names()
+    fields = [name.removeprefix(ENV_PREFIX) for name in valid]
+    parts = []
+    for name in unknown:
+        # Compared without the prefix, which every name shares and would make all look close.
+        close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), fields, n=1)
+        parts.append(f"{name} (did you mean {ENV_PREFIX}{close[0]}?)" if close else name)
+    return (
+        f"ignoring unknown environment variable{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(parts)}: not a foldserve setting; valid names: {', '.join(valid)}"
+    )
+
+
+def to_environ(settings: Settings) -> dict[str, str]:
+    """The settings as the variables that rebuild them: how worker processes receive them."""
+    environ = {}
+    for field, value in settings.model_dump(mode="json", exclude_none=True).items():
+        # Strings as they are; everything else as JSON, which pydantic-settings parses back.
+        environ[env_name(field)] = value if isinstance(value, str) else json.dumps(value)
+    return environ

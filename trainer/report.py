@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             arch = get_architecture(name)
             for epochs in (arch.default_epochs, args.short_epochs):
                 results = [
-                    run(TrainConfig(arch=name, seed=seed, epochs=epochs), Path(store), progress=False)
+                    run(
+                        TrainConfig(arch=name, seed=seed, epochs=epochs),
+                        Path(store),
+                        progress=False,
+                    )
                     for seed in args.seeds
                 ]
                 print(_row(name, epochs, results), flush=True)

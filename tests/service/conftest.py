@@ -1,8 +1,10 @@
-"""Fixtures: a tiny real model store (built here with torch, not the trainer) and a real server."""
+"""Fixtures: tiny real model stores (built here with torch, not the trainer), a copy of the shipped
+store, and a real server."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -30,6 +32,8 @@ from service.store import (
     write_version,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_STORE = ROOT / "model_store"
 SHAPE = (2, 8)  # per sample; two dimensions so nested and flat samples differ
 CLASSES = ["ant", "bee", "cat", "dog"]
 
@@ -40,6 +44,49 @@ class Artifacts:
     torchscript: bytes
     golden_inputs: np.ndarray  # (8, *SHAPE)
     golden_outputs: np.ndarray  # (8, 4), computed by onnxruntime on the exported file
+
+
+def export_artifacts(net: Any, out: Path, *, training: bool = False) -> Artifacts:
+    """Export ``net`` (per-sample input SHAPE, 4 outputs) to ONNX and TorchScript.
+
+    ``training=True`` exports it as in training: a BatchNorm then stays a BatchNormalization op
+    that normalizes with the statistics of the batch it is given. Golden outputs are what
+    onnxruntime computes on the file for the 8 golden inputs in one batch, as the server checks.
+    """
+    import torch
+
+    example = torch.randn(3, *SHAPE)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path, ts_path = out / "model.onnx", out / "model.pt"
+    mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
+    with warnings.catch_warnings():
+        # The legacy exporter and torch.jit both warn that they are deprecated in torch 2.13;
+        # tracing a training-mode BN warns about its batch-size check and its dropped
+        # running-statistics update, both expected here.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        if training:
+            warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
+            warnings.filterwarnings("ignore", message="ONNX Preprocess - Removing mutation")
+        torch.onnx.export(
+            net,
+            (example,),
+            onnx_path,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+            training=mode,
+            do_constant_folding=not training,
+        )
+        if not training:  # a training-mode program is only ever stored as ONNX here
+            traced = torch.jit.trace(net, example)  # type: ignore[no-untyped-call]
+            torch.jit.save(traced, ts_path)
+    golden_inputs = np.random.default_rng(1).normal(size=(8, *SHAPE)).astype(np.float32)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (golden_outputs,) = session.run(None, {"x": golden_inputs})
+    torchscript = b"" if training else ts_path.read_bytes()
+    return Artifacts(onnx_path.read_bytes(), torchscript, golden_inputs, golden_outputs)
 
 
 @pytest.fixture(scope="session")
@@ -53,28 +100,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
         torch.nn.ReLU(),
         torch.nn.Linear(32, len(CLASSES)),
     ).eval()
-    example = torch.randn(3, *SHAPE)
-    out = tmp_path_factory.mktemp("export")
-    onnx_path, ts_path = out / "model.onnx", out / "model.pt"
-    with warnings.catch_warnings():
-        # The legacy exporter and torch.jit both warn that they are deprecated in torch 2.13.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            net,
-            (example,),
-            onnx_path,
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        traced = torch.jit.trace(net, example)  # type: ignore[no-untyped-call]
-        torch.jit.save(traced, ts_path)
-    golden_inputs = np.random.default_rng(1).normal(size=(8, *SHAPE)).astype(np.float32)
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    (golden_outputs,) = session.run(None, {"x": golden_inputs})
-    return Artifacts(onnx_path.read_bytes(), ts_path.read_bytes(), golden_inputs, golden_outputs)
+    return export_artifacts(net, tmp_path_factory.mktemp("export"))
 
 
 def add_version(
@@ -158,8 +184,11 @@ def reference(store_root: Path, x: np.ndarray, name: str = "tiny", version: int 
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, wait_loaded: bool = True) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL."""
+def running(app: Any, *, wait_loaded: bool = True) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL and server.
+
+    Setting ``server.should_exit`` starts the graceful shutdown a SIGTERM would.
+    """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -175,11 +204,26 @@ def serve(app: Any, *, wait_loaded: bool = True) -> Iterator[str]:
             time.sleep(0.01)
         if wait_loaded:
             until_loaded(base)
-        yield base
+        yield base, server
     finally:
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve(app: Any, *, wait_loaded: bool = True) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL."""
+    with running(app, wait_loaded=wait_loaded) as (base, _):
+        yield base
+
+
+@pytest.fixture
+def shipped_store(tmp_path: Path) -> Path:
+    """A copy of the shipped model_store: real trained models with every BatchNorm folded."""
+    root = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_STORE, root)
+    return root
 
 
 def until_loaded(base: str, timeout: float = 20.0) -> None:

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 import service.registry as registry_module
+from service import verify
 from service.app import create_app
 from service.backends.onnx import OnnxBackend
 from service.dataplane import InferenceResult
 from service.store import version_dir
 from tests.service.conftest import Artifacts, add_version, reference, serve, until_loaded
-from tests.service.test_app_e2e import outputs, samples, settings
+from tests.service.test_app_e2e import metric_samples, outputs, samples, settings
 
 POISON = 1234.5  # a batch holding this value makes the patched backend raise
 
@@ -129,25 +130,56 @@ def test_bad_requests_fail_alone_with_json_errors(store: Path) -> None:
 
 
 @pytest.mark.usefixtures("poisoned_backend")
-def test_a_failing_backend_fails_only_its_batch_and_the_server_lives_on(store: Path) -> None:
+def test_a_failing_backend_fails_only_the_request_that_breaks_it(store: Path) -> None:
     poison = np.full((1, 2, 8), POISON, dtype=np.float32)
     good = [samples(1, seed=300 + i) for i in range(12)]
-    with serve(create_app(settings(store, max_delay_ms=20.0))) as base:
-        alone = httpx.post(f"{base}/predict", json={"inputs": poison.tolist()})
+    batch = [*good[:6], poison, *good[6:]]
+    # One batch for all 13: the cap is their row count and the deadline is far off.
+    config = settings(store, max_batch_size=len(batch), max_delay_ms=2000.0)
+    # Requests sent on their own fill the cap too, so none of them waits for the deadline.
+    poisoned_alone = np.concatenate(batch)
+    good_alone = np.concatenate(good + good[:1])
+    with serve(create_app(config)) as base:
+        alone = httpx.post(f"{base}/predict", json={"inputs": poisoned_alone.tolist()})
         mixed = asyncio.run(
-            gather_posts(
-                base, [("/predict", {"json": {"inputs": x.tolist()}}) for x in [poison, *good]]
-            )
+            gather_posts(base, [("/predict", {"json": {"inputs": x.tolist()}}) for x in batch])
         )
-        after = httpx.post(f"{base}/predict", json={"inputs": good[0].tolist()})
+        after = httpx.post(f"{base}/predict", json={"inputs": good_alone.tolist()})
+        batches = metric_samples(base, "foldserve_batch_size")
     assert "injected failure" in error(alone, 500)
-    assert "injected failure" in error(mixed[0], 500)
-    for x, response in zip(good, mixed[1:], strict=True):
-        if response.status_code != 200:  # a batch mate of the poison: same batch, same fate
-            assert "injected failure" in error(response, 500)
-        else:
-            np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(outputs(after), reference(store, good[0]), rtol=0, atol=1e-5)
+    assert "injected failure" in error(mixed[6], 500)
+    for x, response in zip(good, mixed[:6] + mixed[7:], strict=True):
+        # Innocent batch mates of the poison get their own answers, not its error.
+        np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(outputs(after), reference(store, good_alone), rtol=0, atol=1e-5)
+    # They did share a batch: one run held all 13 rows (the failed one, before the re-runs).
+    assert (
+        batches["foldserve_batch_size_bucket{le=8.0,model=tiny,version=1}"]
+        < batches["foldserve_batch_size_count{model=tiny,version=1}"]
+    )
+
+
+def test_an_input_the_model_overflows_on_is_refused_alone(store: Path) -> None:
+    huge = np.full((1, 2, 8), 3e38, dtype=np.float32)  # finite, but the model's sums overflow
+    good = [samples(2, seed=400 + i) for i in range(7)]
+    batch = [*good[:3], huge, *good[3:]]
+    rows = sum(len(x) for x in batch)
+    config = settings(store, max_batch_size=rows, max_delay_ms=2000.0)
+    with serve(create_app(config)) as base:
+        responses = asyncio.run(
+            gather_posts(base, [("/predict", {"json": {"inputs": x.tolist()}}) for x in batch])
+        )
+        batches = metric_samples(base, "foldserve_batch_size")
+        requests = metric_samples(base, "foldserve_requests_total")
+    assert not np.isfinite(reference(store, huge)).all()  # the premise: NaN/inf comes out
+    message = error(responses[3], 400)
+    assert "outside the range the model can compute: outputs are not finite" in message
+    for x, response in zip(good, responses[:3] + responses[4:], strict=True):
+        np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
+    key = "{model=tiny,version=1}"
+    assert batches[f"foldserve_batch_size_count{key}"] == 1  # all of them in one batch
+    assert batches[f"foldserve_batch_size_sum{key}"] == rows
+    assert requests["foldserve_requests_total{code=400,model=tiny,version=1}"] == 1
 
 
 @pytest.mark.usefixtures("slow_backend")
@@ -199,7 +231,7 @@ def test_liveness_answers_while_models_load_and_readiness_waits(
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_verify = registry_module.verify_loaded_model
+    real_verify = verify.verify_loaded_model
 
     def held(*args: Any) -> Any:
         assert release.wait(10)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
+from service.app import app_from_env
 from service.cli import build_parser, main, settings_from_args
+from service.settings import Settings
 
 
 def test_flags_override_environment_which_overrides_defaults(
@@ -25,3 +31,78 @@ def test_flags_override_environment_which_overrides_defaults(
 def test_an_invalid_flag_value_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--workers", "0"]) == 2
     assert "workers" in capsys.readouterr().err
+
+
+@pytest.fixture
+def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A private os.environ for the test: serve writes the workers' variables into it."""
+    fake = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    monkeypatch.setattr(os, "environ", fake)
+    return fake
+
+
+@pytest.fixture
+def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    return calls
+
+
+def test_serve_warns_about_unknown_foldserve_variables(
+    environ: dict[str, str],
+    uvicorn_calls: list[tuple[Any, dict[str, Any]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    environ.update(FOLDSERVE_MAX_BATCHSIZE="32", FOLDSERVE_PORT="9001")
+    with caplog.at_level(logging.WARNING, logger="service.app"):
+        assert main(["serve", "--model-store", "/nowhere"]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "service.app"]
+    assert "FOLDSERVE_MAX_BATCHSIZE (did you mean FOLDSERVE_MAX_BATCH_SIZE?)" in warning
+    assert "valid names: FOLDSERVE_HOST, FOLDSERVE_PORT" in warning
+    ((_, options),) = uvicorn_calls
+    assert options["port"] == 9001
+
+
+def test_workers_get_the_resolved_settings_and_not_the_typos(
+    environ: dict[str, str],
+    uvicorn_calls: list[tuple[Any, dict[str, Any]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    environ.update(
+        FOLDSERVE_MAX_BATCHSIZE="32",
+        FOLDSERVE_MODEL_BATCHING='{"digits-cnn": {"max_batch_size": 32}}',
+    )
+    with caplog.at_level(logging.WARNING, logger="service.app"):
+        assert main(["serve", "--workers", "2", "--port", "9003"]) == 0
+        ((app, options),) = uvicorn_calls
+        assert (app, options["factory"], options["workers"]) == (
+            "service.app:app_from_env",
+            True,
+            2,
+        )
+        assert "FOLDSERVE_MAX_BATCHSIZE" not in environ  # reported once here, not per worker
+        assert environ["FOLDSERVE_PORT"] == "9003"
+        app_from_env()  # what each worker does
+    settings = Settings()
+    assert (settings.port, settings.workers) == (9003, 2)
+    assert settings.model_batching["digits-cnn"].max_batch_size == 32
+    warnings = [r.getMessage() for r in caplog.records if r.name == "service.app"]
+    assert len(warnings) == 1 and "FOLDSERVE_MAX_BATCHSIZE" in warnings[0]
+
+
+def test_app_from_env_warns_about_unknown_foldserve_variables(
+    environ: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    environ["FOLDSERVE_DEFAULT_MODLE"] = "digits-cnn"
+    with caplog.at_level(logging.WARNING, logger="service.app"):
+        app_from_env()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "service.app"]
+    assert "FOLDSERVE_DEFAULT_MODLE (did you mean FOLDSERVE_DEFAULT_MODEL?)" in warning
+
+
+def test_an_unreadable_json_setting_is_reported_not_raised(
+    environ: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ["FOLDSERVE_MODEL_BATCHING"] = "{digits-cnn: 32}"
+    assert main(["serve"]) == 2
+    assert "model_batching" in capsys.readouterr().err

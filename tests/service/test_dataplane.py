@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.backends.onnx import OnnxBackend
-from service.dataplane import DataPlane, validate_rows
+from service.dataplane import DataPlane, check_finite_outputs, validate_rows
 from service.errors import InferenceTimeout, InvalidInput
 from service.metrics import Metrics
 from service.registry import Registry
@@ -96,3 +96,11 @@ def test_a_slow_inference_times_out_and_is_counted(
         "foldserve_requests_total", {"model": "tiny", "version": "1", "code": "504"}
     )
     assert count == 1
+
+
+def test_outputs_that_are_not_finite_are_refused_naming_the_samples() -> None:
+    outputs = np.zeros((4, 3), dtype=np.float32)
+    check_finite_outputs(outputs)  # finite: nothing to say
+    outputs[1, 0], outputs[3, 2] = np.nan, -np.inf
+    with pytest.raises(InvalidInput, match=r"outputs are not finite .* for samples 1, 3;"):
+        check_finite_outputs(outputs)

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+import service.registry as registry_module
+from service import verify
+from service.batching import Batcher
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import Metrics
-from service.registry import Registry, Status
-from service.settings import Settings
+from service.registry import ModelVersion, Registry, Status
+from service.settings import BatchingOverride, Settings
+from service.store import BatchingConfig
 from tests.service.conftest import SHAPE, Artifacts, add_version
 
 
@@ -99,3 +105,196 @@ def test_ready_versions_answer_through_their_batcher(tmp_path: Path, artifacts: 
             await registry.stop()
 
     asyncio.run(main())
+
+
+def test_a_version_whose_load_raises_fails_alone(
+    tmp_path: Path, artifacts: Artifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_version(tmp_path, artifacts)
+    add_version(tmp_path, artifacts, name="other")
+    add_version(tmp_path, artifacts, name="third")
+    real_load, real_make = Registry._load, Registry._make_batcher
+
+    def load(self: Registry, entry: ModelVersion) -> object:
+        if entry.name == "tiny":  # loaded first: the default model
+            raise RuntimeError("disk on fire")
+        return real_load(self, entry)
+
+    def make_batcher(self: Registry, entry: ModelVersion, *args: Any) -> Batcher:
+        if entry.name == "other":
+            raise ValueError("no batcher today")
+        return real_make(self, entry, *args)
+
+    monkeypatch.setattr(Registry, "_load", load)
+    monkeypatch.setattr(Registry, "_make_batcher", make_batcher)
+
+    async def main() -> None:
+        registry = registry_for(tmp_path)
+        await registry.load_all()
+        try:
+            status = {e.name: (e.status, e.reason) for e in registry.entries()}
+            assert status == {
+                "tiny": (Status.FAILED, "RuntimeError: disk on fire"),
+                "other": (Status.FAILED, "ValueError: no batcher today"),
+                "third": (Status.READY, None),
+            }
+            ready, reason = registry.readiness()
+            assert not ready and "disk on fire" in reason
+        finally:
+            await registry.stop()
+        assert [e.status for e in registry.entries()] == [
+            Status.FAILED,
+            Status.STOPPED,
+            Status.FAILED,
+        ]
+
+    asyncio.run(main())
+
+
+def test_a_crash_of_the_loading_loop_leaves_no_version_loading(
+    tmp_path: Path, artifacts: Artifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("tiny", "other", "third"):
+        add_version(tmp_path, artifacts, name=name)
+    real_load_one = Registry._load_one
+
+    async def load_one(self: Registry, entry: ModelVersion) -> None:
+        if entry.name == "other":  # a bug outside any one version's load
+            raise RuntimeError("loop bug")
+        await real_load_one(self, entry)
+
+    monkeypatch.setattr(Registry, "_load_one", load_one)
+
+    async def main() -> None:
+        registry = registry_for(tmp_path)
+        with pytest.raises(RuntimeError, match="loop bug"):
+            await registry.load_all()
+        try:
+            status = {e.name: (e.status, e.reason) for e in registry.entries()}
+            assert status["tiny"] == (Status.READY, None)
+            for name in ("other", "third"):
+                assert status[name] == (
+                    Status.FAILED,
+                    "loading was interrupted: RuntimeError: loop bug",
+                )
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+
+
+def test_loading_cancelled_midway_marks_the_rest_failed(
+    tmp_path: Path, artifacts: Artifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_version(tmp_path, artifacts)
+    add_version(tmp_path, artifacts, name="other")
+    started, release = threading.Event(), threading.Event()
+    real_verify = verify.verify_loaded_model
+
+    def held(*args: Any) -> Any:
+        started.set()
+        assert release.wait(10)
+        return real_verify(*args)
+
+    monkeypatch.setattr(registry_module, "verify_loaded_model", held)
+
+    async def main() -> None:
+        registry = registry_for(tmp_path)
+        loading = asyncio.create_task(registry.load_all())
+        await asyncio.to_thread(started.wait, 10)  # "tiny" is mid-verification: cancel now
+        loading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        release.set()
+        statuses = [(e.name, e.status, e.reason) for e in registry.entries()]
+        assert statuses == [
+            ("other", Status.FAILED, "loading was interrupted: cancelled"),
+            ("tiny", Status.FAILED, "loading was interrupted: cancelled"),
+        ]
+        ready, reason = registry.readiness()
+        assert not ready and "loading was interrupted" in reason
+        await registry.stop()
+
+    asyncio.run(main())
+
+
+class _RecordingBatcher:
+    """Stands in for Batcher: records the values the registry chose."""
+
+    made: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, run: object, **kwargs: Any) -> None:
+        observer = kwargs.pop("observer")
+        assert observer is not None
+        self.kwargs = kwargs
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def test_batching_values_per_model_beat_global_ones_which_beat_the_manifest(
+    tmp_path: Path, artifacts: Artifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = BatchingConfig(max_batch_size=64, max_delay_ms=5.0)
+    for name in ("tiny", "cnn", "plain"):
+        add_version(tmp_path, artifacts, name=name, batching=manifest)
+    monkeypatch.setattr(registry_module, "Batcher", _RecordingBatcher)
+    registry = registry_for(
+        tmp_path,
+        max_delay_ms=3.0,
+        adaptive_delay=True,
+        model_batching={
+            "tiny": BatchingOverride(max_batch_size=32, max_delay_ms=1.0),
+            "cnn": BatchingOverride(max_batch_size=8),  # its delay comes from the global value
+        },
+    )
+    asyncio.run(registry.load_all())
+    chosen = {
+        e.name: (e.batcher.kwargs["max_batch_size"], e.batcher.kwargs["max_delay_ms"])  # type: ignore[union-attr]
+        for e in registry.entries()
+    }
+    assert chosen == {"cnn": (8, 3.0), "plain": (64, 3.0), "tiny": (32, 1.0)}
+    assert all(e.batcher.kwargs["adaptive_delay"] is True for e in registry.entries())  # type: ignore[union-attr]
+
+
+def test_a_per_model_cap_splits_batches_and_unknown_names_are_reported(
+    tmp_path: Path, artifacts: Artifacts, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_version(tmp_path, artifacts)
+    add_version(tmp_path, artifacts, name="other")
+    rows = artifacts.golden_inputs.reshape(-1, *SHAPE)  # 8 rows in one request
+    registry = registry_for(
+        tmp_path,
+        max_batch_size=100,
+        model_batching={
+            "tiny": BatchingOverride(max_batch_size=3),
+            "tinny": BatchingOverride(max_batch_size=1),
+        },
+    )
+    metrics = registry._metrics
+
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="service.registry"):
+            await registry.load_all()
+        try:
+            for name in ("tiny", "other"):
+                batcher = registry.resolve(name, None).batcher
+                assert batcher is not None
+                out = await batcher.submit(rows)
+                np.testing.assert_array_equal(out, artifacts.golden_outputs)
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+
+    def batches(name: str) -> float | None:
+        labels = {"model": name, "version": "1"}
+        return metrics.registry.get_sample_value("foldserve_batch_size_count", labels)
+
+    assert batches("tiny") == 3  # 8 rows under a cap of 3: 3 + 3 + 2
+    assert batches("other") == 1  # the global cap of 100
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "service.registry"]
+    assert "'tinny'" in warning and "match no model" in warning and "other, tiny" in warning

@@ -1,0 +1,113 @@
+"""The server as it is run: several worker processes from the command line, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+from service.app import create_app
+from tests.service.conftest import ROOT, reference, running
+from tests.service.test_app_e2e import metric_samples, outputs, samples, settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def shipped_reference(store: Path, x: np.ndarray) -> np.ndarray:
+    path = store / "digits-mlp" / "1" / "model.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    return np.asarray(out)
+
+
+def test_two_workers_serve_from_the_command_line_and_stop_on_sigterm(
+    shipped_store: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    command = [sys.executable, "-m", "service", "serve", "--workers", "2", "--port", str(port)]
+    command += ["--model-store", str(shipped_store)]
+    log = (tmp_path / "server.log").open("w+")
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    rng = np.random.default_rng(0)
+    inputs = [rng.uniform(0, 16, size=(int(rng.integers(1, 5)), 64)) for _ in range(24)]
+    try:
+        deadline, streak = time.monotonic() + 10, 0
+        while streak < 6:  # both workers ready: several answers in a row (each may take any)
+            assert server.poll() is None and time.monotonic() < deadline, "not ready in 10 s"
+            try:
+                streak = streak + 1 if httpx.get(f"{base}/readyz").status_code == 200 else 0
+            except httpx.TransportError:
+                streak = 0
+            time.sleep(0.05)
+
+        async def send_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                posts = [client.post("/predict", json={"inputs": x.tolist()}) for x in inputs]
+                return await asyncio.gather(*posts)
+
+        responses = asyncio.run(send_all())
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=5)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert code == 0, output
+    for x, response in zip(inputs, responses, strict=True):
+        expected = shipped_reference(shipped_store, x.astype(np.float32))
+        np.testing.assert_allclose(outputs(response), expected, rtol=0, atol=1e-5)
+        assert response.json()["predictions"] == [str(i) for i in expected.argmax(axis=1)]
+    assert output.count("Started server process") >= 2, output  # two workers answered for it
+
+
+def test_shutdown_answers_every_queued_request_through_http(store: Path) -> None:
+    inputs = [samples(1, seed=500 + i) for i in range(12)]
+    # A deadline far off and a cap never reached: every request waits in the queue.
+    config = settings(store, max_delay_ms=2000.0, max_batch_size=64)
+
+    async def main(base: str, stop: Callable[[], None]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            posts = [
+                asyncio.ensure_future(client.post("/predict", json={"inputs": x.tolist()}))
+                for x in inputs
+            ]
+            deadline = time.monotonic() + 5
+            while metric_samples(base, "foldserve_queue_depth").get(
+                "foldserve_queue_depth{model=tiny,version=1}"
+            ) != len(inputs):
+                assert time.monotonic() < deadline, "requests did not queue"
+                await asyncio.sleep(0.02)
+            stop()  # as on SIGTERM: stop accepting, finish what is in flight, then drain
+            return await asyncio.gather(*posts)
+
+    with running(create_app(config)) as (base, server):
+
+        def stop() -> None:
+            server.should_exit = True
+
+        started = time.monotonic()
+        responses = asyncio.run(main(base, stop))
+        elapsed = time.monotonic() - started
+    for x, response in zip(inputs, responses, strict=True):
+        np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
+    assert elapsed < 5
