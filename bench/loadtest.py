@@ -387,13 +387,21 @@ def inprocess_onnxruntime(models: list[str], seconds: float) -> dict[str, dict[s
     return out
 
 
+def _timed(fn: Any, arg: Any) -> float:
+    started = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - started
+
+
 def batcher_overhead(model: str, calls: int) -> dict[str, float]:
     """p50 of one lone request through Batcher.submit vs calling the backend directly.
 
-    Concurrency 1 in-process: each call waits for the previous. With the manifest's delay the
-    lone request waits out max_delay_ms; with 0 only the batcher's machinery (queue, executor
-    hop, future) remains.
+    Concurrency 1 in-process: each call waits for the previous. "default" is the batcher as the
+    server builds it by default (the manifest's delay, adaptive delay on, inline when a full
+    batch is faster than Settings.inline_max_ms); "delay0" is a worker-thread batcher with no
+    wait: only its machinery (queue, executor hop, future) remains.
     """
+    from service.settings import Settings
     from service.backends import BackendOptions
     from service.backends.onnx import OnnxBackend
     from service.batching import Batcher
@@ -410,9 +418,19 @@ def batcher_overhead(model: str, calls: int) -> dict[str, float]:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    async def through(delay_ms: float) -> float:
+    defaults = Settings()
+    full = np.resize(x, (64, *x.shape[1:]))
+    full_batch_ms = min(_timed(backend.run, full) for _ in range(5)) * 1e3
+    inline = full_batch_ms < defaults.inline_max_ms
+
+    async def through(delay_ms: float, adaptive: bool, inline: bool) -> float:
         batcher = Batcher(
-            backend.run, max_batch_size=64, max_delay_ms=delay_ms, max_queue_rows=4096
+            backend.run,
+            max_batch_size=64,
+            max_delay_ms=delay_ms,
+            max_queue_rows=4096,
+            adaptive_delay=adaptive,
+            inline=inline,
         )
         await batcher.start()
         times = []
@@ -431,12 +449,14 @@ def batcher_overhead(model: str, calls: int) -> dict[str, float]:
         run = asyncio.run
     direct()  # warm up
     base = direct()
-    zero = run(through(0.0))
-    default = run(through(default_delay))
+    zero = run(through(0.0, False, False))
+    default = run(through(default_delay, defaults.adaptive_delay, inline))
     return {
         "model": model,
         "calls": calls,
         "default_max_delay_ms": default_delay,
+        "default_adaptive_delay": defaults.adaptive_delay,
+        "default_inline": inline,
         "direct_p50_us": base * 1e6,
         "batcher_delay0_p50_us": zero * 1e6,
         "batcher_default_p50_us": default * 1e6,
@@ -644,12 +664,13 @@ def targets(
         )
     if overhead:
         add(
-            "batcher adds at c=1, p50 ms (manifest delay)",
+            "batcher adds at c=1, p50 ms (server defaults)",
             overhead["added_default_ms"],
             0.2,
             False,
-            f"in-process Batcher.submit vs backend.run; with max_delay_ms=0: "
-            f"{overhead['added_delay0_ms']:.3f} ms",
+            f"in-process Batcher.submit vs backend.run (adaptive delay "
+            f"{overhead['default_adaptive_delay']}, inline {overhead['default_inline']}); "
+            f"worker thread, max_delay_ms=0: {overhead['added_delay0_ms']:.3f} ms",
         )
     d0, d2 = get("foldserve-delay0", "mlpx1", 1), get("foldserve", "mlpx1", 1)
     if d0 and d2:
@@ -860,8 +881,9 @@ def main() -> int:
         )
     print(
         f"\nbatcher at c=1 (in-process, digits-mlp): direct {overhead['direct_p50_us']:.1f} us, "
-        f"Batcher max_delay_ms=0 {overhead['batcher_delay0_p50_us']:.1f} us, "
-        f"default ({overhead['default_max_delay_ms']:g} ms) "
+        f"Batcher max_delay_ms=0 in a thread {overhead['batcher_delay0_p50_us']:.1f} us, "
+        f"server default ({overhead['default_max_delay_ms']:g} ms, adaptive, "
+        f"inline={overhead['default_inline']}) "
         f"{overhead['batcher_default_p50_us']:.1f} us"
     )
     if rss:

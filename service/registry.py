@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from typing import TypeVar
+
+import numpy as np
 
 from service.backends import Backend, BackendOptions, load_backend
 from service.batching import Batcher
@@ -18,7 +21,7 @@ from service.errors import FoldserveError, ModelNotFound, ModelNotReady, Verific
 from service.metrics import Metrics
 from service.settings import BatchingOverride, Settings
 from service.store import Manifest, list_models, list_versions, read_manifest, version_dir
-from service.verify import VerificationReport, check_files, verify_loaded_model
+from service.verify import VerificationReport, check_files, golden_inputs, verify_loaded_model
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -92,7 +95,10 @@ class Registry:
                 # NOTE: ready only once its batcher runs, and only on the loop: a load cancelled
                 # at shutdown never leaves a "ready" version without a batcher behind.
                 entry.backend = backend
-                entry.batcher = self._make_batcher(entry, entry.manifest, backend)
+                cap, delay = self._batching(entry, entry.manifest)
+                # Timed off the loop too: a full batch of a large model can take a while.
+                batch_ms = await asyncio.to_thread(_full_batch_ms, backend, entry.manifest, cap)
+                entry.batcher = self._make_batcher(entry, backend, cap, delay, batch_ms)
                 await entry.batcher.start()
                 entry.status = Status.READY
         except Exception as exc:
@@ -189,19 +195,28 @@ class Registry:
         )
         return backend
 
-    def _make_batcher(self, entry: ModelVersion, manifest: Manifest, backend: Backend) -> Batcher:
+    def _batching(self, entry: ModelVersion, manifest: Manifest) -> tuple[int, float]:
+        """Row cap and delay: a per-model override beats the global one, then the manifest."""
         s, m = self._settings, manifest.batching
-        # The most specific value wins: this model's override, the global one, the manifest.
         own = s.model_batching.get(entry.name, BatchingOverride())
         cap = _first(own.max_batch_size, s.max_batch_size, m.max_batch_size)
-        delay = _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
+        return cap, _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
+
+    def _make_batcher(
+        self, entry: ModelVersion, backend: Backend, cap: int, delay: float, full_batch_ms: float
+    ) -> Batcher:
+        s = self._settings
+        inline = full_batch_ms < s.inline_max_ms
         log.info(
-            "model %s v%s batching: max_batch_size=%d max_delay_ms=%g adaptive_delay=%s",
+            "model %s v%s batching: max_batch_size=%d max_delay_ms=%g adaptive_delay=%s "
+            "full batch %.3f ms, so %s",
             entry.name,
             entry.version,
             cap,
             delay,
             s.adaptive_delay,
+            full_batch_ms,
+            "inline on the event loop" if inline else "in a worker thread",
         )
         return Batcher(
             backend.run,
@@ -210,7 +225,20 @@ class Registry:
             max_queue_rows=s.max_queue_rows,
             observer=self._metrics.observer(entry.name, entry.version),
             adaptive_delay=s.adaptive_delay,
+            inline=inline,
         )
+
+
+def _full_batch_ms(backend: Backend, manifest: Manifest, rows: int) -> float:
+    """Best of a few timed runs of one full batch (golden inputs repeated): warm, not noisy."""
+    golden = golden_inputs(manifest)
+    batch = np.ascontiguousarray(np.resize(golden, (rows, *golden.shape[1:])))
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        backend.run(batch)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000.0
 
 
 def _first(*values: _T | None) -> _T:

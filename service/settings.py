@@ -52,8 +52,14 @@ class Settings(BaseSettings):
         description="per-model batching by model name; beats max_batch_size/max_delay_ms",
     )
     adaptive_delay: bool = Field(
-        False, description="skip the batch wait while requests arrive one at a time"
+        True, description="skip the batch wait while requests arrive one at a time"
     )
+    inline_max_ms: float = Field(
+        0.5,
+        ge=0,
+        description="run a model on the event loop when a full batch takes less (0: never)",
+    )
+    access_log: bool = Field(False, description="log every request (costs ~10% throughput)")
     max_queue_rows: int = Field(4096, ge=1, description="rows waiting per model before 503")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an inference result")

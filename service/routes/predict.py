@@ -1,62 +1,124 @@
-"""The ``/predict`` protocol: JSON in, JSON out. Parsing and encoding live here and only here."""
+"""The ``/predict`` protocol: JSON in, JSON out. Parsing and encoding live here and only here.
+
+NOTE: these routes are served by a raw ASGI handler in front of FastAPI, not by FastAPI routes.
+For a model that runs in microseconds, FastAPI's per-request machinery (dependency solving,
+cookie parsing, the telemetry hook) cost more than the model and the batcher together (see
+docs/performance.md). Everything else (health, models, metrics, errors) stays in FastAPI.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request, Response
+from starlette.types import Receive, Scope, Send
 
 from service.dataplane import DataPlane
-from service.errors import FoldserveError, InvalidInput
+from service.errors import FoldserveError, InvalidInput, PayloadTooLarge
+from service.routes.responses import error_body
 
-router = APIRouter()
+log = logging.getLogger(__name__)
+
 _FIELDS = frozenset({"inputs", "model", "version"})
+_MODEL_PATH = re.compile(r"^/models/([^/]+)(?:/versions/([^/]+))?/predict$")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def dataplane_of(request: Request) -> DataPlane:
-    plane: DataPlane = request.app.state.dataplane
-    return plane
+class PredictRoutes:
+    """Answers ``POST /predict`` and ``POST /models/{name}[/versions/{v}]/predict`` in raw ASGI."""
+
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
+        self.dataplane = dataplane
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve the request if it is one of ours; ``False`` leaves it to the framework."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return False
+        path: str = scope["path"]
+        if path == "/predict":
+            await self._predict(scope, receive, send, None, None)
+            return True
+        match = _MODEL_PATH.match(path)
+        if match is None:
+            return False
+        await self._predict(scope, receive, send, match.group(1), match.group(2))
+        return True
+
+    async def _predict(
+        self, scope: Scope, receive: Receive, send: Send, name: str | None, version: str | None
+    ) -> None:
+        started = time.perf_counter()
+        plane = self.dataplane
+        try:
+            try:
+                payload = _parse(await self._read_body(scope, receive))
+                model = _pick("model", str, name, payload.get("model"))
+                path_version = None if version is None else _path_version(version)
+                number = _pick("version", int, path_version, payload.get("version"))
+                rows = _to_array(payload["inputs"])
+            except FoldserveError as exc:
+                plane.reject(exc, started)
+                raise
+            result = await plane.infer(model, number, rows, started=started)
+            body = orjson.dumps(
+                {
+                    "model": result.model,
+                    "version": result.version,
+                    "outputs": np.ascontiguousarray(result.outputs),  # orjson: C order only
+                    "predictions": result.predictions(),
+                },
+                option=orjson.OPT_SERIALIZE_NUMPY,
+            )
+        except FoldserveError as exc:
+            if exc.status >= 500:
+                log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
+            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+            await _respond(send, exc.status, error_body(exc.message), extra)
+            return
+        except Exception as exc:  # a bug must cost one request a 500, never the server
+            log.error("unexpected error in /predict", exc_info=exc)
+            message = f"internal error ({type(exc).__name__}); see the server log"
+            await _respond(send, 500, error_body(message), [])
+            return
+        await _respond(send, 200, body, [])
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(f"body of {int(value)} bytes exceeds max_body_bytes={limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInput("client disconnected before sending the whole body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds max_body_bytes={limit}")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-@router.post("/predict")
-async def predict(request: Request) -> Response:
-    return await _predict(request, None, None)
-
-
-@router.post("/models/{name}/predict")
-async def predict_model(request: Request, name: str) -> Response:
-    return await _predict(request, name, None)
-
-
-@router.post("/models/{name}/versions/{version}/predict")
-async def predict_version(request: Request, name: str, version: int) -> Response:
-    return await _predict(request, name, version)
-
-
-async def _predict(request: Request, name: str | None, version: int | None) -> Response:
-    started = time.perf_counter()
-    plane = dataplane_of(request)
-    try:
-        payload = _parse(await request.body())
-        name = _pick("model", str, name, payload.get("model"))
-        version = _pick("version", int, version, payload.get("version"))
-        rows = _to_array(payload["inputs"])
-    except FoldserveError as exc:
-        plane.reject(exc, started)
-        raise
-    result = await plane.infer(name, version, rows, started=started)
-    body = {
-        "model": result.model,
-        "version": result.version,
-        "outputs": np.ascontiguousarray(result.outputs),  # orjson encodes C-contiguous only
-        "predictions": result.predictions(),
-    }
-    return Response(
-        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    length = [(b"content-length", str(len(body)).encode())]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": _JSON_HEADERS + length + headers,
+        }
     )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _parse(body: bytes) -> dict[str, Any]:
@@ -74,11 +136,18 @@ def _parse(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def _path_version(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise InvalidInput(f"version in the path must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def _pick(field: str, kind: type[Any], from_path: Any, from_body: Any) -> Any:
     """A model or version named in the path or the body; both are fine if they agree."""
     # bool is an int subclass: {"version": true} must not mean version 1.
     if from_body is not None and (not isinstance(from_body, kind) or isinstance(from_body, bool)):
-        raise InvalidInput(f'"{field}" must be a {kind.__name__}, got {from_body!r}')
+        kind_name = "an integer" if kind is int else "a string"
+        raise InvalidInput(f'"{field}" must be {kind_name}, got {from_body!r}')
     if from_path is not None and from_body is not None and from_path != from_body:
         raise InvalidInput(f'"{field}" is {from_body!r} in the body but {from_path!r} in the path')
     return from_path if from_path is not None else from_body

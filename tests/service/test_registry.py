@@ -298,3 +298,19 @@ def test_a_per_model_cap_splits_batches_and_unknown_names_are_reported(
     assert batches("other") == 1  # the global cap of 100
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "service.registry"]
     assert "'tinny'" in warning and "match no model" in warning and "other, tiny" in warning
+
+
+@pytest.mark.parametrize(("inline_max_ms", "inline"), [(1000.0, True), (0.0, False)])
+def test_a_model_runs_inline_only_when_a_full_batch_is_faster_than_the_setting(
+    tmp_path: Path,
+    artifacts: Artifacts,
+    monkeypatch: pytest.MonkeyPatch,
+    inline_max_ms: float,
+    inline: bool,
+) -> None:
+    add_version(tmp_path, artifacts)
+    monkeypatch.setattr(registry_module, "Batcher", _RecordingBatcher)
+    registry = registry_for(tmp_path, inline_max_ms=inline_max_ms)
+    asyncio.run(registry.load_all())
+    (entry,) = registry.entries()
+    assert entry.batcher.kwargs["inline"] is inline  # type: ignore[union-attr]
