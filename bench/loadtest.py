@@ -401,10 +401,10 @@ def batcher_overhead(model: str, calls: int) -> dict[str, float]:
     batch is faster than Settings.inline_max_ms); "delay0" is a worker-thread batcher with no
     wait: only its machinery (queue, executor hop, future) remains.
     """
-    from service.settings import Settings
     from service.backends import BackendOptions
     from service.backends.onnx import OnnxBackend
     from service.batching import Batcher
+    from service.settings import Settings
 
     backend = OnnxBackend(STORE / model / "1" / "model.onnx", BackendOptions("cpu", 1))
     x = np.asarray(manifest(model)["golden"]["inputs"][:1], dtype=np.float32)
