@@ -234,6 +234,9 @@ class Batcher:
         # run. We wait by default, as configured. With adaptive_delay we skip the wait when the last
         # batch was a single request and this one arrived after it finished: no overlap seen, so
         # waiting most likely buys nothing. Overlap (two requests in one batch) restores the wait.
+        # Adaptive mode also stops waiting once no request has arrived for an eighth of the delay:
+        # closed-loop clients send their next requests in one burst after their answers, so with
+        # fewer clients than the cap the batch would otherwise always wait out the full delay.
         while self._queue and self._queue_rows < self._cap and not self._stopping:
             head = self._queue[0]
             if (
@@ -244,6 +247,8 @@ class Batcher:
             ):
                 return
             deadline = head.arrived + self._delay_s
+            if self._adaptive:
+                deadline = min(deadline, self._queue[-1].arrived + self._delay_s / 8)
             if loop.time() >= deadline:
                 return
             self._wake.clear()

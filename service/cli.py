@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.settings import Settings, to_environ
+from service.settings import Settings, env_name, to_environ
 
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
 _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
@@ -20,7 +20,12 @@ _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "back
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the verified models of a model store")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the verified models of a model store",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", help="address to listen on (FOLDSERVE_HOST; 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (FOLDSERVE_PORT; 8000)")
     serve.add_argument("--model-store", help="model store folder (FOLDSERVE_MODEL_STORE)")
@@ -30,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (auto)")
     commands.add_parser("train", help="train, fold and export a model (needs foldserve[train])")
     return parser
+
+
+def settings_help() -> str:
+    """Every setting with its variable, default and description, read off the Settings fields."""
+    lines = ["every setting (flags above override these environment variables):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {env_name(name):<28} {default!s:<14} {field.description or ''}")
+    return "\n".join(lines)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

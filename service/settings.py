@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         ge=0,
         description="run a model on the event loop when a full batch takes less (0: never)",
     )
-    access_log: bool = Field(False, description="log every request (costs ~10% throughput)")
+    access_log: bool = Field(False, description="log every request (costs throughput)")
     max_queue_rows: int = Field(4096, ge=1, description="rows waiting per model before 503")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an inference result")

@@ -591,3 +591,27 @@ def test_inline_mode_runs_on_the_loop_thread_and_keeps_every_guarantee() -> None
         await b.stop()
 
     arun(main())
+
+
+def test_adaptive_delay_stops_waiting_once_arrivals_pause() -> None:
+    async def main() -> None:
+        run = Recorder()
+        # delay 1 s, so the pause rule (an eighth: 125 ms without a new request) decides.
+        b = await started(run, max_batch_size=64, max_delay_ms=1000, adaptive_delay=True)
+        pair, elapsed = await timed(asyncio.gather(b.submit(rows(1)), b.submit(rows(1, 9))))
+        np.testing.assert_array_equal(pair[1], f(rows(1, 9)))
+        assert 0.1 <= elapsed < 0.9  # went after the pause, not after the full delay
+
+        async def later(delay_s: float, x: Array) -> Array:
+            await asyncio.sleep(delay_s)
+            return await b.submit(x)
+
+        # A trickle 40 ms apart keeps the batch open: all five share one run.
+        xs = [rows(1, 100 * i) for i in range(5)]
+        results = await asyncio.gather(*(later(0.04 * i, x) for i, x in enumerate(xs)))
+        for x, r in zip(xs, results, strict=True):
+            np.testing.assert_array_equal(r, f(x))
+        assert run.sizes == [2, 5]
+        await b.stop()
+
+    arun(main())

@@ -106,3 +106,13 @@ def test_an_unreadable_json_setting_is_reported_not_raised(
     environ["FOLDSERVE_MODEL_BATCHING"] = "{digits-cnn: 32}"
     assert main(["serve"]) == 2
     assert "model_batching" in capsys.readouterr().err
+
+
+def test_serve_help_lists_every_setting_with_its_variable() -> None:
+    from service.cli import build_parser
+    from service.settings import env_names
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    text = serve.format_help()
+    missing = [name for name in env_names() if name not in text]
+    assert not missing
