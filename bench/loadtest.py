@@ -701,8 +701,10 @@ def plot(ms: list[Measurement], path: Path) -> None:
 
     cases = sorted({m.case for m in ms}, key=lambda k: (k.startswith("cnn"), int(k.split("x")[1])))
     fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
+    # One colour per server across all panels: a panel missing a server must not shift the rest.
+    colours = {server: f"C{i}" for i, server in enumerate(dict.fromkeys(m.server for m in ms))}
     for ax, case in zip(axes[0], cases, strict=True):
-        for server in dict.fromkeys(m.server for m in ms):
+        for server, colour in colours.items():
             pts = sorted(
                 (m for m in ms if m.case == case and m.server == server),
                 key=lambda m: m.concurrency,
@@ -710,7 +712,11 @@ def plot(ms: list[Measurement], path: Path) -> None:
             if not pts:
                 continue
             ax.plot(
-                [m.p99_ms for m in pts], [m.requests_per_s for m in pts], marker="o", label=server
+                [m.p99_ms for m in pts],
+                [m.requests_per_s for m in pts],
+                marker="o",
+                label=server,
+                color=colour,
             )
             for m in pts:
                 ax.annotate(f"c{m.concurrency}", (m.p99_ms, m.requests_per_s), fontsize=6)
