@@ -177,7 +177,7 @@ class Registry:
             check_files(directory, manifest)
             options = BackendOptions(self._settings.device, self._settings.intra_op_threads)
             backend = load_backend(fmt, directory / model_file.path, options)
-            entry.report = verify_loaded_model(directory, manifest, backend)
+            entry.report = verify_loaded_model(manifest, backend)
         except Exception as exc:  # any failure keeps only this version out
             entry.status, entry.reason = Status.FAILED, _describe(exc)
             log.error(

@@ -117,9 +117,7 @@ def golden_inputs(manifest: Manifest) -> Array:
     return np.asarray(manifest.golden.inputs, dtype=np.float32).reshape(-1, *shape)
 
 
-def verify_loaded_model(
-    directory: Path, manifest: Manifest, backend: Backend
-) -> VerificationReport:
+def verify_loaded_model(manifest: Manifest, backend: Backend) -> VerificationReport:
     """Everything the server checks before a model version is served (files checked first)."""
     check_no_batch_statistics(backend)
     golden_diff = check_golden(backend, manifest)

@@ -73,7 +73,7 @@ def test_a_small_batch_dependence_is_refused_even_if_the_manifest_allows_it() ->
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(64, 10)).astype(np.float32) / 8
     honest = FakeBackend(weights)
-    report = verify_loaded_model(SHIPPED, manifest_for(honest, atol=1e-3), honest)
+    report = verify_loaded_model(manifest_for(honest, atol=1e-3), honest)
     assert report.batch_invariance_max_diff <= INVARIANCE_ATOL
 
     # 1e-6 per unit of batch-mean pixel sum moves outputs by ~5e-4 between batches: under the
@@ -89,7 +89,7 @@ def test_a_small_batch_dependence_is_refused_even_if_the_manifest_allows_it() ->
     )
     assert INVARIANCE_ATOL < loose <= 1e-3
     with pytest.raises(VerificationError, match="shares a batch"):
-        verify_loaded_model(SHIPPED, manifest_for(leaky, atol=1e-3), leaky)
+        verify_loaded_model(manifest_for(leaky, atol=1e-3), leaky)
 
 
 def test_golden_check_refuses_outputs_of_another_shape() -> None:

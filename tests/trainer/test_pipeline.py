@@ -77,7 +77,7 @@ def test_the_server_checks_pass_on_the_stored_version(stored_twice: Stored) -> N
         OnnxBackend(result.path / "model.onnx", options),
         TorchScriptBackend(result.path / "model.ts", options),
     ):
-        report = verify_loaded_model(result.path, result.manifest, backend)
+        report = verify_loaded_model(result.manifest, backend)
         assert report.golden_max_abs_diff <= result.manifest.verification.atol
 
 
