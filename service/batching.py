@@ -73,6 +73,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         adaptive_delay: bool = False,
         inline: bool = False,
+        inline_limit_ms: float = 2.0,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
@@ -96,6 +97,7 @@ class Batcher:
         # of microseconds the hop to a worker thread (~100 us, and a second thread fighting for
         # the GIL) costs more than the inference; the caller decides from a measured batch time.
         self._inline = inline
+        self._inline_limit_s = inline_limit_ms / 1000.0
         self._queue: deque[_Request] = deque()
         self._queue_rows = 0
         self._wake = asyncio.Event()
@@ -216,6 +218,10 @@ class Batcher:
                 await self._wait_for_batch(loop)
                 if self._queue:
                     await self._run_batch(loop, self._take())
+                    if self._inline:
+                        # NOTE: an inline run never awaits; without this yield a deep queue runs
+                        # batch after batch while no other request (or timeout) gets a turn.
+                        await asyncio.sleep(0)
         finally:
             # Reached on stop (queue empty) or if this task dies: fail the rest, never hang them.
             self._fail_queue()
@@ -298,6 +304,8 @@ class Batcher:
         for part in parts:
             if not part[0].future.done():  # cancelled meanwhile: nothing to compute
                 self._settle([part], await self._infer(loop, [part]))
+                if self._inline:
+                    await asyncio.sleep(0)  # as in _serve: let the loop breathe between runs
 
     async def _infer(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> Array | _Failed:
         """Run ``parts`` as one batch in the executor; report it to the observer either way."""
@@ -308,6 +316,7 @@ class Batcher:
         try:
             if self._inline:
                 out = self._run(batch)
+                self._check_inline_cost(time.perf_counter() - started)
             else:
                 out = await loop.run_in_executor(self._executor, self._run, batch)
         except Exception as exc:
@@ -319,6 +328,17 @@ class Batcher:
             # Never guess which output row belongs to whom.
             return _Failed(f"backend returned {got} for {len(batch)} input rows")
         return out
+
+    def _check_inline_cost(self, seconds: float) -> None:
+        """A model fast at load may turn slow (contention, big inputs): stop blocking the loop."""
+        if seconds > self._inline_limit_s:
+            self._inline = False
+            log.warning(
+                "an inline batch took %.2f ms (limit %.2f ms): running this model in a worker "
+                "thread from now on",
+                seconds * 1000,
+                self._inline_limit_s * 1000,
+            )
 
     def _settle(self, parts: list[_Part], outcome: Array | _Failed) -> None:
         if isinstance(outcome, _Failed):

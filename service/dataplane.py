@@ -20,7 +20,9 @@ from service.registry import Registry
 from service.settings import Settings
 from service.store import Manifest, TensorSpec
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# float64 values below this round to a finite float32 (at most float32's max); at or above it, to
+# infinity. float32's max itself, as numpy prints it (3.4028235e38), lies a bit above that max.
+_FLOAT32_LIMIT = 2.0**128 - 2.0**103
 _NUMERIC_KINDS = "fiu"  # floats and integers; bools, strings and objects are refused
 
 
@@ -65,7 +67,7 @@ def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
     if rows.dtype != np.float32:
         # NOTE: a range check instead of np.errstate around the cast: entering errstate costs
         # more than the whole cast for a one-sample request. NaN fails the comparison too.
-        if rows.dtype.kind == "f" and not (np.abs(rows) <= _FLOAT32_MAX).all():
+        if rows.dtype.kind == "f" and not (np.abs(rows) < _FLOAT32_LIMIT).all():
             raise _non_finite(spec)
         rows = rows.astype(np.float32)
     if not np.isfinite(rows).all():

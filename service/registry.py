@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from typing import TypeVar
@@ -226,19 +227,25 @@ class Registry:
             observer=self._metrics.observer(entry.name, entry.version),
             adaptive_delay=s.adaptive_delay,
             inline=inline,
+            # Demoted to a worker thread if it later runs 4x slower than the budget it met.
+            inline_limit_ms=4 * s.inline_max_ms,
         )
 
 
 def _full_batch_ms(backend: Backend, manifest: Manifest, rows: int) -> float:
-    """Best of a few timed runs of one full batch (golden inputs repeated): warm, not noisy."""
+    """Median of a few warm runs of one full batch (golden inputs repeated).
+
+    The median, not the best: the decision to block the event loop should not rest on luck.
+    """
     golden = golden_inputs(manifest)
     batch = np.ascontiguousarray(np.resize(golden, (rows, *golden.shape[1:])))
-    best = float("inf")
-    for _ in range(5):
+    backend.run(batch)  # warm-up: first runs allocate
+    times = []
+    for _ in range(7):
         started = time.perf_counter()
         backend.run(batch)
-        best = min(best, time.perf_counter() - started)
-    return best * 1000.0
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000.0
 
 
 def _first(*values: _T | None) -> _T:

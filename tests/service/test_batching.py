@@ -615,3 +615,50 @@ def test_adaptive_delay_stops_waiting_once_arrivals_pause() -> None:
         await b.stop()
 
     arun(main())
+
+
+def test_inline_mode_yields_to_the_loop_between_batches() -> None:
+    async def main() -> None:
+        b = await started(f, max_batch_size=1, max_delay_ms=0, inline=True)
+        done = False
+        ticks_during = 0
+
+        async def ticker() -> None:
+            nonlocal ticks_during
+            while not done:
+                ticks_during += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(ticker())
+        big = rows(200)  # 200 inline runs of one row each
+        np.testing.assert_array_equal(await b.submit(big), f(big))
+        done = True
+        await task
+        assert ticks_during > 50  # the ticker ran between the runs, not only before and after
+        await b.stop()
+
+    arun(main())
+
+
+def test_an_inline_model_that_turns_slow_moves_to_a_worker_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+
+        def slow(x: Array) -> Array:
+            threads.append(threading.get_ident())
+            time.sleep(0.01)  # 10 ms, five times the inline limit below
+            return f(x)
+
+        b = await started(slow, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
+        for i in range(3):
+            np.testing.assert_array_equal(await b.submit(rows(2, i)), f(rows(2, i)))
+        assert threads[0] == loop_thread
+        assert all(t != loop_thread for t in threads[1:])
+        await b.stop()
+
+    with caplog.at_level("WARNING", logger="service.batching"):
+        arun(main())
+    assert "worker thread from now on" in caplog.text

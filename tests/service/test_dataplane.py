@@ -107,3 +107,11 @@ def test_outputs_that_are_not_finite_are_refused_naming_the_samples() -> None:
     outputs[1, 0], outputs[3, 2] = np.nan, -np.inf
     with pytest.raises(InvalidInput, match=r"outputs are not finite .* for samples 1, 3;"):
         check_finite_outputs(outputs)
+
+
+def test_float64_values_that_round_to_a_finite_float32_are_accepted() -> None:
+    largest = np.full((1, 2, 3), 3.4028235e38)  # float32's max as numpy prints it: above the max
+    assert np.isfinite(validate_rows(largest, SPEC)).all()
+    beyond = np.full((1, 2, 3), 2.0**128 - 2.0**103)  # the first value that rounds to infinity
+    with pytest.raises(InvalidInput, match="non-finite"):
+        validate_rows(beyond, SPEC)
