@@ -49,10 +49,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Case:
     model: str
     samples: int  # per request
+    protocol: str = "predict"  # or "v2bin": KServe V2 infer, binary tensors in and out
 
     @property
     def key(self) -> str:
-        return f"{self.model.removeprefix('digits-')}x{self.samples}"
+        prefix = "" if self.protocol == "predict" else f"{self.protocol}-"
+        return f"{prefix}{self.model.removeprefix('digits-')}x{self.samples}"
+
+    def path(self) -> str:
+        if self.protocol == "v2bin":
+            return f"/v2/models/{self.model}/infer"
+        return f"/models/{self.model}/predict"
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Server:
     concurrency: tuple[int, ...] | None = None  # None: all
     checks_outputs: bool = True  # the bare endpoint answers a constant
     samples_in_answer: bool = True  # the bare endpoint answers one sample whatever it is sent
+    speaks_v2: bool = False  # serves the KServe V2 protocol (the v2bin case)
 
 
 def servers() -> list[Server]:
@@ -72,7 +80,7 @@ def servers() -> list[Server]:
     quiet = {"FOLDSERVE_LOG_LEVEL": "warning"}
     module = [PY, "-m"]
     return [
-        Server("foldserve", "foldserve, 1 process", foldserve, quiet),
+        Server("foldserve", "foldserve, 1 process", foldserve, quiet, speaks_v2=True),
         Server(
             "foldserve-w2",
             "foldserve --workers 2",
@@ -117,16 +125,39 @@ def manifest(model: str) -> dict[str, Any]:
     return data
 
 
-def case_data(case: Case) -> tuple[bytes, str]:
-    """The request body and the predictions substring every answer to it must hold."""
+def case_data(case: Case) -> tuple[bytes, str, int | None]:
+    """The request body, the substring every answer to it must hold, and for a binary V2 body
+    the length of its JSON header (``Inference-Header-Content-Length``)."""
     m = manifest(case.model)
     golden_in, golden_out = m["golden"]["inputs"], np.asarray(m["golden"]["outputs"])
     rows = [golden_in[i % len(golden_in)] for i in range(case.samples)]
+    if case.protocol == "v2bin":
+        return v2_binary_body(m, np.asarray(rows, dtype="<f4"))
     labels = [
         m["labels"][int(np.argmax(golden_out[i % len(golden_in)]))] for i in range(case.samples)
     ]
     body = json.dumps({"inputs": rows}, separators=(",", ":")).encode()
-    return body, '"predictions":[' + ",".join(f'"{x}"' for x in labels) + "]"
+    return body, '"predictions":[' + ",".join(f'"{x}"' for x in labels) + "]", None
+
+
+def v2_binary_body(m: dict[str, Any], x: np.ndarray) -> tuple[bytes, str, int]:
+    """A KServe V2 binary request as tritonclient sends it: JSON header, then raw float32.
+
+    The answer's outputs are raw bytes too, so wrk checks only the status and the output's size
+    in the answer's JSON header; check_v2_golden decodes a whole answer before each load run.
+    """
+    spec, out = m["inputs"][0], m["outputs"][0]
+    x = x.reshape(len(x), *spec["shape"])
+    tensor = {
+        "name": spec["name"],
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": x.nbytes},
+    }
+    header = {"inputs": [tensor], "parameters": {"binary_data_output": True}}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    out_bytes = len(x) * int(np.prod(out["shape"])) * 4
+    return head + x.tobytes(), f'"binary_data_size":{out_bytes}', len(head)
 
 
 def bare_expectation() -> str:
@@ -262,7 +293,14 @@ def check_golden(run: Running, model: str) -> float | None:
     return diff
 
 
-def wrk(url: str, body_file: Path, expect: str, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(
+    url: str,
+    body_file: Path,
+    expect: str,
+    connections: int,
+    seconds: float,
+    header_length: int | None = None,
+) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     # NOTE: wrk takes whole seconds only.
     argv = [
@@ -278,6 +316,7 @@ def wrk(url: str, body_file: Path, expect: str, connections: int, seconds: float
         "--",
         str(body_file),
         expect,
+        *([] if header_length is None else [str(header_length)]),
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -288,6 +327,25 @@ def wrk(url: str, body_file: Path, expect: str, connections: int, seconds: float
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result["wrk_cpu_cores"] = cpu / (result["duration_us"] / 1e6)
     return result
+
+
+def check_v2_golden(url: str, body: bytes, header_length: int, case: Case) -> None:
+    """Send the binary V2 body once and compare the decoded raw outputs with the golden ones."""
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        length = int(resp.headers["Inference-Header-Content-Length"])
+        answer = resp.read()
+    (output,) = json.loads(answer[:length])["outputs"]
+    got = np.frombuffer(answer[length:], dtype="<f4").reshape(output["shape"])
+    golden = np.asarray(manifest(case.model)["golden"]["outputs"])
+    want = golden[np.arange(case.samples) % len(golden)]
+    diff = float(np.abs(got - want).max())
+    if diff > ATOL:
+        raise RuntimeError(f"{case.key}: V2 binary outputs differ from golden by {diff:.3g}")
 
 
 @dataclass
@@ -313,19 +371,21 @@ class Measurement:
 def measure(
     run: Running, case: Case, c: int, seconds: float, warmup: float, tmp: Path, golden: float | None
 ) -> Measurement:
-    body, expect = case_data(case)
+    body, expect, header_length = case_data(case)
     if not run.server.samples_in_answer:
         expect = bare_expectation()
-    body_file = tmp / f"{case.key}.json"
+    body_file = tmp / f"{case.key}.body"
     body_file.write_bytes(body)
-    url = f"{run.base}/models/{case.model}/predict"
+    url = run.base + case.path()
+    if header_length is not None:
+        check_v2_golden(url, body, header_length, case)
     if warmup > 0:
-        wrk(url, body_file, expect, c, warmup)
+        wrk(url, body_file, expect, c, warmup, header_length)
         # NOTE: wrk drops its connections with requests in flight; a server may still compute
         # those (and hold their queue rows). Let it drain so the measurement sees steady state.
         time.sleep(0.5)
     cpu0 = run.cpu_seconds()
-    r = wrk(url, body_file, expect, c, seconds)
+    r = wrk(url, body_file, expect, c, seconds, header_length)
     server_cpu = (run.cpu_seconds() - cpu0) / (r["duration_us"] / 1e6)
     e = r["errors"]
     errors = (
@@ -474,7 +534,7 @@ def profile(run: Running, case: Case, seconds: float, tmp: Path) -> dict[str, An
     if pyspy is None:
         return None
     raw = tmp / "profile.txt"
-    body, expect = case_data(case)
+    body, expect, _ = case_data(case)
     body_file = tmp / f"{case.key}.json"
     body_file.write_bytes(body)
     spy = subprocess.Popen(
@@ -804,7 +864,7 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else 1.0
     conc = tuple(args.concurrency or ((1, 64) if quick else (1, 8, 64)))
     budget = args.budget or (150.0 if quick else 570.0)
-    cases = [Case("digits-mlp", 1), Case("digits-mlp", 64)]
+    cases = [Case("digits-mlp", 1), Case("digits-mlp", 64), Case("digits-mlp", 64, "v2bin")]
     if not quick:
         cases += [Case("digits-cnn", 1), Case("digits-cnn", 64)]
     if shutil.which("wrk") is None:
@@ -840,6 +900,7 @@ def main() -> int:
             for c in conc
             if (server.cases is None or case.key in server.cases)
             and (server.concurrency is None or c in server.concurrency)
+            and (case.protocol == "predict" or server.speaks_v2)
         ]
         if not todo:
             continue
@@ -913,7 +974,6 @@ def main() -> int:
             print(f"\n{title}:")
             for name, p in prof[title][:15]:
                 print(f"  {p:5.1f}%  {name}")
-    print("\nV2 binary protocol: not implemented in foldserve yet; no V2 case was run.")
     if skipped:
         print(f"\nskipped (budget or failure): {skipped}")
 

@@ -1,7 +1,9 @@
 -- wrk script: POST one JSON body over and over, check every answer, print a JSON summary.
--- usage: wrk -s bench/post.lua URL -- BODY_FILE EXPECTED_SUBSTRING
+-- usage: wrk -s bench/post.lua URL -- BODY_FILE EXPECTED_SUBSTRING [JSON_HEADER_LENGTH]
 -- An answer counts as bad unless it is a 200 whose body holds EXPECTED_SUBSTRING (the
--- "predictions" the body's samples must get). done() prints one line: "WRKJSON {...}".
+-- "predictions" the body's samples must get). With JSON_HEADER_LENGTH the body is a KServe V2
+-- binary request (JSON header, then raw tensors), sent with Inference-Header-Content-Length.
+-- done() prints one line: "WRKJSON {...}".
 local threads = {}
 
 function setup(thread)
@@ -13,7 +15,12 @@ function init(args)
   wrk.method = "POST"
   wrk.body = f:read("*a")
   f:close()
-  wrk.headers["Content-Type"] = "application/json"
+  if args[3] then
+    wrk.headers["Content-Type"] = "application/octet-stream"
+    wrk.headers["Inference-Header-Content-Length"] = args[3]
+  else
+    wrk.headers["Content-Type"] = "application/json"
+  end
   expected = args[2]
   bad = 0
   codes = {}

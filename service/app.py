@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -21,29 +21,33 @@ from service.dataplane import DataPlane
 from service.errors import FoldserveError, InvalidInput
 from service.metrics import Metrics
 from service.registry import Registry
-from service.routes import health, metrics, models
+from service.routes import health, metrics, models, v2
+from service.routes.asgi import RawRoutes
 from service.routes.predict import PredictRoutes
 from service.routes.responses import error_body
+from service.routes.v2 import V2Routes
 from service.settings import Settings, unknown_env_message, unknown_env_names
 
 log = logging.getLogger(__name__)
 
 
 class FoldserveApp(FastAPI):
-    """FastAPI with the predict routes answered before its middleware stack.
+    """FastAPI with the inference routes answered before its middleware stack.
 
     NOTE: every FastAPI request passes its error, telemetry and body-limit middleware and its
     dependency solver; for a model answering in microseconds those cost more than the model.
-    The predict routes skip them and render errors the same way themselves.
+    The inference routes (``/predict``, V2 ``infer``) skip them and render errors the same way.
     """
 
-    def __init__(self, predict_routes: PredictRoutes, **kwargs: Any) -> None:
+    def __init__(self, raw_routes: Sequence[RawRoutes], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.predict_routes = predict_routes
+        self.raw_routes = tuple(raw_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not await self.predict_routes.handle(scope, receive, send):
-            await super().__call__(scope, receive, send)
+        for routes in self.raw_routes:
+            if await routes.handle(scope, receive, send):
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FoldserveApp:
@@ -66,16 +70,20 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     dataplane = DataPlane(settings, model_registry, app_metrics)
     app = FoldserveApp(
-        PredictRoutes(dataplane, settings.max_body_bytes),
+        (
+            PredictRoutes(dataplane, settings.max_body_bytes),
+            V2Routes(dataplane, settings.max_body_bytes),
+        ),
         title="foldserve",
         version=__version__,
         lifespan=lifespan,
         docs_url=None,
     )
+    app.state.settings = settings
     app.state.metrics = app_metrics
     app.state.model_registry = model_registry
     app.state.dataplane = dataplane
-    for module in (models, health, metrics):
+    for module in (models, health, metrics, v2):
         app.include_router(module.router)
     app.add_exception_handler(FoldserveError, _foldserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -8,7 +8,6 @@ docs/performance.md). Everything else (health, models, metrics, errors) stays in
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from typing import Any
@@ -18,14 +17,11 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from service.dataplane import DataPlane
-from service.errors import FoldserveError, InvalidInput, PayloadTooLarge
-from service.routes.responses import error_body
-
-log = logging.getLogger(__name__)
+from service.errors import FoldserveError, InvalidInput
+from service.routes.asgi import read_body, respond, respond_error
 
 _FIELDS = frozenset({"inputs", "model", "version"})
 _MODEL_PATH = re.compile(r"^/models/([^/]+)(?:/versions/([^/]+))?/predict$")
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class PredictRoutes:
@@ -56,7 +52,7 @@ class PredictRoutes:
         plane = self.dataplane
         try:
             try:
-                payload = _parse(await self._read_body(scope, receive))
+                payload = _parse(await read_body(scope, receive, self.max_body_bytes))
                 model = _pick("model", str, name, payload.get("model"))
                 path_version = None if version is None else _path_version(version)
                 number = _pick("version", int, path_version, payload.get("version"))
@@ -74,51 +70,10 @@ class PredictRoutes:
                 },
                 option=orjson.OPT_SERIALIZE_NUMPY,
             )
-        except FoldserveError as exc:
-            if exc.status >= 500:
-                log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
-            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-            await _respond(send, exc.status, error_body(exc.message), extra)
+        except Exception as exc:
+            await respond_error(send, exc, "/predict")
             return
-        except Exception as exc:  # a bug must cost one request a 500, never the server
-            log.error("unexpected error in /predict", exc_info=exc)
-            message = f"internal error ({type(exc).__name__}); see the server log"
-            await _respond(send, 500, error_body(message), [])
-            return
-        await _respond(send, 200, body, [])
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.max_body_bytes
-        for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > limit:
-                raise PayloadTooLarge(f"body of {int(value)} bytes exceeds max_body_bytes={limit}")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidInput("client disconnected before sending the whole body")
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body exceeds max_body_bytes={limit}")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
-    length = [(b"content-length", str(len(body)).encode())]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": _JSON_HEADERS + length + headers,
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        await respond(send, 200, body)
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""Raw ASGI helpers for the routes served ahead of FastAPI: read a bounded body, send an answer.
+
+NOTE: the inference routes (``/predict``, KServe V2 ``infer``) skip FastAPI's per-request
+machinery, which costs more than a small model (see docs/performance.md); they render their
+errors here exactly as the framework's single error handler does: ``{"error": message}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from starlette.types import Receive, Scope, Send
+
+from service.errors import FoldserveError, InvalidInput, PayloadTooLarge
+from service.routes.responses import error_body
+
+log = logging.getLogger(__name__)
+
+Headers = Sequence[tuple[bytes, bytes]]
+JSON = b"application/json"
+
+
+class RawRoutes(Protocol):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve the request if it is one of ours; ``False`` leaves it to the framework."""
+        ...
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header; ``name`` in lower case, as ASGI gives them."""
+    for key, value in scope["headers"]:
+        if key == name:
+            value_: bytes = value
+            return value_
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body; 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds max_body_bytes={limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("client disconnected before sending the whole body")
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds max_body_bytes={limit}")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def respond(
+    send: Send, status: int, body: bytes, headers: Headers = (), content_type: bytes = JSON
+) -> None:
+    start = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*start, *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_error(send: Send, exc: Exception, route: str) -> None:
+    """Render any exception as ``{"error": ...}``: a bug costs one request a 500, not the server."""
+    if isinstance(exc, FoldserveError):
+        if exc.status >= 500:
+            log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
+        extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+        await respond(send, exc.status, error_body(exc.message), extra)
+        return
+    log.error("unexpected error in %s", route, exc_info=exc)
+    message = f"internal error ({type(exc).__name__}); see the server log"
+    await respond(send, 500, error_body(message))

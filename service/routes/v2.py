@@ -1,0 +1,342 @@
+"""The KServe V2 / Open Inference Protocol, with Triton's binary tensor and config extensions.
+
+Parsing and encoding live here and only here; inference goes through ``DataPlane.infer``, so V2
+requests join the same batches as ``/predict`` ones. ``infer`` is served in raw ASGI ahead of
+FastAPI (like ``/predict``); metadata, health and config are ordinary FastAPI routes.
+
+Binary tensors: with the header ``Inference-Header-Content-Length: n`` the body is ``n`` bytes of
+JSON, then the raw little-endian bytes of every input whose ``parameters.binary_data_size`` is
+set, in input order. Outputs asked for as binary come back the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request, Response
+from starlette.types import Receive, Scope, Send
+
+from service import __version__
+from service.dataplane import DataPlane, InferenceResult
+from service.errors import FoldserveError, InvalidInput, ModelNotReady
+from service.registry import ModelVersion
+from service.routes.asgi import header, read_body, respond, respond_error
+from service.routes.models import registry_of
+from service.routes.responses import error_body
+from service.settings import Settings
+from service.store import Manifest, TensorSpec
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+HEADER_LENGTH = b"inference-header-content-length"
+# V2 datatype -> little-endian wire dtype; every one is cast to float32 by the dataplane.
+DATATYPES = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_FIELDS = frozenset({"id", "inputs", "outputs", "parameters"})
+
+router = APIRouter(prefix="/v2")
+
+
+# ---------------------------------------------------------------- infer (raw ASGI)
+
+
+class V2Routes:
+    """Answers ``POST /v2/models/{name}[/versions/{v}]/infer`` in raw ASGI."""
+
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
+        self.dataplane = dataplane
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve the request if it is ours; ``False`` leaves it to the framework."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return False
+        match = _INFER_PATH.match(scope["path"])
+        if match is None:
+            return False
+        try:
+            body, headers, content_type = await self._infer(scope, receive, *match.groups())
+        except Exception as exc:
+            await respond_error(send, exc, "/v2 infer")
+            return True
+        await respond(send, 200, body, headers, content_type)
+        return True
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, name: str, version: str | None
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+        started = time.perf_counter()
+        plane = self.dataplane
+        try:
+            body = await read_body(scope, receive, self.max_body_bytes)
+            payload, binary = _split(body, header(scope, HEADER_LENGTH))
+            # The manifest names the input and its per-sample shape; the request is checked
+            # against the version it resolves to, and exactly that version then runs it.
+            entry = plane.registry.resolve(name, None if version is None else _version(version))
+            manifest = _manifest(entry)
+            rows = _input_rows(payload, binary, manifest.inputs[0])
+            binary_out = _binary_output(payload, manifest.outputs[0])
+        except FoldserveError as exc:
+            plane.reject(exc, started)
+            raise
+        result = await plane.infer(entry.name, entry.version, rows, started=started)
+        return _encode(result, payload.get("id"), binary_out)
+
+
+def _split(body: bytes, declared: bytes | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header (a dict) and the binary part after it (empty without the header)."""
+    view = memoryview(body)
+    length = len(body)
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput(
+                "Inference-Header-Content-Length must be a byte count, "
+                f"got {declared.decode(errors='replace')!r}"
+            )
+        length = int(declared)
+        if length > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes"
+            )
+    try:
+        payload = orjson.loads(view[:length])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request JSON is not valid: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput('request must be a JSON object: {"inputs": [...]}')
+    unknown = payload.keys() - _FIELDS
+    if unknown:
+        raise InvalidInput(f"unknown fields {sorted(unknown)}: expected {sorted(_FIELDS)}")
+    if "id" in payload and not isinstance(payload["id"], str):
+        raise InvalidInput(f'"id" must be a string, got {payload["id"]!r}')
+    return payload, view[length:]
+
+
+def _version(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise InvalidInput(f"version in the path must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _manifest(entry: ModelVersion) -> Manifest:
+    if entry.manifest is None:
+        raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
+    return entry.manifest
+
+
+def _input_rows(payload: dict[str, Any], binary: memoryview, spec: TensorSpec) -> np.ndarray:
+    """The one input as an array shaped ``(n, *spec.shape)``, in its wire dtype."""
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
+        raise InvalidInput(f'"inputs" must be a list of one tensor {spec.name!r}, got {got}')
+    tensor: dict[str, Any] = inputs[0]
+    if tensor.get("name") != spec.name:
+        raise InvalidInput(
+            f"input is named {tensor.get('name')!r}: this model's input is {spec.name!r}"
+        )
+    datatype = tensor.get("datatype")
+    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None or not isinstance(datatype, str):
+        raise InvalidInput(
+            f"input {spec.name!r} has datatype {datatype!r}: send one of {sorted(DATATYPES)}"
+        )
+    shape = _shape(tensor.get("shape"), spec)
+    count = math.prod(shape)
+    size = _binary_size(tensor)
+    if size is not None:
+        if "data" in tensor:
+            raise InvalidInput(f"input {spec.name!r} has both binary_data_size and JSON data")
+        nbytes = count * np.dtype(dtype).itemsize
+        if size != nbytes:
+            raise InvalidInput(
+                f"input {spec.name!r}: binary_data_size is {size} but shape {shape} of "
+                f"{datatype} needs {nbytes} bytes"
+            )
+        if len(binary) != size:
+            raise InvalidInput(
+                f"input {spec.name!r}: binary_data_size is {size} but {len(binary)} bytes "
+                "follow the JSON header"
+            )
+        rows = np.frombuffer(binary, dtype=dtype, count=count)
+        if not rows.flags.aligned:  # the JSON header's length puts the floats anywhere
+            rows = rows.copy()
+        return rows.reshape(shape)
+    if len(binary):
+        raise InvalidInput(f"{len(binary)} bytes follow the JSON header but no input is binary")
+    if "data" not in tensor:
+        raise InvalidInput(f'input {spec.name!r} has no "data" and no binary_data_size')
+    try:
+        # NOTE: no dtype here on purpose: numpy would turn "1.5" or null into numbers silently.
+        rows = np.asarray(tensor["data"])
+    except ValueError:
+        raise InvalidInput(f'input {spec.name!r}: "data" is ragged') from None
+    if rows.dtype.kind not in ("iu" if datatype.startswith("INT") else "fiu"):
+        raise InvalidInput(f'input {spec.name!r}: "data" must hold {datatype} numbers only')
+    if rows.size != count:
+        raise InvalidInput(
+            f'input {spec.name!r}: shape {shape} needs {count} values, "data" holds {rows.size}'
+        )
+    return rows.reshape(shape)
+
+
+def _shape(value: Any, spec: TensorSpec) -> list[int]:
+    expected = f"[n, {', '.join(map(str, spec.shape))}]"
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+        or tuple(value[1:]) != spec.shape
+    ):
+        raise InvalidInput(f"input {spec.name!r}: shape must be {expected}, got {value!r}")
+    return value
+
+
+def _binary_size(tensor: dict[str, Any]) -> int | None:
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be an object')
+    size = parameters.get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise InvalidInput(f"binary_data_size must be a byte count, got {size!r}")
+    return size
+
+
+def _binary_output(payload: dict[str, Any], spec: TensorSpec) -> bool:
+    """Whether the output goes back as raw bytes: per output, else the request's default."""
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be an object')
+    binary = parameters.get("binary_data_output", False)
+    outputs = payload.get("outputs")
+    if outputs is None or outputs == []:
+        return binary is True
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InvalidInput('"outputs" must be a list of {"name": ...} objects')
+    for requested in outputs:
+        if requested.get("name") != spec.name:
+            raise InvalidInput(
+                f"output {requested.get('name')!r} does not exist: this model's output is "
+                f"{spec.name!r}"
+            )
+        own = requested.get("parameters") or {}
+        if not isinstance(own, dict):
+            raise InvalidInput('"parameters" must be an object')
+        if own.get("classification"):
+            raise InvalidInput("the classification extension is not supported")
+        binary = own.get("binary_data", binary)
+    return binary is True
+
+
+def _encode(
+    result: InferenceResult, request_id: str | None, binary: bool
+) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    spec = result.manifest.outputs[0]
+    outputs = np.ascontiguousarray(result.outputs, dtype="<f4")  # orjson: C order only
+    tensor: dict[str, Any] = {"name": spec.name, "datatype": "FP32", "shape": outputs.shape}
+    raw = outputs.tobytes() if binary else b""
+    if binary:
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        tensor["data"] = outputs.reshape(-1)
+    answer: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
+    if request_id is not None:
+        answer["id"] = request_id
+    answer["outputs"] = [tensor]
+    body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binary:
+        return body, [], b"application/json"
+    headers = [(HEADER_LENGTH, str(len(body)).encode())]
+    return body + raw, headers, b"application/octet-stream"
+
+
+# ---------------------------------------------------------------- metadata, health, config
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _error(exc: FoldserveError) -> Response:
+    return Response(error_body(exc.message), exc.status, exc.headers(), "application/json")
+
+
+def _resolve(request: Request, name: str, version: str | None) -> ModelVersion:
+    return registry_of(request).resolve(name, None if version is None else _version(version))
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "datatype": "FP32", "shape": [-1, *s.shape]} for s in specs]
+
+
+@router.get("")
+async def server_metadata() -> Response:
+    return _json({"name": "foldserve", "version": __version__, "extensions": EXTENSIONS})
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    is_ready, reason = registry_of(request).readiness()
+    return _json({"ready": True}) if is_ready else _error(ModelNotReady(reason))
+
+
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+    entry = _resolve(request, name, version)
+    manifest = _manifest(entry)
+    versions = [str(e.version) for e in registry_of(request).entries() if e.name == name]
+    fmt = entry.backend.format if entry.backend is not None else "onnx"
+    return _json(
+        {
+            "name": entry.name,
+            "versions": versions,
+            "platform": _PLATFORMS[fmt],
+            "inputs": _tensors(manifest.inputs),
+            "outputs": _tensors(manifest.outputs),
+        }
+    )
+
+
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    """200 when that version serves; 404 for an unknown model or version; 503 otherwise."""
+    entry = _resolve(request, name, version)  # only a ready version resolves
+    return _json({"name": entry.name, "ready": True})
+
+
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config")
+async def model_config(request: Request, name: str, version: str | None = None) -> Response:
+    """Triton's model configuration, enough for perf_analyzer and tritonclient."""
+    entry = _resolve(request, name, version)
+    manifest = _manifest(entry)
+    fmt = entry.backend.format if entry.backend is not None else "onnx"
+
+    def dims(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": s.name, "data_type": "TYPE_FP32", "dims": list(s.shape)} for s in specs]
+
+    settings: Settings = request.app.state.settings
+    return _json(
+        {
+            "name": entry.name,
+            "platform": _PLATFORMS[fmt],
+            # NOTE: the batcher splits a large request into batches of the manifest's row cap,
+            # so the largest batch one request may carry is the queue's bound, not that cap.
+            "max_batch_size": settings.max_queue_rows,
+            "input": dims(manifest.inputs),
+            "output": dims(manifest.outputs),
+            "dynamic_batching": {},
+            "version_policy": {"specific": {"versions": [entry.version]}},
+        }
+    )
