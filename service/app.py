@@ -67,6 +67,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await model_registry.stop()  # drains: every accepted request is answered
+            gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
 
     dataplane = DataPlane(settings, model_registry, app_metrics)
     app = FoldserveApp(

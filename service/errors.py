@@ -22,6 +22,12 @@ class InvalidInput(FoldserveError):
     status = 400
 
 
+class ClientDisconnected(FoldserveError):
+    """The client went away mid-request; 499 (nginx's "client closed request") in the metrics."""
+
+    status = 499
+
+
 class PayloadTooLarge(FoldserveError):
     status = 413
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
 
-from service.errors import FoldserveError, InvalidInput, PayloadTooLarge
+from service.errors import ClientDisconnected, FoldserveError, PayloadTooLarge
 from service.routes.responses import error_body
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise InvalidInput("client disconnected before sending the whole body")
+            raise ClientDisconnected("client disconnected before sending the whole body")
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -63,6 +63,11 @@ async def respond(
     start = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": [*start, *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def method_not_allowed(send: Send, method: str) -> None:
+    message = f"method {method} not allowed here: use POST"
+    await respond(send, 405, error_body(message), [(b"allow", b"POST")])
 
 
 async def respond_error(send: Send, exc: Exception, route: str) -> None:

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.dataplane import DataPlane
 from service.errors import FoldserveError, InvalidInput
-from service.routes.asgi import read_body, respond, respond_error
+from service.routes.asgi import method_not_allowed, read_body, respond, respond_error
 
 _FIELDS = frozenset({"inputs", "model", "version"})
 _MODEL_PATH = re.compile(r"^/models/([^/]+)(?:/versions/([^/]+))?/predict$")
@@ -33,16 +33,18 @@ class PredictRoutes:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request if it is one of ours; ``False`` leaves it to the framework."""
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return False
         path: str = scope["path"]
-        if path == "/predict":
-            await self._predict(scope, receive, send, None, None)
-            return True
         match = _MODEL_PATH.match(path)
-        if match is None:
+        if path != "/predict" and match is None:
             return False
-        await self._predict(scope, receive, send, match.group(1), match.group(2))
+        if scope["method"] != "POST":
+            await method_not_allowed(send, scope["method"])
+        elif match is None:
+            await self._predict(scope, receive, send, None, None)
+        else:
+            await self._predict(scope, receive, send, match.group(1), match.group(2))
         return True
 
     async def _predict(

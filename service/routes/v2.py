@@ -25,7 +25,7 @@ from service import __version__
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput, ModelNotReady
 from service.registry import ModelVersion
-from service.routes.asgi import header, read_body, respond, respond_error
+from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
 from service.routes.models import registry_of
 from service.routes.responses import error_body
 from service.settings import Settings
@@ -54,11 +54,14 @@ class V2Routes:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request if it is ours; ``False`` leaves it to the framework."""
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return False
         match = _INFER_PATH.match(scope["path"])
         if match is None:
             return False
+        if scope["method"] != "POST":
+            await method_not_allowed(send, scope["method"])
+            return True
         try:
             body, headers, content_type = await self._infer(scope, receive, *match.groups())
         except Exception as exc:

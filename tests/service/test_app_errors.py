@@ -247,3 +247,19 @@ def test_liveness_answers_while_models_load_and_readiness_waits(
     assert live.status_code == 200
     assert loading.status_code == 503 and "v1 loading" in loading.json()["reason"]
     assert ready.status_code == 200
+
+
+def test_inference_paths_answer_other_methods_with_405(store: Path) -> None:
+    with serve(create_app(settings(store))) as base:
+        for method, path in [
+            ("GET", "/predict"),
+            ("PUT", "/models/tiny/predict"),
+            ("GET", "/models/tiny/versions/1/predict"),
+            ("GET", "/v2/models/tiny/infer"),
+        ]:
+            response = httpx.request(method, f"{base}{path}")
+            assert response.status_code == 405, (method, path)
+            assert response.headers["allow"] == "POST"
+            assert "use POST" in response.json()["error"]
+        after = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
+    assert after.status_code == 200
