@@ -108,6 +108,11 @@ class Batcher:
         self._last_done = 0.0
 
     @property
+    def inline(self) -> bool:
+        """Whether batches run on the event loop now (a slow run moves them to a thread)."""
+        return self._inline
+
+    @property
     def queue_rows(self) -> int:
         return self._queue_rows
 

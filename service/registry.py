@@ -45,6 +45,17 @@ class ModelVersion:
     backend: Backend | None = None
     report: VerificationReport | None = None
     batcher: Batcher | None = None
+    batching: BatchingChoice | None = None
+
+
+@dataclass(frozen=True)
+class BatchingChoice:
+    """What the registry chose for one version's batcher, for /models and the logs."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    adaptive_delay: bool
+    full_batch_ms: float  # measured at load; below inline_max_ms the model runs inline
 
 
 class Registry:
@@ -208,6 +219,7 @@ class Registry:
     ) -> Batcher:
         s = self._settings
         inline = full_batch_ms < s.inline_max_ms
+        entry.batching = BatchingChoice(cap, delay, s.adaptive_delay, full_batch_ms)
         log.info(
             "model %s v%s batching: max_batch_size=%d max_delay_ms=%g adaptive_delay=%s "
             "full batch %.3f ms, so %s",

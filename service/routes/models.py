@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -32,6 +33,8 @@ def describe(entry: ModelVersion) -> dict[str, Any]:
             golden_max_abs_diff=entry.report.golden_max_abs_diff,
             batch_invariance_max_diff=entry.report.batch_invariance_max_diff,
         )
+    if entry.batching is not None and entry.batcher is not None:
+        info["batching"] = {**dataclasses.asdict(entry.batching), "inline": entry.batcher.inline}
     if entry.manifest is not None:
         spec = entry.manifest.inputs[0]
         info.update(task=entry.manifest.task, input_shape=spec.shape, labels=entry.manifest.labels)

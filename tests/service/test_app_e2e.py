@@ -11,7 +11,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.settings import Settings
+from service.settings import BatchingOverride, Settings
 from tests.service.conftest import CLASSES, SHAPE, reference, serve
 
 
@@ -149,3 +149,15 @@ def test_health_models_and_metrics(store: Path) -> None:
         assert name in text
     assert requests["foldserve_requests_total{code=200,model=tiny,version=1}"] == 1
     assert requests["foldserve_requests_total{code=400,model=tiny,version=1}"] == 1
+
+
+def test_models_show_the_batching_each_version_got(store: Path) -> None:
+    config = settings(
+        store, model_batching={"tiny": BatchingOverride(max_batch_size=5)}, inline_max_ms=0.0
+    )
+    with serve(create_app(config)) as base:
+        (version,) = httpx.get(f"{base}/models/tiny").json()["versions"]
+    batching = version["batching"]
+    assert batching["max_batch_size"] == 5  # the per-model override, not the manifest's 64
+    assert batching["inline"] is False  # inline_max_ms=0: never on the event loop
+    assert batching["full_batch_ms"] > 0
