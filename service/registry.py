@@ -103,7 +103,7 @@ class Registry:
         try:
             # NOTE: hashing, session creation and verification block for a while: off the loop.
             backend = await asyncio.to_thread(self._load, entry)
-            if backend is not None and entry.manifest is not None:
+            if entry.manifest is not None:
                 # NOTE: ready only once its batcher runs, and only on the loop: a load cancelled
                 # at shutdown never leaves a "ready" version without a batcher behind.
                 entry.backend = backend
@@ -119,7 +119,8 @@ class Registry:
 
     def _fail(self, entry: ModelVersion, reason: str) -> None:
         entry.status, entry.reason = Status.FAILED, reason
-        log.error("model %s v%s NOT served: %s", entry.name, entry.version, reason)
+        backend = self._settings.backend
+        log.error("model %s v%s (%s) NOT served: %s", entry.name, entry.version, backend, reason)
         self._publish(entry)
 
     def _publish(self, entry: ModelVersion) -> None:
@@ -172,30 +173,24 @@ class Registry:
             return False, exc.message
         return True, f"default model {entry.name!r} version {entry.version} is ready"
 
-    def _load(self, entry: ModelVersion) -> Backend | None:
+    def _load(self, entry: ModelVersion) -> Backend:
+        """Read, check and verify one version (in a worker thread); raises on any failure."""
         fmt = self._settings.backend
         directory = version_dir(self._settings.model_store, entry.name, entry.version)
-        try:
-            manifest = entry.manifest = read_manifest(directory)
-            if (manifest.name, manifest.version) != (entry.name, entry.version):
-                raise VerificationError(
-                    f"manifest says {manifest.name!r} v{manifest.version}, folder is "
-                    f"{entry.name}/{entry.version}"
-                )
-            model_file = manifest.file(fmt)
-            if model_file is None:
-                have = [f.format for f in manifest.files]
-                raise VerificationError(f"manifest has no {fmt} file (has {have}); set --backend")
-            check_files(directory, manifest)
-            options = BackendOptions(self._settings.device, self._settings.intra_op_threads)
-            backend = load_backend(fmt, directory / model_file.path, options)
-            entry.report = verify_loaded_model(manifest, backend)
-        except Exception as exc:  # any failure keeps only this version out
-            entry.status, entry.reason = Status.FAILED, _describe(exc)
-            log.error(
-                "model %s v%s (%s) NOT served: %s", entry.name, entry.version, fmt, entry.reason
+        manifest = entry.manifest = read_manifest(directory)
+        if (manifest.name, manifest.version) != (entry.name, entry.version):
+            raise VerificationError(
+                f"manifest says {manifest.name!r} v{manifest.version}, folder is "
+                f"{entry.name}/{entry.version}"
             )
-            return None
+        model_file = manifest.file(fmt)
+        if model_file is None:
+            have = [f.format for f in manifest.files]
+            raise VerificationError(f"manifest has no {fmt} file (has {have}); set --backend")
+        check_files(directory, manifest)
+        options = BackendOptions(self._settings.device, self._settings.intra_op_threads)
+        backend = load_backend(fmt, directory / model_file.path, options)
+        entry.report = verify_loaded_model(manifest, backend)
         log.info(
             "model %s v%s verified: backend=%s device=%s golden_diff=%.3g invariance_diff=%.3g",
             entry.name,
