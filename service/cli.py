@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import sys
 from typing import Any
@@ -11,10 +12,13 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from service.errors import ConfigError
 from service.settings import Settings, env_name, to_environ
+from service.workers import Supervisor, listening_sockets
 
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
 _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
+_BACKLOG = 2048  # uvicorn's default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +93,21 @@ def _serve(settings: Settings) -> int:
     for name in unknown:
         del os.environ[name]
     os.environ.update(to_environ(settings))
-    uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **options)
-    return 0
+    try:
+        sockets = listening_sockets(settings.host, settings.port, settings.workers, _BACKLOG)
+    except ConfigError as exc:
+        print(f"foldserve: {exc}", file=sys.stderr)
+        return 1
+    host, port = sockets[0].getsockname()[:2]
+    logging.getLogger(__name__).info(
+        "%d workers listening on http://%s:%d, one socket each (SO_REUSEPORT)",
+        settings.workers,
+        host,
+        port,
+    )
+    # Each worker adds the drain of a request in flight to its own shutdown: allow for both.
+    stop_timeout_s = settings.request_timeout_s + 10
+    return Supervisor(sockets, options, stop_timeout_s=stop_timeout_s).run()
 
 
 def _train(rest: list[str]) -> int:

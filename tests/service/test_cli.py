@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
+from service import cli
 from service.app import app_from_env
 from service.cli import build_parser, main, settings_from_args
 from service.settings import Settings
@@ -63,9 +65,27 @@ def test_serve_warns_about_unknown_foldserve_variables(
     assert options["port"] == 9001
 
 
+@pytest.fixture
+def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[socket.socket], dict[str, Any]]]:
+    """Records what the supervisor would start the workers with, instead of starting them."""
+    calls: list[tuple[list[socket.socket], dict[str, Any]]] = []
+
+    class FakeSupervisor:
+        def __init__(self, sockets: list[socket.socket], options: dict[str, Any], **_: Any):
+            calls.append((sockets, options))
+
+        def run(self) -> int:
+            for sock in calls[-1][0]:
+                sock.close()
+            return 0
+
+    monkeypatch.setattr(cli, "Supervisor", FakeSupervisor)
+    return calls
+
+
 def test_workers_get_the_resolved_settings_and_not_the_typos(
     environ: dict[str, str],
-    uvicorn_calls: list[tuple[Any, dict[str, Any]]],
+    supervised: list[tuple[list[socket.socket], dict[str, Any]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     environ.update(
@@ -73,21 +93,28 @@ def test_workers_get_the_resolved_settings_and_not_the_typos(
         FOLDSERVE_MODEL_BATCHING='{"digits-cnn": {"max_batch_size": 32}}',
     )
     with caplog.at_level(logging.WARNING, logger="service.app"):
-        assert main(["serve", "--workers", "2", "--port", "9003"]) == 0
-        ((app, options),) = uvicorn_calls
-        assert (app, options["factory"], options["workers"]) == (
-            "service.app:app_from_env",
-            True,
-            2,
-        )
+        assert main(["serve", "--workers", "2", "--port", "0"]) == 0
+        ((sockets, options),) = supervised
+        assert len(sockets) == 2 and options["log_level"] == "info"
         assert "FOLDSERVE_MAX_BATCHSIZE" not in environ  # reported once here, not per worker
-        assert environ["FOLDSERVE_PORT"] == "9003"
+        assert environ["FOLDSERVE_PORT"] == "0"
         app_from_env()  # what each worker does
     settings = Settings()
-    assert (settings.port, settings.workers) == (9003, 2)
+    assert settings.workers == 2
     assert settings.model_batching["digits-cnn"].max_batch_size == 32
     warnings = [r.getMessage() for r in caplog.records if r.name == "service.app"]
     assert len(warnings) == 1 and "FOLDSERVE_MAX_BATCHSIZE" in warnings[0]
+
+
+def test_workers_on_a_port_in_use_fail_with_a_message(
+    environ: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert main(["serve", "--workers", "2", "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_app_from_env_warns_about_unknown_foldserve_variables(

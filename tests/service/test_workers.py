@@ -1,0 +1,47 @@
+"""The worker supervisor's sockets and its refusal to restart workers that cannot start."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from service.errors import ConfigError
+from service.workers import Supervisor, listening_sockets
+
+
+def test_sockets_share_the_port_the_kernel_picked_and_each_accepts() -> None:
+    sockets = listening_sockets("127.0.0.1", 0, 3, backlog=16)
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(ports) == 1 and ports != {0}
+        (port,) = ports
+        for _ in range(6):  # connections land on the sockets' accept queues, whichever
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_port_taken_by_another_program_is_a_config_error() -> None:
+    with socket.socket() as other:  # no SO_REUSEPORT: nobody may share its port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            listening_sockets("127.0.0.1", port, 2, backlog=16)
+
+
+def exit_at_once(sock: socket.socket, options: dict[str, Any], parent_pid: int) -> None:
+    raise SystemExit(3)  # as uvicorn does when the app fails to start
+
+
+def test_workers_that_keep_failing_at_start_end_the_server() -> None:
+    sockets = listening_sockets("127.0.0.1", 0, 2, backlog=16)
+    supervisor = Supervisor(sockets, {}, stop_timeout_s=5, target=exit_at_once)
+    started = time.monotonic()
+    assert supervisor.run() == 1
+    assert time.monotonic() - started < 30
+    assert all(sock.fileno() == -1 for sock in sockets)  # closed on the way out
