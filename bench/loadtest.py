@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ class Server:
     checks_outputs: bool = True  # the bare endpoint answers a constant
     samples_in_answer: bool = True  # the bare endpoint answers one sample whatever it is sent
     speaks_v2: bool = False  # serves the KServe V2 protocol (the v2bin case)
+    processes: int = 1  # foldserve workers that must each be ready before the load starts
 
 
 def servers() -> list[Server]:
@@ -87,6 +89,7 @@ def servers() -> list[Server]:
             [*foldserve, "--workers", "2"],
             quiet,
             cases=("mlpx1", "mlpx64", "cnnx1"),
+            processes=2,
         ),
         Server(
             "foldserve-delay0",
@@ -210,23 +213,42 @@ class Running:
 
     def wait_ready(self, timeout: float = 90.0) -> float:
         started = time.monotonic()
+        ready_workers: set[int] = set()
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"{self.server.name} exited ({self.proc.returncode}); see {self.log}"
                 )
-            with contextlib.suppress(OSError):
-                if http("GET", self.base + "/readyz", timeout=1)[0] == 200 and self._models_ready():
-                    return time.monotonic() - started
-            time.sleep(0.2)
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if not self.server.name.startswith("foldserve"):
+                    if http("GET", self.base + "/readyz", timeout=1)[0] == 200:
+                        return time.monotonic() - started
+                elif (pid := self._ready_worker()) is not None:
+                    ready_workers.add(pid)
+                    if len(ready_workers) >= self.server.processes:
+                        return time.monotonic() - started
+            time.sleep(0.05 if ready_workers else 0.2)
         raise RuntimeError(f"{self.server.name} not ready after {timeout:.0f} s; see {self.log}")
 
-    def _models_ready(self) -> bool:
-        if not self.server.name.startswith("foldserve"):
-            return True
-        status, body = http("GET", self.base + "/models", timeout=1)
-        states = [v["status"] for m in json.loads(body)["models"] for v in m["versions"]]
-        return status == 200 and len(states) >= 2 and all(s == "ready" for s in states)
+    def _ready_worker(self) -> int | None:
+        """The pid of the foldserve worker a fresh connection reached, if all its models are ready.
+
+        NOTE: one connection for both questions: each connection belongs to one worker process,
+        and with --workers the load must not start while one of them is still loading.
+        """
+        conn = HTTPConnection("127.0.0.1", self.port, timeout=1)
+        try:
+            conn.request("GET", "/models")
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            states = [v["status"] for m in body["models"] for v in m["versions"]]
+            if response.status != 200 or len(states) < 2 or any(s != "ready" for s in states):
+                return None
+            conn.request("GET", "/healthz")
+            pid: int = json.loads(conn.getresponse().read())["pid"]
+            return pid
+        finally:
+            conn.close()
 
     def pids(self) -> list[int]:
         """Every process of the server's session (uvicorn workers, LitServe's workers)."""

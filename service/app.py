@@ -52,7 +52,9 @@ class FoldserveApp(FastAPI):
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FoldserveApp:
     """Build an app; models load in the background at startup so liveness answers meanwhile."""
-    app_metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    app_metrics = Metrics(
+        registry if registry is not None else CollectorRegistry(), settings.metrics_dir
+    )
     model_registry = Registry(settings, app_metrics)
 
     @contextlib.asynccontextmanager

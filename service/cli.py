@@ -7,6 +7,8 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -92,7 +94,6 @@ def _serve(settings: Settings) -> int:
     # Unknown ones were reported above; dropped, so each worker does not repeat the warning.
     for name in unknown:
         del os.environ[name]
-    os.environ.update(to_environ(settings))
     try:
         sockets = listening_sockets(settings.host, settings.port, settings.workers, _BACKLOG)
     except ConfigError as exc:
@@ -105,9 +106,17 @@ def _serve(settings: Settings) -> int:
         host,
         port,
     )
-    # Each worker adds the drain of a request in flight to its own shutdown: allow for both.
-    stop_timeout_s = settings.request_timeout_s + 10
-    return Supervisor(sockets, options, stop_timeout_s=stop_timeout_s).run()
+    with tempfile.TemporaryDirectory(prefix="foldserve-metrics-") as metrics_dir:
+        settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir)})
+        os.environ.update(to_environ(settings))
+        # prometheus_client reads this when each worker imports it, and keeps values in files.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        # Each worker adds the drain of a request in flight to its own shutdown: allow for both.
+        stop_timeout_s = settings.request_timeout_s + 10
+        supervisor = Supervisor(
+            sockets, options, stop_timeout_s=stop_timeout_s, metrics_dir=Path(metrics_dir)
+        )
+        return supervisor.run()
 
 
 def _train(rest: list[str]) -> int:

@@ -1,8 +1,16 @@
-"""Prometheus metrics on a registry passed in (never the global one): apps can live side by side."""
+"""Prometheus metrics on a registry passed in (never the global one): apps can live side by side.
+
+With ``--workers`` every process writes its values to files in one folder (prometheus_client's
+multiprocess mode, switched on by the supervisor) and ``/metrics`` reads them all, so a scrape
+sees the whole server whichever worker answers it.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Latencies here range from tens of microseconds (one small batch) to the request timeout.
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -10,8 +18,9 @@ _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, pooled_dir: Path | None = None) -> None:
         self.registry = registry
+        self._pooled_dir = pooled_dir
         self.requests = Counter(
             "foldserve_requests",
             "Inference requests by model, version and HTTP status code",
@@ -37,6 +46,7 @@ class Metrics:
             "Rows waiting for a batch",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livesum",  # rows waiting in all live workers
         )
         self.inference_duration = Histogram(
             "foldserve_inference_duration_seconds",
@@ -47,13 +57,22 @@ class Metrics:
         )
         self.model_loaded = Gauge(
             "foldserve_model_loaded",
-            "1 when the version is verified and serving, else 0",
+            "1 when the version is verified and serving (in every live worker), else 0",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livemin",
         )
         # NOTE: labels() takes a lock and builds a tuple on every call; the hot path reuses
         # the children. Keys are bounded: only resolved models and real status codes get here.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def exposition(self) -> bytes:
+        """The text format of this process's metrics, or of every worker's when pooled."""
+        if self._pooled_dir is None:
+            return generate_latest(self.registry)
+        pooled = CollectorRegistry()
+        MultiProcessCollector(pooled, path=str(self._pooled_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(pooled)
 
     def observe_request(self, model: str, version: str, code: int, seconds: float) -> None:
         """Count one finished request; model and version are "" when it never resolved to one."""

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body")
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an inference result")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    metrics_dir: Path | None = Field(
+        None, description="where --workers processes pool their metrics (the supervisor sets it)"
+    )
+
+    @model_validator(mode="after")
+    def _metrics_dir_needs_workers(self) -> Settings:
+        # NOTE: the folder is only read, never written, unless prometheus_client was switched to
+        # files before import; the supervisor does both for its workers, nobody else can.
+        if self.metrics_dir is not None and self.workers == 1:
+            raise ValueError("metrics_dir is set by the --workers supervisor; leave it unset")
+        return self
 
 
 def env_name(field: str) -> str:

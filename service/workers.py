@@ -22,8 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from service.errors import ConfigError
 
@@ -73,9 +76,11 @@ class Supervisor:
         uvicorn_options: dict[str, Any],
         *,
         stop_timeout_s: float,
+        metrics_dir: Path | None = None,
         target: Callable[..., None] | None = None,
     ) -> None:
         self._sockets = sockets
+        self._metrics_dir = metrics_dir
         self._options = uvicorn_options
         self._stop_timeout_s = stop_timeout_s
         self._target = target or run_worker
@@ -102,6 +107,9 @@ class Supervisor:
                         worker.process.exitcode,
                         uptime,
                     )
+                    if self._metrics_dir is not None and worker.process.pid is not None:
+                        # Its counts stay in the totals; its gauges leave the live ones.
+                        mark_process_dead(worker.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
                     if failed_starts >= _MAX_FAILED_STARTS:
                         log.error("workers keep failing at start; stopping (see the log above)")
                         return 1

@@ -87,6 +87,8 @@ def test_two_workers_share_connections_survive_a_crash_and_stop_on_sigterm(
         after_crash = ready_pids(2)
         assert crashed not in after_crash and len(after_crash - first) == 1
         after = asyncio.run(send_all())
+        # Any worker's /metrics tells about the whole server, the crashed worker's counts too.
+        scrapes = [metric_samples(base, "foldserve_") for _ in range(4)]
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=15)
     finally:
@@ -102,6 +104,11 @@ def test_two_workers_share_connections_survive_a_crash_and_stop_on_sigterm(
             expected = shipped_reference(shipped_store, x.astype(np.float32))
             np.testing.assert_allclose(outputs(response), expected, rtol=0, atol=1e-5)
             assert response.json()["predictions"] == [str(i) for i in expected.argmax(axis=1)]
+    for scraped in scrapes:
+        key = "{code=200,model=digits-mlp,version=1}"
+        assert scraped[f"foldserve_requests_total{key}"] == 2 * len(inputs)
+        assert scraped["foldserve_model_loaded{model=digits-mlp,version=1}"] == 1
+        assert scraped["foldserve_queue_depth{model=digits-mlp,version=1}"] == 0
     assert f"(pid {crashed}) exited with code -9" in output, output
     assert output.count("Finished server process") == 2, output  # both drained, none killed
 

@@ -79,3 +79,10 @@ def test_settings_travel_to_workers_as_variables_that_rebuild_them(
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     assert Settings() == settings
+
+
+def test_a_metrics_dir_without_workers_is_refused(tmp_path: Path) -> None:
+    # One process does not write its metrics to files: a pooled /metrics would read nothing.
+    with pytest.raises(ValueError, match="metrics_dir is set by the --workers supervisor"):
+        Settings(metrics_dir=tmp_path)
+    assert Settings(metrics_dir=tmp_path, workers=2).metrics_dir == tmp_path
