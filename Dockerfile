@@ -29,6 +29,7 @@ EXPOSE 8000
 # Readiness, not liveness: the container is healthy once the default model is verified.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "/opt/foldserve/healthcheck.py"]
-# SIGTERM makes uvicorn stop accepting and drain the batchers before exiting.
+# SIGTERM makes uvicorn (each worker, with FOLDSERVE_WORKERS) stop accepting and drain the
+# batchers before exiting.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["foldserve", "serve"]
