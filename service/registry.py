@@ -236,6 +236,7 @@ class Registry:
             inline=inline,
             # Demoted to a worker thread if it later runs 4x slower than the budget it met.
             inline_limit_ms=4 * s.inline_max_ms,
+            timeout_s=s.request_timeout_s,
         )
 
 

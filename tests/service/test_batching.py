@@ -18,6 +18,7 @@ from service.batching import Batcher
 from service.errors import (
     BackendError,
     ConfigError,
+    InferenceTimeout,
     InvalidInput,
     ModelNotReady,
     Overloaded,
@@ -653,12 +654,84 @@ def test_an_inline_model_that_turns_slow_moves_to_a_worker_thread(
             return f(x)
 
         b = await started(slow, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
-        for i in range(3):
+        for i in range(5):
             np.testing.assert_array_equal(await b.submit(rows(2, i)), f(rows(2, i)))
-        assert threads[0] == loop_thread
-        assert all(t != loop_thread for t in threads[1:])
+        assert threads[:3] == [loop_thread] * 3  # three slow runs in a row, then it moves
+        assert all(t != loop_thread for t in threads[3:])
         await b.stop()
 
     with caplog.at_level("WARNING", logger="service.batching"):
         arun(main())
     assert "worker thread from now on" in caplog.text
+
+
+def test_one_slow_inline_run_among_fast_ones_keeps_the_model_on_the_loop() -> None:
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+
+        def hiccup(x: Array) -> Array:
+            threads.append(threading.get_ident())
+            if len(threads) % 2:  # every other run: as a preempted run on a busy machine
+                time.sleep(0.01)
+            return f(x)
+
+        b = await started(hiccup, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
+        for i in range(6):
+            await b.submit(rows(2, i))
+        assert threads == [loop_thread] * 6 and b.inline
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_request_that_fills_a_batch_alone_runs_in_its_own_task() -> None:
+    async def main() -> None:
+        tasks: list[asyncio.Task[Any] | None] = []
+
+        def run(x: Array) -> Array:
+            tasks.append(asyncio.current_task())
+            return poisoned(x)
+
+        obs = Obs()
+        b = await started(run, max_batch_size=4, max_delay_ms=60_000, inline=True, observer=obs)
+        np.testing.assert_array_equal(await b.submit(rows(4)), f(rows(4)))
+        assert tasks == [asyncio.current_task()]  # no trip through the batcher's task
+        assert [n for n, _ in obs.batches] == [4]  # and counted as a batch all the same
+        with pytest.raises(BackendError, match="poisoned row"):
+            await b.submit(poison(4))
+        np.testing.assert_array_equal(await b.submit(rows(4, 9)), f(rows(4, 9)))
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_full_batch_never_overtakes_queued_rows() -> None:
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=4, max_delay_ms=200, inline=True)
+        one, full = rows(1, 500), rows(4)
+        first = asyncio.ensure_future(b.submit(one))
+        await asyncio.sleep(0)  # queued, waiting for batch mates
+        results = await asyncio.gather(b.submit(full), first)
+        np.testing.assert_array_equal(results[0], f(full))
+        np.testing.assert_array_equal(results[1], f(one))
+        assert run.sizes == [4, 1]  # the queued row first, with three of the full request's
+        np.testing.assert_array_equal(run.batches[0][0], one[0])
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_request_past_its_timeout_fails_and_its_rows_are_never_run() -> None:
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=8, max_delay_ms=60_000, timeout_s=0.05)
+        with pytest.raises(InferenceTimeout, match=r"no result within 0\.05 s"):
+            await b.submit(rows(3))  # waits for batch mates that never come
+        assert b.queue_rows == 0
+        np.testing.assert_array_equal(await b.submit(rows(8, 1)), f(rows(8, 1)))
+        assert run.sizes == [8]
+        await b.stop()
+
+    arun(main())

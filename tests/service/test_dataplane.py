@@ -18,6 +18,7 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
 from service.store import TensorSpec
+from tests.service.conftest import reference
 
 SPEC = TensorSpec(name="x", shape=(2, 3))
 
@@ -83,7 +84,7 @@ def test_a_slow_inference_times_out_and_is_counted(
     )
     metrics = Metrics(CollectorRegistry())
     registry = Registry(config, metrics)
-    plane = DataPlane(config, registry, metrics)
+    plane = DataPlane(registry, metrics)
 
     async def main() -> None:
         await registry.load_all()
@@ -109,9 +110,47 @@ def test_outputs_that_are_not_finite_are_refused_naming_the_samples() -> None:
         check_finite_outputs(outputs)
 
 
+def test_integers_of_any_size_are_finite_in_float32() -> None:
+    rows = np.full((1, 6), np.iinfo(np.int64).max, dtype=np.int64)
+    valid = validate_rows(rows, SPEC)
+    assert valid.dtype == np.float32 and np.isfinite(valid).all()
+
+
 def test_float64_values_that_round_to_a_finite_float32_are_accepted() -> None:
     largest = np.full((1, 2, 3), 3.4028235e38)  # float32's max as numpy prints it: above the max
     assert np.isfinite(validate_rows(largest, SPEC)).all()
     beyond = np.full((1, 2, 3), 2.0**128 - 2.0**103)  # the first value that rounds to infinity
     with pytest.raises(InvalidInput, match="non-finite"):
         validate_rows(beyond, SPEC)
+
+
+def _plane(store: Path) -> tuple[DataPlane, Registry, Metrics]:
+    """A dataplane on the tiny model: batches of 4 rows, run inline on the event loop."""
+    config = Settings(model_store=store, default_model="tiny", max_batch_size=4, inline_max_ms=50)
+    metrics = Metrics(CollectorRegistry())
+    registry = Registry(config, metrics)
+    return DataPlane(registry, metrics), registry, metrics
+
+
+def _batches(metrics: Metrics) -> tuple[float | None, float | None]:
+    labels = {"model": "tiny", "version": "1"}
+    sample = metrics.registry.get_sample_value
+    return sample("foldserve_batch_size_count", labels), sample("foldserve_batch_size_sum", labels)
+
+
+def test_a_request_that_fills_a_batch_alone_equals_onnxruntime_and_is_counted(
+    store: Path,
+) -> None:
+    plane, registry, metrics = _plane(store)
+    x = np.random.default_rng(0).normal(size=(4, 2, 8)).astype(np.float32)
+
+    async def main() -> np.ndarray:
+        await registry.load_all()
+        try:
+            return (await plane.infer(None, None, x)).outputs
+        finally:
+            await registry.stop()
+
+    outputs = asyncio.run(main())
+    np.testing.assert_allclose(outputs, reference(store, x), rtol=0, atol=1e-6)
+    assert _batches(metrics) == (1, 4)  # one backend run of 4 rows
