@@ -688,11 +688,61 @@ def table(ms: list[Measurement], ort: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+PAIRED = ("foldserve", "bare", "foldserve-w2")
+
+
+def paired_rounds(rounds: int, seconds: float, warmup: float, tmp: Path) -> dict[str, Any]:
+    """The decisive comparison (digits-mlp, one sample, c=64) again, round after round.
+
+    NOTE: this machine's speed drifts by tens of percent within minutes, and the main matrix
+    measures each server minutes apart. Here the servers are up side by side (an idle server
+    costs nothing) and measured in turn, in a rotating order, so each round compares servers
+    seconds apart; the median of the per-round ratios is what the targets use.
+    """
+    by_name = {s.name: s for s in servers()}
+    case = Case("digits-mlp", 1)
+    runs: dict[str, Running] = {}
+    per_server: dict[str, list[Measurement]] = {name: [] for name in PAIRED}
+    try:
+        for name in PAIRED:
+            runs[name] = Running(by_name[name], tmp)
+        for run in runs.values():
+            run.wait_ready()
+        for r in range(rounds):
+            order = PAIRED[r % len(PAIRED) :] + PAIRED[: r % len(PAIRED)]
+            for name in order:
+                per_server[name].append(measure(runs[name], case, 64, seconds, warmup, tmp, None))
+    finally:
+        for run in runs.values():
+            run.stop()
+
+    def per_round(num: str, den: str, field: str) -> list[float]:
+        return [
+            getattr(a, field) / getattr(b, field)
+            for a, b in zip(per_server[num], per_server[den], strict=True)
+        ]
+
+    ratios = {
+        "foldserve_vs_bare_rps": per_round("foldserve", "bare", "requests_per_s"),
+        "foldserve_vs_bare_p99": per_round("foldserve", "bare", "p99_ms"),
+        "w2_vs_foldserve_rps": per_round("foldserve-w2", "foldserve", "requests_per_s"),
+    }
+    return {
+        "rounds": rounds,
+        "seconds": seconds,
+        "errors": sum(m.errors for ms in per_server.values() for m in ms),
+        "measurements": {name: [asdict(m) for m in ms] for name, ms in per_server.items()},
+        "ratios": ratios,
+        "median": {k: statistics.median(v) for k, v in ratios.items()},
+    }
+
+
 def targets(
     ms: list[Measurement],
     ort: dict[str, dict[str, float]],
     overhead: dict[str, float] | None,
     rss: dict[str, float] | None,
+    paired: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     by = {(m.server, m.case, m.concurrency): m for m in ms}
 
@@ -720,17 +770,46 @@ def targets(
         )
 
     rps = lambda m: m.requests_per_s if m else None  # noqa: E731
-    add("mlp x1 c=64 req/s vs bare FastAPI", ratio(rps(fs), rps(bare)), 1.0)
+    p99 = lambda m: m.p99_ms if m else None  # noqa: E731
+
+    def decisive(name: str, key: str, single: float | None, goal: float, higher: bool) -> None:
+        """With paired rounds, their median ratio decides; the main matrix's is shown beside."""
+        if paired is None:
+            add(name, single, goal, higher, "main matrix (no paired rounds)")
+            return
+        each = paired["ratios"][key]
+        add(
+            name,
+            paired["median"][key],
+            goal,
+            higher,
+            f"median of {len(each)} paired rounds (each: {', '.join(f'{v:.2f}' for v in each)}); "
+            f"main matrix {fmt(single)}",
+        )
+
+    decisive(
+        "mlp x1 c=64 req/s vs bare FastAPI",
+        "foldserve_vs_bare_rps",
+        ratio(rps(fs), rps(bare)),
+        1.0,
+        True,
+    )
     add("mlp x1 c=64 req/s vs LitServe", ratio(rps(fs), rps(lit)), 6.0)
     add("mlp x1 c=64 req/s vs naive torch", ratio(rps(fs), rps(torch_)), 3.0)
-    add(
+    decisive(
         "mlp x1 c=64 p99 / bare p99",
-        ratio(fs.p99_ms if fs else None, bare.p99_ms if bare else None),
+        "foldserve_vs_bare_p99",
+        ratio(p99(fs), p99(bare)),
         1.0,
         False,
-        f"{fmt(fs.p99_ms if fs else None)} ms vs {fmt(bare.p99_ms if bare else None)} ms",
     )
-    add("--workers 2 req/s vs 1 process (mlp x1 c=64)", ratio(rps(w2), rps(fs)), 1.6)
+    decisive(
+        "--workers 2 req/s vs 1 process (mlp x1 c=64)",
+        "w2_vs_foldserve_rps",
+        ratio(rps(w2), rps(fs)),
+        1.6,
+        True,
+    )
     for model, key in (("digits-mlp", "mlpx64"), ("digits-cnn", "cnnx64")):
         best = max(
             (m for m in ms if m.server == "foldserve" and m.case == key),
@@ -880,12 +959,19 @@ def main() -> int:
         help="seconds for the whole run; later measurements are skipped past it (570; quick 150)",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        help="rounds of foldserve, bare and --workers 2 side by side (5; quick 2; 0: none)",
+    )
     args = parser.parse_args()
     quick = args.quick
     seconds = args.duration or (2.0 if quick else 5.0)
     warmup = args.warmup if args.warmup is not None else 1.0
     conc = tuple(args.concurrency or ((1, 64) if quick else (1, 8, 64)))
     budget = args.budget or (150.0 if quick else 570.0)
+    rounds = args.paired_rounds if args.paired_rounds is not None else (2 if quick else 5)
+    round_s = 2.0 if quick else 3.0
     cases = [Case("digits-mlp", 1), Case("digits-mlp", 64), Case("digits-mlp", 64, "v2bin")]
     if not quick:
         cases += [Case("digits-cnn", 1), Case("digits-cnn", 64)]
@@ -958,7 +1044,20 @@ def main() -> int:
         finally:
             run.stop()
 
-    result = targets(measurements, ort, overhead, rss)
+    paired = None
+    wanted = not args.servers or set(PAIRED) <= set(args.servers)
+    if rounds and wanted:
+        planned = rounds * len(PAIRED) * (round_s + 0.5 + 1.5) + 15
+        if time.monotonic() - t0 + planned > budget + 180:  # its own allowance past the matrix
+            skipped.append(f"paired rounds (~{planned:.0f} s: past the budget)")
+        else:
+            print(f"paired rounds: {rounds} x {list(PAIRED)}, mlpx1 c=64 ...", flush=True)
+            try:
+                paired = paired_rounds(rounds, round_s, 0.5, tmp)
+            except Exception as exc:
+                print(f"  paired rounds: FAILED: {exc}", flush=True)
+                skipped.append(f"paired rounds ({exc})")
+    result = targets(measurements, ort, overhead, rss, paired)
     report = table(measurements, ort)
     print("\n## Results\n")
     print(report)
@@ -996,6 +1095,16 @@ def main() -> int:
             print(f"\n{title}:")
             for name, p in prof[title][:15]:
                 print(f"  {p:5.1f}%  {name}")
+    if paired:
+        print("\n## Paired rounds (mlpx1 c=64; servers side by side, measured in turn)\n")
+        print(
+            "| server | " + " | ".join(f"round {i + 1} req/s, p99 ms" for i in range(rounds)) + " |"
+        )
+        print("|---|" + "--:|" * rounds)
+        for name, ms_ in paired["measurements"].items():
+            cells = " | ".join(f"{m['requests_per_s']:,.0f}, {m['p99_ms']:.2f}" for m in ms_)
+            print(f"| {name} | {cells} |")
+        print(f"\nerrors in the paired rounds: {paired['errors']}")
     if skipped:
         print(f"\nskipped (budget or failure): {skipped}")
 
@@ -1013,6 +1122,7 @@ def main() -> int:
         "batcher_overhead": overhead,
         "foldserve_rss_mib": rss,
         "measurements": [asdict(m) for m in measurements],
+        "paired_rounds": paired,
         "targets": result,
         "profile": prof,
         "skipped": skipped,
