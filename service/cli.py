@@ -83,6 +83,7 @@ def _serve(settings: Settings) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
+        "proxy_headers": settings.proxy_headers,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
     }

@@ -21,12 +21,13 @@ def onnx_path(name: str, version: int = 1) -> Path:
 
 
 def uvicorn_options(port: int) -> dict[str, Any]:
-    """The same event loop and HTTP parser foldserve picks, so only the app differs."""
+    """The same event loop, HTTP parser and uvicorn options foldserve uses: only the app differs."""
     return {
         "host": "127.0.0.1",
         "port": port,
         "log_level": "warning",
         "access_log": False,
+        "proxy_headers": False,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
     }

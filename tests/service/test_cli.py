@@ -65,6 +65,15 @@ def test_serve_warns_about_unknown_foldserve_variables(
     assert options["port"] == 9001
 
 
+def test_uvicorn_reads_proxy_headers_only_when_asked(
+    environ: dict[str, str], uvicorn_calls: list[tuple[Any, dict[str, Any]]]
+) -> None:
+    assert main(["serve", "--model-store", "/nowhere"]) == 0
+    environ["FOLDSERVE_PROXY_HEADERS"] = "true"
+    assert main(["serve", "--model-store", "/nowhere"]) == 0
+    assert [options["proxy_headers"] for _, options in uvicorn_calls] == [False, True]
+
+
 @pytest.fixture
 def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[socket.socket], dict[str, Any]]]:
     """Records what the supervisor would start the workers with, instead of starting them."""
