@@ -192,8 +192,6 @@ class Batcher:
             # Retry-After 1 s, the header's smallest step: a full queue drains well within it.
             raise Overloaded(f"queue full: {self._queue_rows} of {self._max_queue_rows} rows wait")
         loop = asyncio.get_running_loop()
-        if n == self._cap and self._inline and not self._queue and not self._running:
-            return self._run_now(loop, rows)
         req = _Request(rows, loop.create_future(), loop.time())
         was_empty = not self._queue
         self._queue.append(req)
@@ -216,20 +214,6 @@ class Batcher:
         finally:
             if timer is not None:
                 timer.cancel()
-
-    def _run_now(self, loop: asyncio.AbstractEventLoop, rows: Array) -> Array:
-        """A request that fills a batch alone, run in the caller's task.
-
-        The batcher would run it next, alone, on this same thread (it runs inline and nothing
-        waits or runs): going through the queue would only add a task switch each way.
-        """
-        outcome = self._infer_inline(rows)
-        self._last_alone, self._last_done = True, loop.time()
-        if isinstance(outcome, _Failed):
-            error = BackendError(outcome.message)
-            error.__cause__ = outcome.cause
-            raise error
-        return outcome
 
     def _expire(self, req: _Request) -> None:
         if req.future.done():

@@ -685,27 +685,6 @@ def test_one_slow_inline_run_among_fast_ones_keeps_the_model_on_the_loop() -> No
     arun(main())
 
 
-def test_a_request_that_fills_a_batch_alone_runs_in_its_own_task() -> None:
-    async def main() -> None:
-        tasks: list[asyncio.Task[Any] | None] = []
-
-        def run(x: Array) -> Array:
-            tasks.append(asyncio.current_task())
-            return poisoned(x)
-
-        obs = Obs()
-        b = await started(run, max_batch_size=4, max_delay_ms=60_000, inline=True, observer=obs)
-        np.testing.assert_array_equal(await b.submit(rows(4)), f(rows(4)))
-        assert tasks == [asyncio.current_task()]  # no trip through the batcher's task
-        assert [n for n, _ in obs.batches] == [4]  # and counted as a batch all the same
-        with pytest.raises(BackendError, match="poisoned row"):
-            await b.submit(poison(4))
-        np.testing.assert_array_equal(await b.submit(rows(4, 9)), f(rows(4, 9)))
-        await b.stop()
-
-    arun(main())
-
-
 def test_a_full_batch_never_overtakes_queued_rows() -> None:
     async def main() -> None:
         run = Recorder()
