@@ -15,7 +15,7 @@ import numpy as np
 from service.backends import Array
 from service.errors import FoldserveError, InvalidInput, ModelNotReady
 from service.metrics import Metrics
-from service.registry import Registry
+from service.registry import ModelVersion, Registry
 from service.store import Manifest, TensorSpec
 
 # float64 values below this round to a finite float32 (at most float32's max); at or above it, to
@@ -136,6 +136,10 @@ class DataPlane:
         self.metrics.observe_request(model, label, 200, time.perf_counter() - started)
         return InferenceResult(entry.name, entry.version, outputs, entry.manifest)
 
-    def reject(self, error: FoldserveError, started: float) -> None:
-        """Count a request refused before it reached ``infer`` (unreadable body, too large)."""
-        self.metrics.observe_request("", "", error.status, time.perf_counter() - started)
+    def reject(
+        self, error: FoldserveError, started: float, entry: ModelVersion | None = None
+    ) -> None:
+        """Count a request refused before it reached ``infer`` (unreadable body, too large, or
+        not what the resolved ``entry`` takes: then it is counted for that model version)."""
+        model, label = ("", "") if entry is None else (entry.name, str(entry.version))
+        self.metrics.observe_request(model, label, error.status, time.perf_counter() - started)

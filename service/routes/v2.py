@@ -75,6 +75,7 @@ class V2Routes:
     ) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
         started = time.perf_counter()
         plane = self.dataplane
+        entry = None
         try:
             body = await read_body(scope, receive, self.max_body_bytes)
             payload, binary = _split(body, header(scope, HEADER_LENGTH))
@@ -85,7 +86,7 @@ class V2Routes:
             rows = _input_rows(payload, binary, manifest.inputs[0])
             binary_out = _binary_output(payload, manifest.outputs[0])
         except FoldserveError as exc:
-            plane.reject(exc, started)
+            plane.reject(exc, started, entry)
             raise
         result = await plane.infer(entry.name, entry.version, rows, started=started)
         return _encode(result, payload.get("id"), binary_out)

@@ -260,6 +260,14 @@ def test_bad_requests_fail_with_a_v2_error(
     assert message in response.json()["error"]
 
 
+def test_a_refused_tensor_is_counted_for_the_model_it_was_sent_to(base: str) -> None:
+    key = "foldserve_requests_total{code=400,model=tiny,version=1}"
+    before = metric_samples(base, "foldserve_requests_total").get(key, 0)
+    content, headers = _json_case(shape=[2, 16])
+    assert httpx.post(base + INFER, content=content, headers=headers).status_code == 400
+    assert metric_samples(base, "foldserve_requests_total")[key] == before + 1
+
+
 def test_unknown_model_or_version_is_404(base: str) -> None:
     body = {"inputs": [tensor(X, data=X.reshape(-1).tolist())]}
     for path in ("/v2/models/nope/infer", "/v2/models/tiny/versions/2/infer"):
