@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from service.store import Manifest, TensorSpec
 # infinity. float32's max itself, as numpy prints it (3.4028235e38), lies a bit above that max.
 _FLOAT32_LIMIT = 2.0**128 - 2.0**103
 _NUMERIC_KINDS = "fiu"  # floats and integers; bools, strings and objects are refused
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,13 @@ class DataPlane:
         name: str | None,
         version: int | None,
         rows: np.ndarray,
+        encode: Callable[[InferenceResult], T],
         *,
         started: float | None = None,
-    ) -> InferenceResult:
-        """Run one request; ``started`` (perf_counter) lets the caller include its parsing time."""
+    ) -> T:
+        """Run one request and ``encode`` its result; ``started`` (perf_counter) lets the caller
+        include its parsing time. Counted once, with the status the client will get: an
+        encoding failure is a 500 like any other bug."""
         started = time.perf_counter() if started is None else started
         model, label = "", ""  # stay "" until resolved: unknown names must not become labels
         try:
@@ -130,11 +136,13 @@ class DataPlane:
             valid = validate_rows(rows, entry.manifest.inputs[0])
             outputs = await entry.batcher.submit(valid)  # bounded by request_timeout_s
             check_finite_outputs(outputs)
-        except FoldserveError as exc:
-            self.metrics.observe_request(model, label, exc.status, time.perf_counter() - started)
+            answer = encode(InferenceResult(entry.name, entry.version, outputs, entry.manifest))
+        except Exception as exc:
+            status = exc.status if isinstance(exc, FoldserveError) else 500
+            self.metrics.observe_request(model, label, status, time.perf_counter() - started)
             raise
         self.metrics.observe_request(model, label, 200, time.perf_counter() - started)
-        return InferenceResult(entry.name, entry.version, outputs, entry.manifest)
+        return answer
 
     def reject(
         self, error: FoldserveError, started: float, entry: ModelVersion | None = None

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from service.dataplane import DataPlane
+from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput
 from service.routes.asgi import method_not_allowed, read_body, respond, respond_error
 
@@ -62,20 +62,23 @@ class PredictRoutes:
             except FoldserveError as exc:
                 plane.reject(exc, started)
                 raise
-            result = await plane.infer(model, number, rows, started=started)
-            body = orjson.dumps(
-                {
-                    "model": result.model,
-                    "version": result.version,
-                    "outputs": np.ascontiguousarray(result.outputs),  # orjson: C order only
-                    "predictions": result.predictions(),
-                },
-                option=orjson.OPT_SERIALIZE_NUMPY,
-            )
+            body = await plane.infer(model, number, rows, _encode, started=started)
         except Exception as exc:
             await respond_error(send, exc, "/predict")
             return
         await respond(send, 200, body)
+
+
+def _encode(result: InferenceResult) -> bytes:
+    return orjson.dumps(
+        {
+            "model": result.model,
+            "version": result.version,
+            "outputs": np.ascontiguousarray(result.outputs),  # orjson: C order only
+            "predictions": result.predictions(),
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -88,8 +88,14 @@ class V2Routes:
         except FoldserveError as exc:
             plane.reject(exc, started, entry)
             raise
-        result = await plane.infer(entry.name, entry.version, rows, started=started)
-        return _encode(result, payload.get("id"), binary_out)
+        request_id = payload.get("id")
+        return await plane.infer(
+            entry.name,
+            entry.version,
+            rows,
+            lambda result: _encode(result, request_id, binary_out),
+            started=started,
+        )
 
 
 def _split(body: bytes, declared: bytes | None) -> tuple[dict[str, Any], memoryview]:

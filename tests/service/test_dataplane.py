@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.backends.onnx import OnnxBackend
-from service.dataplane import DataPlane, check_finite_outputs, validate_rows
+from service.dataplane import DataPlane, InferenceResult, check_finite_outputs, validate_rows
 from service.errors import InferenceTimeout, InvalidInput
 from service.metrics import Metrics
 from service.registry import Registry
@@ -21,6 +21,10 @@ from service.store import TensorSpec
 from tests.service.conftest import reference
 
 SPEC = TensorSpec(name="x", shape=(2, 3))
+
+
+def outputs_of(result: InferenceResult) -> np.ndarray:
+    return result.outputs
 
 
 @pytest.mark.parametrize(
@@ -91,7 +95,7 @@ def test_a_slow_inference_times_out_and_is_counted(
         slow_now.set()
         try:
             with pytest.raises(InferenceTimeout, match="request_timeout_s"):
-                await plane.infer(None, None, np.zeros((1, 16)))
+                await plane.infer(None, None, np.zeros((1, 16)), outputs_of)
         finally:
             await registry.stop()
 
@@ -147,10 +151,31 @@ def test_a_request_that_fills_a_batch_alone_equals_onnxruntime_and_is_counted(
     async def main() -> np.ndarray:
         await registry.load_all()
         try:
-            return (await plane.infer(None, None, x)).outputs
+            return await plane.infer(None, None, x, outputs_of)
         finally:
             await registry.stop()
 
     outputs = asyncio.run(main())
     np.testing.assert_allclose(outputs, reference(store, x), rtol=0, atol=1e-6)
     assert _batches(metrics) == (1, 4)  # one backend run of 4 rows
+
+
+def test_a_failure_to_encode_the_answer_is_counted_as_the_500_it_becomes(store: Path) -> None:
+    plane, registry, metrics = _plane(store)
+
+    def unencodable(result: InferenceResult) -> bytes:
+        raise TypeError("cannot encode")
+
+    async def main() -> None:
+        await registry.load_all()
+        try:
+            with pytest.raises(TypeError, match="cannot encode"):
+                await plane.infer(None, None, np.zeros((1, 16)), unencodable)
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+    count = metrics.registry.get_sample_value
+    labels = {"model": "tiny", "version": "1"}
+    assert count("foldserve_requests_total", {**labels, "code": "500"}) == 1
+    assert count("foldserve_requests_total", {**labels, "code": "200"}) is None
