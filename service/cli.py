@@ -107,7 +107,16 @@ def _serve(settings: Settings) -> int:
         host,
         port,
     )
-    with tempfile.TemporaryDirectory(prefix="foldserve-metrics-") as metrics_dir:
+    try:
+        pooled = tempfile.TemporaryDirectory(prefix="foldserve-metrics-")
+    except OSError as exc:
+        print(
+            f"foldserve: --workers needs a writable temporary folder for the workers' metrics "
+            f"({exc}): mount a tmpfs on /tmp or set TMPDIR",
+            file=sys.stderr,
+        )
+        return 1
+    with pooled as metrics_dir:
         settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir)})
         os.environ.update(to_environ(settings))
         # prometheus_client reads this when each worker imports it, and keeps values in files.

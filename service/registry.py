@@ -72,6 +72,10 @@ class Registry:
             log.error("model store %s does not exist: nothing to serve (set --model-store)", root)
         for name in list_models(root):
             self._models[name] = [ModelVersion(name, v) for v in list_versions(root, name)]
+            for entry in self._models[name]:
+                # Published at once: with --workers, a worker still loading keeps the pooled
+                # foldserve_model_loaded (the minimum over live workers) at 0.
+                self._metrics.set_loaded(name, entry.version, False)
         self._scanned = True
         unmatched = sorted(set(self._settings.model_batching) - set(self._models))
         if unmatched:

@@ -17,10 +17,10 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -38,6 +38,7 @@ _APP_FACTORY = "service.app:app_from_env"
 _MIN_UPTIME_S = 5.0
 _MAX_FAILED_STARTS = 3
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
@@ -85,43 +86,64 @@ class Supervisor:
         self._stop_timeout_s = stop_timeout_s
         self._target = target or run_worker
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-        self._stop = threading.Event()
+        # NOTE: a plain flag: a signal handler must not take a lock (threading.Event's would
+        # deadlock if the signal lands while this thread holds it inside wait()).
+        self._stopping = False
         self._workers: list[_Worker] = []
 
     def run(self) -> int:
-        """Serve until asked to stop; 0 then, 1 if workers keep failing at start."""
+        """Serve until asked to stop: 0 then; 1 if workers keep failing at start or had to be
+        killed at the stop."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        code = 1
         try:
             self._workers = [self._spawn(i) for i in range(len(self._sockets))]
-            failed_starts = 0
-            while not self._stop.wait(0.2):
-                for slot, worker in enumerate(self._workers):
-                    if worker.process.is_alive():
-                        continue
-                    uptime = time.monotonic() - worker.started
-                    failed_starts = failed_starts + 1 if uptime < _MIN_UPTIME_S else 0
-                    log.error(
-                        "worker %d (pid %s) exited with code %s after %.1f s",
-                        worker.index,
-                        worker.process.pid,
-                        worker.process.exitcode,
-                        uptime,
-                    )
-                    if self._metrics_dir is not None and worker.process.pid is not None:
-                        # Its counts stay in the totals; its gauges leave the live ones.
-                        mark_process_dead(worker.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
-                    if failed_starts >= _MAX_FAILED_STARTS:
-                        log.error("workers keep failing at start; stopping (see the log above)")
-                        return 1
-                    self._workers[slot] = self._spawn(worker.index)
-            return 0
+            code = 0 if self._supervise() else 1
         finally:
-            self._shutdown()
+            if not self._shutdown():
+                code = 1
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        return code
+
+    def _supervise(self) -> bool:
+        """Restart workers that die until asked to stop; False if they keep failing at start."""
+        failed_starts = 0
+        while not self._stopping:
+            # Wakes as soon as a worker exits (its sentinel), else now and then for the flag.
+            wait([w.process.sentinel for w in self._workers], timeout=0.2)
+            now = time.monotonic()
+            if all(
+                w.process.is_alive() and now - w.started >= _MIN_UPTIME_S for w in self._workers
+            ):
+                failed_starts = 0  # all settled: earlier failures were not "in a row"
+            for slot, worker in enumerate(self._workers):
+                if self._stopping or worker.process.is_alive():
+                    continue
+                uptime = now - worker.started
+                if uptime < _MIN_UPTIME_S:
+                    failed_starts += 1
+                log.error(
+                    "worker %d (pid %s) exited with code %s after %.1f s",
+                    worker.index,
+                    worker.process.pid,
+                    worker.process.exitcode,
+                    uptime,
+                )
+                self._forget_metrics(worker)
+                if failed_starts >= _MAX_FAILED_STARTS:
+                    log.error("workers keep failing at start; stopping (see the log above)")
+                    return False
+                self._workers[slot] = self._spawn(worker.index)
+        return True
+
+    def _forget_metrics(self, worker: _Worker) -> None:
+        # Its counts stay in the totals; its gauges leave the live ones.
+        if self._metrics_dir is not None and worker.process.pid is not None:
+            mark_process_dead(worker.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-        self._stop.set()
+        self._stopping = True
 
     def _spawn(self, index: int) -> _Worker:
         process = self._context.Process(
@@ -133,36 +155,40 @@ class Supervisor:
         log.info("worker %d started (pid %s)", index, process.pid)
         return _Worker(index, process, time.monotonic())
 
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> bool:
+        """Stop every worker; False if one had to be killed."""
         # NOTE: our copies of the sockets go first: a worker closing its own copy then really
         # closes the socket, so no new connection queues where nobody will accept it.
         for sock in self._sockets:
             sock.close()
         for worker in self._workers:
             if worker.process.is_alive() and worker.process.pid is not None:
-                # SIGTERM, even after a Ctrl-C: a second SIGINT makes uvicorn quit without draining.
                 os.kill(worker.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self._stop_timeout_s
+        clean = True
         for worker in self._workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 log.error("worker %d did not stop in time; killing it", worker.index)
                 worker.process.kill()
                 worker.process.join()
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+                clean = False
+        return clean
 
 
 def run_worker(sock: socket.socket, uvicorn_options: dict[str, Any], parent_pid: int) -> None:
     """One worker process: the app built from FOLDSERVE_* variables, served on ``sock``."""
-    import uvicorn
-
-    _die_with_parent(parent_pid)
-    # NOTE: uvicorn re-raises the signal that stopped it once it has drained; exiting quietly on
-    # it (and on one arriving before uvicorn listens for it) spares a traceback and an odd code.
+    # NOTE: out of the terminal's process group: Ctrl-C reaches the supervisor alone, which
+    # sends each worker one SIGTERM. A worker seeing both would take the second signal for
+    # uvicorn's "quit now, no drain". The supervisor dying is covered by _die_with_parent.
+    os.setpgrp()
+    # uvicorn re-raises the signal that stopped it once it has drained; exiting quietly on it
+    # (and on one arriving before uvicorn listens for it) spares a traceback and an odd code.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _exit_quietly)
+    _die_with_parent(parent_pid)
+    import uvicorn
+
     config = uvicorn.Config(_APP_FACTORY, factory=True, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])
 

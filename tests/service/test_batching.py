@@ -673,10 +673,11 @@ def test_one_slow_inline_run_among_fast_ones_keeps_the_model_on_the_loop() -> No
         def hiccup(x: Array) -> Array:
             threads.append(threading.get_ident())
             if len(threads) % 2:  # every other run: as a preempted run on a busy machine
-                time.sleep(0.01)
+                # (30 ms against a 10 ms limit: a fast run would need 10 ms of bad luck to count)
+                time.sleep(0.03)
             return f(x)
 
-        b = await started(hiccup, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
+        b = await started(hiccup, max_delay_ms=0, inline=True, inline_limit_ms=10.0)
         for i in range(6):
             await b.submit(rows(2, i))
         assert threads == [loop_thread] * 6 and b.inline

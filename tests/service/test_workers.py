@@ -12,7 +12,7 @@ from service.errors import ConfigError
 from service.workers import Supervisor, listening_sockets
 
 
-def test_sockets_share_the_port_the_kernel_picked_and_each_accepts() -> None:
+def test_sockets_share_the_port_the_kernel_picked_and_take_connections() -> None:
     sockets = listening_sockets("127.0.0.1", 0, 3, backlog=16)
     try:
         ports = {sock.getsockname()[1] for sock in sockets}
