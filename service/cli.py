@@ -16,7 +16,12 @@ from pydantic_settings import SettingsError
 
 from service.errors import ConfigError
 from service.settings import Settings, env_name, to_environ
-from service.workers import Supervisor, listening_sockets
+from service.workers import (
+    Supervisor,
+    listening_sockets,
+    metrics_dir_prefix,
+    sweep_stale_metrics_dirs,
+)
 
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
 _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
@@ -108,7 +113,9 @@ def _serve(settings: Settings) -> int:
         port,
     )
     try:
-        pooled = tempfile.TemporaryDirectory(prefix="foldserve-metrics-")
+        for stale in sweep_stale_metrics_dirs(Path(tempfile.gettempdir())):
+            logging.getLogger(__name__).info("removed %s, left by a server that was killed", stale)
+        pooled = tempfile.TemporaryDirectory(prefix=metrics_dir_prefix())
     except OSError as exc:
         print(
             f"foldserve: --workers needs a writable temporary folder for the workers' metrics "

@@ -15,6 +15,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import time
@@ -59,6 +60,36 @@ def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[so
             sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
     return sockets
+
+
+METRICS_DIR_PREFIX = "foldserve-metrics-"
+
+
+def metrics_dir_prefix() -> str:
+    """The prefix of this server's pooled-metrics folder: it names the supervisor's pid."""
+    return f"{METRICS_DIR_PREFIX}{os.getpid()}-"
+
+
+def sweep_stale_metrics_dirs(parent: Path) -> list[Path]:
+    """Remove pooled-metrics folders whose supervisor is gone (killed before it could clean up)."""
+    removed = []
+    for folder in parent.glob(f"{METRICS_DIR_PREFIX}*-*"):
+        owner = folder.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
 
 
 @dataclass

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,8 @@ def test_two_workers_share_connections_survive_a_crash_and_drain_on_ctrl_c(
     assert f"(pid {crashed}) exited with code -9" in output, output
     assert output.count("Finished server process") == 2, output  # both drained, none killed
     assert "Traceback" not in output, output
+    # The pooled-metrics folder (named after the supervisor) went with it.
+    assert not list(Path(tempfile.gettempdir()).glob(f"foldserve-metrics-{server.pid}-*"))
 
 
 def test_shutdown_answers_every_queued_request_through_http(store: Path) -> None:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.errors import ConfigError
-from service.workers import Supervisor, listening_sockets
+from service.workers import (
+    METRICS_DIR_PREFIX,
+    Supervisor,
+    listening_sockets,
+    metrics_dir_prefix,
+    sweep_stale_metrics_dirs,
+)
 
 
 def test_sockets_share_the_port_the_kernel_picked_and_take_connections() -> None:
@@ -45,3 +54,21 @@ def test_workers_that_keep_failing_at_start_end_the_server() -> None:
     assert supervisor.run() == 1
     assert time.monotonic() - started < 30
     assert all(sock.fileno() == -1 for sock in sockets)  # closed on the way out
+
+
+def test_metrics_folders_of_killed_servers_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(gone.stdout)  # exited: its folder is litter
+    stale = tmp_path / f"{METRICS_DIR_PREFIX}{dead_pid}-abc"
+    live = tmp_path / f"{metrics_dir_prefix()}def"  # this process: alive
+    other = tmp_path / "foldserve-metrics-notapid-x"
+    for folder in (stale, live, other):
+        (folder / "counter_1.db").parent.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    assert sweep_stale_metrics_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
