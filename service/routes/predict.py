@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput
 from service.routes.asgi import method_not_allowed, read_body, respond, respond_error
+from service.routes.paths import path_version
 
 _FIELDS = frozenset({"inputs", "model", "version"})
 _MODEL_PATH = re.compile(r"^/models/([^/]+)(?:/versions/([^/]+))?/predict$")
@@ -56,8 +57,7 @@ class PredictRoutes:
             try:
                 payload = _parse(await read_body(scope, receive, self.max_body_bytes))
                 model = _pick("model", str, name, payload.get("model"))
-                path_version = None if version is None else _path_version(version)
-                number = _pick("version", int, path_version, payload.get("version"))
+                number = _pick("version", int, path_version(version), payload.get("version"))
                 rows = _to_array(payload["inputs"])
             except FoldserveError as exc:
                 plane.reject(exc, started)
@@ -94,12 +94,6 @@ def _parse(body: bytes) -> dict[str, Any]:
     if "inputs" not in payload:
         raise InvalidInput('missing "inputs": send {"inputs": [sample, ...]}')
     return payload
-
-
-def _path_version(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise InvalidInput(f"version in the path must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def _pick(field: str, kind: type[Any], from_path: Any, from_body: Any) -> Any:

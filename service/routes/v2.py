@@ -27,6 +27,7 @@ from service.errors import FoldserveError, InvalidInput, ModelNotReady
 from service.registry import ModelVersion
 from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
 from service.routes.models import registry_of
+from service.routes.paths import path_version
 from service.routes.responses import error_body
 from service.settings import Settings
 from service.store import Manifest, TensorSpec
@@ -81,7 +82,7 @@ class V2Routes:
             payload, binary = _split(body, header(scope, HEADER_LENGTH))
             # The manifest names the input and its per-sample shape; the request is checked
             # against the version it resolves to, and exactly that version then runs it.
-            entry = plane.registry.resolve(name, None if version is None else _version(version))
+            entry = plane.registry.resolve(name, path_version(version))
             manifest = _manifest(entry)
             rows = _input_rows(payload, binary, manifest.inputs[0])
             binary_out = _binary_output(payload, manifest.outputs[0])
@@ -125,12 +126,6 @@ def _split(body: bytes, declared: bytes | None) -> tuple[dict[str, Any], memoryv
     if "id" in payload and not isinstance(payload["id"], str):
         raise InvalidInput(f'"id" must be a string, got {payload["id"]!r}')
     return payload, view[length:]
-
-
-def _version(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise InvalidInput(f"version in the path must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def _manifest(entry: ModelVersion) -> Manifest:
@@ -276,7 +271,7 @@ def _error(exc: FoldserveError) -> Response:
 
 
 def _resolve(request: Request, name: str, version: str | None) -> ModelVersion:
-    return registry_of(request).resolve(name, None if version is None else _version(version))
+    return registry_of(request).resolve(name, path_version(version))
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:

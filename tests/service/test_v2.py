@@ -268,6 +268,19 @@ def test_a_refused_tensor_is_counted_for_the_model_it_was_sent_to(base: str) -> 
     assert metric_samples(base, "foldserve_requests_total")[key] == before + 1
 
 
+def test_a_version_in_the_path_that_is_not_a_number_is_400_on_both_protocols(base: str) -> None:
+    v2 = {"inputs": [tensor(X, data=X.reshape(-1).tolist())]}
+    for path, body in (
+        ("/v2/models/tiny/versions/one/infer", v2),
+        ("/models/tiny/versions/one/predict", {"inputs": X.tolist()}),
+    ):
+        response = httpx.post(base + path, json=body)
+        assert response.status_code == 400, response.text
+        assert (
+            "version in the path must be a positive integer, got 'one'" in response.json()["error"]
+        )
+
+
 def test_unknown_model_or_version_is_404(base: str) -> None:
     body = {"inputs": [tensor(X, data=X.reshape(-1).tolist())]}
     for path in ("/v2/models/nope/infer", "/v2/models/tiny/versions/2/infer"):
