@@ -7,7 +7,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-COPY trainer ./trainer
+COPY foldserve ./foldserve
 RUN python -m venv /opt/foldserve \
  && /opt/foldserve/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/foldserve/bin/pip install --no-cache-dir . \

@@ -138,7 +138,7 @@ def _serve(settings: Settings) -> int:
 
 def _train(rest: list[str]) -> int:
     try:
-        from trainer.cli import main as train_main
+        from foldserve.cli import main as train_main
     except ImportError as exc:
         print(
             f"foldserve train needs the training extra ({exc}): pip install 'foldserve[train]'",

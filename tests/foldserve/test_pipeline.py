@@ -11,17 +11,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import service.store
+from foldserve import cli, pipeline
+from foldserve.demos.data import Dataset
+from foldserve.demos.train import TrainConfig
+from foldserve.fold import FoldResult
+from foldserve.pipeline import PipelineResult
 from service.backends import BackendOptions
 from service.backends.onnx import OnnxBackend
 from service.backends.torchscript import TorchScriptBackend
 from service.errors import VerificationError
 from service.store import Manifest, list_versions, read_manifest, sha256_file
 from service.verify import check_files, verify_loaded_model
-from trainer import cli, pipeline
-from trainer.data import Dataset
-from trainer.fold import FoldResult
-from trainer.pipeline import PipelineResult
-from trainer.train import TrainConfig
 
 from .conftest import TINY_EPOCHS
 

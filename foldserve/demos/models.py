@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.data import DatasetName
+from foldserve.demos.data import DatasetName
 
 
 @dataclass(frozen=True)

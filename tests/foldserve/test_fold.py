@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from foldserve.affine import FrozenAffine
+from foldserve.fold import FoldResult, fold_batch_norms
 from service.errors import FoldingError
 from service.store import Placement
-from trainer.affine import FrozenAffine
-from trainer.fold import FoldResult, fold_batch_norms
 
 RELATIVE_TOLERANCE = 1e-4
 BATCH = 3

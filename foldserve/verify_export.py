@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from foldserve.demos.data import Features
+from foldserve.demos.train import predict
 from service.backends import Array, BackendOptions, load_backend
 from service.errors import VerificationError
 from service.store import ModelFormat, Verification
@@ -25,8 +27,6 @@ from service.verify import (
     wild_mates,
     within_tolerance,
 )
-from trainer.data import Features
-from trainer.train import predict
 
 # NOTE: logits are O(10). Folding rewrites weights in float64 and rounds once to float32, so the
 # folded graph differs from the unfolded one by float32 rounding (~1e-6 measured); 1e-4 absolute

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer.data import Dataset, Features, Targets
-from trainer.models import Architecture
+from foldserve.demos.data import Dataset, Features, Targets
+from foldserve.demos.models import Architecture
 
 BatchNormStats = Literal["ema", "population"]
 

@@ -1,6 +1,6 @@
 """Serialize a folded, eval-mode module as ONNX and TorchScript, in memory (bytes).
 
-Nothing here checks the result: ``trainer.verify_export`` loads the bytes with the server's own
+Nothing here checks the result: ``foldserve.verify_export`` loads the bytes with the server's own
 backends and proves them before anything reaches the store.
 """
 

@@ -7,10 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from foldserve.demos.models import ARCHITECTURES, get_architecture
+from foldserve.demos.train import TrainConfig
+from foldserve.pipeline import PipelineResult, run
 from service.errors import FoldserveError
-from trainer.models import ARCHITECTURES, get_architecture
-from trainer.pipeline import PipelineResult, run
-from trainer.train import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def _configure_logging() -> None:
     # WARNING. Leave logging alone if the host program already set it up.
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("trainer").setLevel(logging.INFO)
+        logging.getLogger("foldserve").setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

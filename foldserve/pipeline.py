@@ -14,6 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foldserve.demos.data import Dataset, load_dataset
+from foldserve.demos.models import Architecture, get_architecture
+from foldserve.demos.train import TrainConfig, accuracy, train
+from foldserve.export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_onnx,
+    export_torchscript,
+    onnx_opset,
+)
+from foldserve.fold import FoldResult, fold_batch_norms
+from foldserve.stats import set_population_statistics
+from foldserve.verify_export import ExportedFile, VerifiedExport, verify_exports
 from service.store import (
     Golden,
     Manifest,
@@ -24,19 +37,6 @@ from service.store import (
     read_manifest,
     write_version,
 )
-from trainer.data import Dataset, load_dataset
-from trainer.export import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    export_onnx,
-    export_torchscript,
-    onnx_opset,
-)
-from trainer.fold import FoldResult, fold_batch_norms
-from trainer.models import Architecture, get_architecture
-from trainer.stats import set_population_statistics
-from trainer.train import TrainConfig, accuracy, train
-from trainer.verify_export import ExportedFile, VerifiedExport, verify_exports
 
 GOLDEN_SAMPLES = 8
 FILENAMES: dict[ModelFormat, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}

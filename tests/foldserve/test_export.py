@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from foldserve.demos.data import Dataset
+from foldserve.export import export_onnx, export_torchscript, onnx_opset
+from foldserve.fold import fold_batch_norms
+from foldserve.verify_export import ATOL, ExportedFile, verify_exports
 from service.backends import BackendOptions
 from service.backends.onnx import OnnxBackend
 from service.errors import VerificationError
-from trainer.data import Dataset
-from trainer.export import export_onnx, export_torchscript, onnx_opset
-from trainer.fold import fold_batch_norms
-from trainer.verify_export import ATOL, ExportedFile, verify_exports
 
 
 def _example(data: Dataset) -> torch.Tensor:
@@ -129,7 +129,7 @@ def test_exports_raise_no_warning_even_when_warnings_are_errors(
     trained_mlp: nn.Module, digits_flat: Dataset
 ) -> None:
     # Without pytest's ignore filters: the torch.jit deprecation and the exporter's internal
-    # FutureWarning are silenced deliberately in trainer.export, and nothing else leaks.
+    # FutureWarning are silenced deliberately in foldserve.export, and nothing else leaks.
     folded = fold_batch_norms(trained_mlp, _example(digits_flat)).module
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -24,9 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from service.errors import FoldingError
-from service.store import BatchNormRecord, Placement
-from trainer.affine import (
+from foldserve.affine import (
     ChannelAffine,
     FrozenAffine,
     NextLayer,
@@ -34,6 +32,8 @@ from trainer.affine import (
     absorb_into_next,
     absorb_into_previous,
 )
+from service.errors import FoldingError
+from service.store import BatchNormRecord, Placement
 
 # NOTE: exact types, not isinstance: a subclass may override forward (weight standardization,
 # masking), and then rewriting its weights would no longer be exact.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainer.data import Features
+from foldserve.demos.data import Features
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data import Dataset, load_dataset
+from foldserve.demos.data import Dataset, load_dataset
 
 
 def test_digits_are_raw_float32_pixels_with_a_held_out_split(digits_flat: Dataset) -> None:

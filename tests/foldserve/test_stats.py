@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
-from trainer.data import Dataset
-from trainer.pipeline import PipelineResult, run
-from trainer.stats import ChannelMoments, batch_norms_in_forward_order, set_population_statistics
-from trainer.train import TrainConfig
+from foldserve.demos.data import Dataset
+from foldserve.demos.train import TrainConfig
+from foldserve.pipeline import PipelineResult, run
+from foldserve.stats import ChannelMoments, batch_norms_in_forward_order, set_population_statistics
 
 from .conftest import TINY_EPOCHS
 

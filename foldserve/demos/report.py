@@ -1,6 +1,7 @@
 """Print the BN report in docs/: EMA vs population statistics, and folded vs unfolded differences.
 
-Run: ``python -m trainer.report [--seeds 0 1 2] [--short-epochs 3]``. Every architecture is trained
+Run: ``python -m foldserve.demos.report [--seeds 0 1 2] [--short-epochs 3]``. Every architecture is
+trained
 at its default epochs and, to show where frozen statistics matter most, at a few epochs only; each
 run goes through the whole pipeline (fold, export, verify) into a temporary store.
 """
@@ -13,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.models import ARCHITECTURES, get_architecture
-from trainer.pipeline import PipelineResult, run
-from trainer.train import TrainConfig
+from foldserve.demos.models import ARCHITECTURES, get_architecture
+from foldserve.demos.train import TrainConfig
+from foldserve.pipeline import PipelineResult, run
 
 
 def _row(arch: str, epochs: int, results: list[PipelineResult]) -> str:
@@ -36,7 +37,7 @@ def _row(arch: str, epochs: int, results: list[PipelineResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m foldserve.demos.report", description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--short-epochs", type=int, default=3)
     args = parser.parse_args(argv)
