@@ -1,9 +1,8 @@
 """Print the BN report in docs/: EMA vs population statistics, and folded vs unfolded differences.
 
 Run: ``python -m foldserve.demos.report [--seeds 0 1 2] [--short-epochs 3]``. Every architecture is
-trained
-at its default epochs and, to show where frozen statistics matter most, at a few epochs only; each
-run goes through the whole pipeline (fold, export, verify) into a temporary store.
+trained at its default epochs and, to show where frozen statistics matter most, at a few epochs
+only; each run goes through the whole pipeline (fold, export, verify) into a temporary store.
 """
 
 from __future__ import annotations
