@@ -85,6 +85,7 @@ def verify_exports(
                     held_out[:BATCH_INVARIANCE_PROBES],
                     wild_mates(held_out, rng),
                     atol=atol,
+                    rtol=rtol,
                     rng=rng,
                 ),
             )

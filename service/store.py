@@ -54,6 +54,17 @@ class ModelFile(_Strict):
     size_bytes: int
 
 
+class StatsShift(_Strict):
+    """How far recomputed (population) statistics moved from the module's running estimates."""
+
+    max_mean_shift: float = Field(
+        description="max over channels of |mean_population - mean_running| / running std"
+    )
+    max_abs_log_var_ratio: float = Field(
+        description="max over channels of |ln(var_population / var_running)|"
+    )
+
+
 class BatchNormRecord(_Strict):
     """Where one BatchNorm layer of the trained network went in the exported graph."""
 
@@ -62,33 +73,65 @@ class BatchNormRecord(_Strict):
     placement: Placement
     target: str | None = Field(description="the layer it was folded into, or None for an affine")
     stats_sha256: str = Field(description="sha256 of the frozen mean, var, eps, weight, bias")
+    stats_shift: StatsShift | None = Field(
+        None, description="population vs running statistics, when population ones were computed"
+    )
 
 
 class Verification(_Strict):
-    """What the exporter proved before the version was written; tolerances are absolute."""
+    """What the exporter proved before the version was written.
+
+    A tolerance bounds each sample's output: ``|actual - expected| <= atol + rtol * max|expected|``
+    over that sample, so one float32 rounding on outputs of size 10^3 is not mistaken for a change.
+    """
 
     # Bounded so an artifact cannot switch the server's checks off with a huge tolerance.
     atol: float = Field(ge=0.0, le=1e-3)
     rtol: float = Field(ge=0.0, le=1e-3)
     batch_statistics_ops: int
     max_abs_diff: dict[ModelFormat, float]
+    max_rel_diff: dict[ModelFormat, float] = Field(
+        default_factory=dict, description="max_abs_diff over the largest |output| of its sample"
+    )
     batch_invariance_max_diff: float
     samples_checked: int
+    bitwise_batch_invariant: bool | None = Field(
+        None,
+        description="every probe's ONNX Runtime output alone equals it bit for bit inside "
+        "batches of every size up to bitwise_max_rows (None: not measured)",
+    )
+    bitwise_max_rows: int | None = None
+
+
+EntryPoint = Literal["train", "export", "import"]
+FoldPath = Literal["torch.fx", "onnx"]
 
 
 class Provenance(_Strict):
-    dataset: str
-    split: str
-    seed: int
-    epochs: int
-    bn_stats: Literal["ema", "population"]
+    """How a version was made. Fields that only a demo trained here can know are None otherwise."""
+
+    entry_point: EntryPoint = Field("train", description="train a demo, export a module, import")
+    fold_path: FoldPath = Field("torch.fx", description="where the BatchNorms were folded")
+    source: str | None = Field(None, description="the module factory, checkpoint or ONNX file")
+    dataset: str | None = None
+    split: str | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    bn_stats: Literal["ema", "population", "as_imported"]
+    calibration: str | None = Field(
+        None, description="data the statistics and checks came from (None: generated inputs)"
+    )
+    calibration_samples: int | None = None
+    dtype_conversion: str | None = Field(
+        None, description="e.g. 'float64 -> float32', checked against the original"
+    )
     train_config: dict[str, str | int | float] = Field(
         default_factory=dict, description="every training hyper-parameter, so a run can be redone"
     )
-    accuracy_ema: float
-    accuracy_population: float
-    accuracy_unfolded_exported_stats: float
-    torch_version: str
+    accuracy_ema: float | None = None
+    accuracy_population: float | None = None
+    accuracy_unfolded_exported_stats: float | None = None
+    torch_version: str | None = None
     onnx_opset: int
     command: str
     created_at: str
@@ -113,7 +156,7 @@ class Manifest(_Strict):
     name: str
     version: int = Field(ge=1)
     architecture: str
-    task: Literal["classification", "regression"]
+    task: Literal["classification", "regression", "segmentation"]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     labels: list[str]
