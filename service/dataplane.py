@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 
 from service.backends import Array
-from service.errors import FoldserveError, InvalidInput, ModelNotReady
+from service.errors import FoldserveError, InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry
 from service.store import Manifest, TensorSpec
@@ -103,6 +103,30 @@ def check_finite_outputs(outputs: Array) -> None:
         )
 
 
+def admit(entry: ModelVersion, rows: int) -> None:
+    """Refuse a request the queue can never hold (413) or cannot hold now (503, Retry-After).
+
+    NOTE: the batcher enforces the same bound; checked here first so that the message names the
+    setting that sets it, which the batcher does not know. Nothing awaits between this check and
+    the batcher's, so the queue cannot change in between.
+    """
+    if entry.batching is None or entry.batcher is None:
+        raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
+    limit, why = entry.batching.max_queue_rows, entry.batching.queue_limit
+    if rows > limit:
+        # 413, not 503: this request can never fit, so a client retrying on 503 would loop.
+        raise PayloadTooLarge(
+            f"request has {rows} rows but at most {limit} can queue for model {entry.name!r} "
+            f"v{entry.version} ({why}): send fewer rows per request or raise the limit"
+        )
+    waiting = entry.batcher.queue_rows
+    if waiting + rows > limit:
+        raise Overloaded(
+            f"queue full for model {entry.name!r} v{entry.version}: {waiting} of {limit} rows "
+            f"wait ({why}); retry shortly"
+        )
+
+
 def _kind(rows: np.ndarray) -> str:
     return {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed or missing values"}.get(
         rows.dtype.kind, str(rows.dtype)
@@ -134,6 +158,7 @@ class DataPlane:
             if entry.batcher is None or entry.manifest is None:
                 raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
             valid = validate_rows(rows, entry.manifest.inputs[0])
+            admit(entry, len(valid))
             outputs = await entry.batcher.submit(valid)  # bounded by request_timeout_s
             check_finite_outputs(outputs)
             answer = encode(InferenceResult(entry.name, entry.version, outputs, entry.manifest))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,11 +19,25 @@ import numpy as np
 
 from service.backends import Backend, BackendOptions, load_backend
 from service.batching import Batcher
-from service.errors import FoldserveError, ModelNotFound, ModelNotReady, VerificationError
+from service.errors import (
+    ConfigError,
+    FoldserveError,
+    ModelNotFound,
+    ModelNotReady,
+    VerificationError,
+)
 from service.metrics import Metrics
-from service.settings import BatchingOverride, Settings
+from service.settings import BatchingOverride, Settings, setting_ref
 from service.store import Manifest, list_models, list_versions, read_manifest, version_dir
-from service.verify import VerificationReport, check_files, golden_inputs, verify_loaded_model
+from service.verify import (
+    BitwiseMeasurement,
+    VerificationReport,
+    bitwise_cost,
+    check_files,
+    golden_inputs,
+    measure_bitwise,
+    verify_loaded_model,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -44,6 +59,7 @@ class ModelVersion:
     manifest: Manifest | None = None
     backend: Backend | None = None
     report: VerificationReport | None = None
+    bitwise: BitwiseMeasurement | None = None  # kept when it is why the version failed
     batcher: Batcher | None = None
     batching: BatchingChoice | None = None
 
@@ -56,6 +72,18 @@ class BatchingChoice:
     max_delay_ms: float
     adaptive_delay: bool
     full_batch_ms: float  # measured at load; below inline_max_ms the model runs inline
+    max_queue_rows: int  # max_queue_rows, or fewer when max_queue_bytes holds fewer samples
+    queue_limit: str  # the setting that bounds the queue, named as an error message names it
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A version's batching as settings and manifest decide it, before anything is timed."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue_rows: int
+    queue_limit: str
 
 
 class Registry:
@@ -106,15 +134,16 @@ class Registry:
         """Load, verify and start one version; any failure keeps this version out, alone."""
         try:
             # NOTE: hashing, session creation and verification block for a while: off the loop.
-            backend = await asyncio.to_thread(self._load, entry)
+            backend, plan = await asyncio.to_thread(self._load, entry)
             if entry.manifest is not None:
                 # NOTE: ready only once its batcher runs, and only on the loop: a load cancelled
                 # at shutdown never leaves a "ready" version without a batcher behind.
                 entry.backend = backend
-                cap, delay = self._batching(entry, entry.manifest)
                 # Timed off the loop too: a full batch of a large model can take a while.
-                batch_ms = await asyncio.to_thread(_full_batch_ms, backend, entry.manifest, cap)
-                entry.batcher = self._make_batcher(entry, backend, cap, delay, batch_ms)
+                batch_ms = await asyncio.to_thread(
+                    _full_batch_ms, backend, entry.manifest, plan.max_batch_size
+                )
+                entry.batcher = self._make_batcher(entry, backend, plan, batch_ms)
                 await entry.batcher.start()
                 entry.status = Status.READY
         except Exception as exc:
@@ -177,7 +206,7 @@ class Registry:
             return False, exc.message
         return True, f"default model {entry.name!r} version {entry.version} is ready"
 
-    def _load(self, entry: ModelVersion) -> Backend:
+    def _load(self, entry: ModelVersion) -> tuple[Backend, _Plan]:
         """Read, check and verify one version (in a worker thread); raises on any failure."""
         fmt = self._settings.backend
         directory = version_dir(self._settings.model_store, entry.name, entry.version)
@@ -191,37 +220,113 @@ class Registry:
         if model_file is None:
             have = [f.format for f in manifest.files]
             raise VerificationError(f"manifest has no {fmt} file (has {have}); set --backend")
+        plan = self._plan(entry, manifest)  # a setting that cannot work fails before the checks
         check_files(directory, manifest)
         options = BackendOptions(self._settings.device, self._settings.intra_op_threads)
         backend = load_backend(fmt, directory / model_file.path, options)
-        entry.report = verify_loaded_model(manifest, backend)
+        entry.report = verify_loaded_model(manifest, backend, plan.max_batch_size)
+        entry.bitwise = self._measure_bitwise(entry, manifest, backend, plan.max_batch_size)
         log.info(
-            "model %s v%s verified: backend=%s device=%s golden_diff=%.3g invariance_diff=%.3g",
+            "model %s v%s verified: backend=%s device=%s golden_diff=%.3g invariance_diff=%.3g "
+            "(batches of %s) bitwise_batch_invariant=%s (%s)",
             entry.name,
             entry.version,
             fmt,
             backend.device,
             entry.report.golden_max_abs_diff,
             entry.report.batch_invariance_max_diff,
+            ", ".join(map(str, entry.report.invariance_batch_sizes)),
+            entry.bitwise.invariant,
+            entry.bitwise.note,
         )
-        return backend
+        self._require_bitwise(entry, manifest, backend, entry.bitwise)
+        return backend, plan
 
-    def _batching(self, entry: ModelVersion, manifest: Manifest) -> tuple[int, float]:
-        """Row cap and delay: a per-model override beats the global one, then the manifest."""
+    def _measure_bitwise(
+        self, entry: ModelVersion, manifest: Manifest, backend: Backend, max_rows: int
+    ) -> BitwiseMeasurement:
+        """This runtime's bitwise batch invariance up to the row cap, when required or cheap."""
+        required = self._settings.require_bitwise_invariance
+        probes = golden_inputs(manifest)
+        if required:
+            log.info(
+                "model %s v%s: measuring bitwise batch invariance up to %d rows (%s input "
+                "values through the model), as require_bitwise_invariance asks",
+                entry.name,
+                entry.version,
+                max_rows,
+                f"{bitwise_cost(probes, max_rows):,}",
+            )
+        try:
+            return measure_bitwise(backend, probes, max_rows, required=required)
+        except Exception as exc:
+            # Unrequired, a failed measurement is a figure missing, not a reason to refuse a
+            # model whose tolerance checks passed; required, _require_bitwise refuses it.
+            return BitwiseMeasurement(None, max_rows, f"measurement failed: {_describe(exc)}")
+
+    def _require_bitwise(
+        self, entry: ModelVersion, manifest: Manifest, backend: Backend, bits: BitwiseMeasurement
+    ) -> None:
+        if not self._settings.require_bitwise_invariance or bits.invariant is True:
+            return
+        claim = manifest.verification
+        recorded = (
+            "the manifest records no measurement"
+            if claim.bitwise_batch_invariant is None
+            else f"the manifest records bitwise_batch_invariant={claim.bitwise_batch_invariant} "
+            f"up to {claim.bitwise_max_rows} rows at export"
+        )
+        raise VerificationError(
+            f"{setting_ref('require_bitwise_invariance', True)}, but on this runtime "
+            f"({backend.format}, {backend.device}) up to {bits.max_rows} rows: {bits.note}; "
+            f"{recorded}. Turn the setting off to serve it: its outputs then agree within the "
+            "batch-invariance tolerance, not bit for bit"
+        )
+
+    def _plan(self, entry: ModelVersion, manifest: Manifest) -> _Plan:
+        """Row cap and delay (a per-model override beats the global one, then the manifest) and
+        the queue bound (the lower of max_queue_rows and what max_queue_bytes holds)."""
         s, m = self._settings, manifest.batching
         own = s.model_batching.get(entry.name, BatchingOverride())
         cap = _first(own.max_batch_size, s.max_batch_size, m.max_batch_size)
-        return cap, _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
+        delay = _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
+        # NOTE: the batcher queues validated rows, which are float32.
+        sample_bytes = 4 * math.prod(manifest.inputs[0].shape)
+        by_bytes = s.max_queue_bytes // sample_bytes
+        bytes_limit = setting_ref("max_queue_bytes", s.max_queue_bytes)
+        if by_bytes < 1:
+            raise ConfigError(
+                f"{bytes_limit} cannot hold one sample of this model ({sample_bytes} bytes of "
+                f"float32 input): raise it to at least {sample_bytes}"
+            )
+        if by_bytes < s.max_queue_rows:
+            rows, limit = by_bytes, f"{bytes_limit}, {sample_bytes} bytes per sample"
+        else:
+            rows, limit = s.max_queue_rows, setting_ref("max_queue_rows", s.max_queue_rows)
+        if rows < cap:
+            log.warning(
+                "model %s v%s: at most %d rows can queue (%s), fewer than max_batch_size=%d: "
+                "batches will not fill",
+                entry.name,
+                entry.version,
+                rows,
+                limit,
+                cap,
+            )
+        return _Plan(cap, delay, rows, limit)
 
     def _make_batcher(
-        self, entry: ModelVersion, backend: Backend, cap: int, delay: float, full_batch_ms: float
+        self, entry: ModelVersion, backend: Backend, plan: _Plan, full_batch_ms: float
     ) -> Batcher:
         s = self._settings
+        cap, delay = plan.max_batch_size, plan.max_delay_ms
         inline = full_batch_ms < s.inline_max_ms
-        entry.batching = BatchingChoice(cap, delay, s.adaptive_delay, full_batch_ms)
+        entry.batching = BatchingChoice(
+            cap, delay, s.adaptive_delay, full_batch_ms, plan.max_queue_rows, plan.queue_limit
+        )
         log.info(
             "model %s v%s batching: max_batch_size=%d max_delay_ms=%g adaptive_delay=%s "
-            "full batch %.3f ms, so %s",
+            "full batch %.3f ms, so %s; at most %d rows queue (%s)",
             entry.name,
             entry.version,
             cap,
@@ -229,12 +334,14 @@ class Registry:
             s.adaptive_delay,
             full_batch_ms,
             "inline on the event loop" if inline else "in a worker thread",
+            plan.max_queue_rows,
+            plan.queue_limit,
         )
         return Batcher(
             backend.run,
             max_batch_size=cap,
             max_delay_ms=delay,
-            max_queue_rows=s.max_queue_rows,
+            max_queue_rows=plan.max_queue_rows,
             observer=self._metrics.observer(entry.name, entry.version),
             adaptive_delay=s.adaptive_delay,
             inline=inline,
@@ -244,16 +351,23 @@ class Registry:
         )
 
 
+_TIMING_RUNS = 7
+_TIMING_BUDGET_S = 1.0
+
+
 def _full_batch_ms(backend: Backend, manifest: Manifest, rows: int) -> float:
     """Median of a few warm runs of one full batch (golden inputs repeated).
 
     The median, not the best: the decision to block the event loop should not rest on luck.
+    Seven runs, or fewer once they took a second: the time only decides whether a model is fast
+    enough (inline_max_ms, under a millisecond) to run on the event loop, and a batch of large
+    images that takes seconds has answered that in one run.
     """
     golden = golden_inputs(manifest)
     batch = np.ascontiguousarray(np.resize(golden, (rows, *golden.shape[1:])))
     backend.run(batch)  # warm-up: first runs allocate
-    times = []
-    for _ in range(7):
+    times: list[float] = []
+    while len(times) < _TIMING_RUNS and sum(times) < _TIMING_BUDGET_S:
         started = time.perf_counter()
         backend.run(batch)
         times.append(time.perf_counter() - started)

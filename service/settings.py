@@ -66,7 +66,19 @@ class Settings(BaseSettings):
         False, description="take client address and scheme from a proxy's X-Forwarded-* headers"
     )
     max_queue_rows: int = Field(4096, ge=1, description="rows waiting per model before 503")
-    max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body")
+    # NOTE: rows alone do not bound memory: 4096 queued 3x224x224 images are 2.4 GB. The
+    # lower of the two bounds applies to each model, from its per-sample input size.
+    max_queue_bytes: int = Field(
+        256 << 20, ge=1024, description="input bytes waiting per model before 503"
+    )
+    # NOTE: 64 MiB: JSON spends ~20 bytes of text per float32 value, so one 3x224x224 image is
+    # ~3 MB as JSON (0.6 MB as V2 binary): room for ~20 images as JSON, ~100 as binary.
+    max_body_bytes: int = Field(
+        64 << 20, ge=1024, description="largest accepted request body (413 above)"
+    )
+    require_bitwise_invariance: bool = Field(
+        False, description="serve only models measured bit for bit the same in any batch"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an inference result")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     metrics_dir: Path | None = Field(
@@ -84,6 +96,15 @@ class Settings(BaseSettings):
 
 def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
+
+
+def setting_ref(field: str, value: object, gloss: str = "") -> str:
+    """How a message names a setting: ``max_body_bytes (FOLDSERVE_MAX_BODY_BYTES=67108864)``,
+    with ``gloss`` after the value when given (e.g. the value in MB)."""
+    if field not in Settings.model_fields:
+        raise KeyError(f"{field!r} is not a setting")
+    shown = json.dumps(value) if isinstance(value, bool) else value
+    return f"{field} ({env_name(field)}={shown}{', ' + gloss if gloss else ''})"
 
 
 def env_names() -> list[str]:

@@ -7,6 +7,7 @@ is the same alone as inside batches of very different samples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,43 @@ from service.store import Manifest, sha256_file
 # statistics moves outputs by a large fraction of it. Anything in between is refused.
 INVARIANCE_ATOL = 1e-4
 INVARIANCE_RTOL = 1e-4
+# What rtol multiplies: see within_tolerance.
+TOLERANCE_BASIS = "per-sample max |output|"
+INVARIANCE_BATCH_SIZES = (2, 7, 32)
+# Input values one probe may send through the model in its invariance batches (alone + mates):
+# 4M values (16 MiB of float32) keep all of (2, 7, 32) up to ~100k values per sample (3x160x160
+# keeps them); a 3x224x224 image keeps (2, 7): 10 rows per probe instead of 42.
+INVARIANCE_BUDGET_VALUES = 1 << 22
+# Input values the bitwise check may run when nobody asked for it (see bitwise_cost): the shipped
+# 64-value models at a 64-row cap cost 0.13M; a 3x224x224 image at 64 rows costs 314M.
+BITWISE_BUDGET_VALUES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|actual - expected| <= atol + rtol * max|expected|`` over each sample."""
+
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class BitwiseMeasurement:
+    """This runtime's answer to "is every output bit for bit the same in any batch?"."""
+
+    invariant: bool | None  # None: not measured here (see note)
+    max_rows: int  # batches of 2 up to this many rows (the version's row cap)
+    note: str
+    first_difference: int | None = None  # the first batch size whose outputs differ
 
 
 @dataclass(frozen=True)
 class VerificationReport:
     golden_max_abs_diff: float
     batch_invariance_max_diff: float
+    golden_tolerance: Tolerance  # the manifest's
+    invariance_tolerance: Tolerance  # the manifest's, never looser than the server's
+    invariance_batch_sizes: tuple[int, ...]
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
@@ -136,13 +168,52 @@ def is_bitwise_batch_invariant(backend: Backend, probes: Array, max_rows: int) -
     Costs about ``max_rows**2 / 2`` rows of inference. Stronger than the tolerance check: it also
     rules out kernels that pick another summation order for another batch size.
     """
+    return first_bitwise_difference(backend, probes, max_rows) is None
+
+
+def first_bitwise_difference(backend: Backend, probes: Array, max_rows: int) -> int | None:
+    """The smallest batch size at which some probe's output is not bit for bit its output alone;
+    None when there is none up to ``max_rows`` (see is_bitwise_batch_invariant)."""
     alone = np.concatenate([backend.run(probe[np.newaxis]) for probe in probes])
     count = len(probes)
     for size in range(2, max_rows + 1):
         order = (np.arange(size) + size) % count  # a different rotation for each size
         if not np.array_equal(backend.run(probes[order]), alone[order]):
-            return False
-    return True
+            return size
+    return None
+
+
+def bitwise_cost(probes: Array, max_rows: int) -> int:
+    """Input values first_bitwise_difference sends through the model: each probe alone, then
+    every batch size from 2 to ``max_rows``."""
+    rows = len(probes) + sum(range(2, max_rows + 1))
+    return rows * math.prod(probes.shape[1:])
+
+
+def measure_bitwise(
+    backend: Backend, probes: Array, max_rows: int, *, required: bool
+) -> BitwiseMeasurement:
+    """Measure bitwise batch invariance on this runtime when ``required`` or cheap.
+
+    Cheap means at most BITWISE_BUDGET_VALUES input values (``bitwise_cost``); above it an
+    unrequired measurement is skipped, so a large model does not pay ``max_rows**2 / 2`` rows of
+    inference at every start for a figure nobody asked for.
+    """
+    cost = bitwise_cost(probes, max_rows)
+    if not required and cost > BITWISE_BUDGET_VALUES:
+        return BitwiseMeasurement(
+            None,
+            max_rows,
+            f"not measured here: {cost:,} input values through the model, over the "
+            f"{BITWISE_BUDGET_VALUES:,} measured unasked",
+        )
+    first = first_bitwise_difference(backend, probes, max_rows)
+    if first is None:
+        rows = f"every batch size from 2 to {max_rows}" if max_rows > 1 else "batches of 1"
+        note = f"{len(probes)} golden inputs, alone and in {rows}"
+        return BitwiseMeasurement(True, max_rows, note)
+    note = f"outputs alone and in a batch of {first} are not bit for bit the same (golden inputs)"
+    return BitwiseMeasurement(False, max_rows, note, first)
 
 
 def wild_mates(inputs: Array, rng: np.random.Generator, count: int = 64) -> Array:
@@ -158,20 +229,59 @@ def golden_inputs(manifest: Manifest) -> Array:
     return np.asarray(manifest.golden.inputs, dtype=np.float32).reshape(-1, *shape)
 
 
-def verify_loaded_model(manifest: Manifest, backend: Backend) -> VerificationReport:
-    """Everything the server checks before a model version is served (files checked first)."""
+def invariance_batch_sizes(sample_values: int, max_rows: int | None = None) -> tuple[int, ...]:
+    """The batch sizes the tolerance check of batch invariance tries, for one model version.
+
+    INVARIANCE_BATCH_SIZES, with each size above the row cap ``max_rows`` lowered to the cap
+    (larger batches never run in serving), then cut to what one probe's batches (and the probe
+    alone) fit in INVARIANCE_BUDGET_VALUES input values, so big inputs are not absurdly slow to
+    load. A batch of 2 is always tried: it is the smallest proof that a batch mate changes
+    nothing, and catches a BatchNorm left in training mode.
+    """
+    cap = max(2, max_rows if max_rows is not None else max(INVARIANCE_BATCH_SIZES))
+    sizes = sorted({min(size, cap) for size in INVARIANCE_BATCH_SIZES})
+    kept, rows = [2], 1 + 2
+    for size in sizes[1:]:
+        rows += size
+        if rows * sample_values > INVARIANCE_BUDGET_VALUES:
+            break
+        kept.append(size)
+    return tuple(kept)
+
+
+def verify_loaded_model(
+    manifest: Manifest, backend: Backend, max_rows: int | None = None
+) -> VerificationReport:
+    """Everything the server checks before a model version is served (files checked first).
+
+    ``max_rows`` is the version's row cap in serving; it and the input size choose the batch
+    sizes of the batch-invariance check (see invariance_batch_sizes).
+    """
     check_no_batch_statistics(backend)
     golden_diff = check_golden(backend, manifest)
     inputs = golden_inputs(manifest)
+    sizes = invariance_batch_sizes(math.prod(manifest.inputs[0].shape), max_rows)
     rng = np.random.default_rng(0)
+    # The artifact states its own tolerance, but batch invariance is the product's promise:
+    # the server never accepts a looser bound than its own.
+    bound = Tolerance(
+        atol=min(manifest.verification.atol, INVARIANCE_ATOL),
+        rtol=min(manifest.verification.rtol, INVARIANCE_RTOL),
+    )
     invariance = check_batch_invariance(
         backend,
         inputs[:4],
-        wild_mates(inputs, rng),
-        # The artifact states its own tolerance, but batch invariance is the product's promise:
-        # the server never accepts a looser bound than its own.
-        atol=min(manifest.verification.atol, INVARIANCE_ATOL),
-        rtol=min(manifest.verification.rtol, INVARIANCE_RTOL),
+        # As many mates as the largest batch holds: for large inputs the mates are megabytes.
+        wild_mates(inputs, rng, count=max(sizes)),
+        atol=bound.atol,
+        rtol=bound.rtol,
         rng=rng,
+        batch_sizes=sizes,
     )
-    return VerificationReport(golden_max_abs_diff=golden_diff, batch_invariance_max_diff=invariance)
+    return VerificationReport(
+        golden_max_abs_diff=golden_diff,
+        batch_invariance_max_diff=invariance,
+        golden_tolerance=Tolerance(manifest.verification.atol, manifest.verification.rtol),
+        invariance_tolerance=bound,
+        invariance_batch_sizes=sizes,
+    )

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.errors import ClientDisconnected, FoldserveError, PayloadTooLarge
 from service.routes.responses import error_body
+from service.settings import setting_ref
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body; 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds max_body_bytes={limit}")
+        raise PayloadTooLarge(
+            f"request body of {_megabytes(int(declared))} exceeds {_body_limit(limit)}"
+        )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -51,10 +54,22 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"body exceeds max_body_bytes={limit}")
+            # Sent without a length (chunked): what arrived so far is all that is known.
+            raise PayloadTooLarge(
+                f"request body exceeds {_body_limit(limit)} ({_megabytes(size)} received)"
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _body_limit(limit: int) -> str:
+    return setting_ref("max_body_bytes", limit, _megabytes(limit) if limit >= 100_000 else "")
+
+
+def _megabytes(size: int) -> str:
+    """Bytes as a person reads them: 41.2 MB (10^6 bytes; exact counts stay in the setting)."""
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
 
 
 async def respond(

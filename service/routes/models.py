@@ -9,7 +9,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.errors import ModelNotFound
-from service.registry import ModelVersion, Registry
+from service.registry import ModelVersion, Registry, Status
+from service.verify import TOLERANCE_BASIS
 
 router = APIRouter()
 
@@ -28,17 +29,43 @@ def describe(entry: ModelVersion) -> dict[str, Any]:
     }
     if entry.backend is not None:
         info.update(backend=entry.backend.format, device=entry.backend.device)
-    if entry.report is not None:
+    report = entry.report
+    if report is not None:
         info.update(
-            golden_max_abs_diff=entry.report.golden_max_abs_diff,
-            batch_invariance_max_diff=entry.report.batch_invariance_max_diff,
+            golden_max_abs_diff=report.golden_max_abs_diff,
+            batch_invariance_max_diff=report.batch_invariance_max_diff,
+            tolerance={
+                "golden": dataclasses.asdict(report.golden_tolerance),
+                "batch_invariance": {
+                    **dataclasses.asdict(report.invariance_tolerance),
+                    "batch_sizes": report.invariance_batch_sizes,
+                },
+                "basis": TOLERANCE_BASIS,
+            },
         )
     if entry.batching is not None and entry.batcher is not None:
         info["batching"] = {**dataclasses.asdict(entry.batching), "inline": entry.batcher.inline}
     if entry.manifest is not None:
         spec = entry.manifest.inputs[0]
         info.update(task=entry.manifest.task, input_shape=spec.shape, labels=entry.manifest.labels)
+        claim = entry.manifest.verification
+        bits = entry.bitwise
+        info["bitwise_batch_invariance"] = {
+            # What the exporter measured on its runtime, then what this server measured on its
+            # own: another runtime, version or device may sum in another order.
+            "manifest": {
+                "bitwise_batch_invariant": claim.bitwise_batch_invariant,
+                "max_rows": claim.bitwise_max_rows,
+            },
+            "measured": None if bits is None else bits.invariant,
+            "max_rows": None if bits is None else bits.max_rows,
+            "note": bits.note if bits is not None else _unmeasured(entry),
+        }
     return info
+
+
+def _unmeasured(entry: ModelVersion) -> str:
+    return "not measured yet" if entry.status is Status.LOADING else "not measured"
 
 
 @router.get("/models")

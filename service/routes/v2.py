@@ -24,12 +24,11 @@ from starlette.types import Receive, Scope, Send
 from service import __version__
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput, ModelNotReady
-from service.registry import ModelVersion
+from service.registry import BatchingChoice, ModelVersion
 from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
 from service.routes.models import registry_of
 from service.routes.paths import path_version
 from service.routes.responses import error_body
-from service.settings import Settings
 from service.store import Manifest, TensorSpec
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -126,6 +125,12 @@ def _split(body: bytes, declared: bytes | None) -> tuple[dict[str, Any], memoryv
     if "id" in payload and not isinstance(payload["id"], str):
         raise InvalidInput(f'"id" must be a string, got {payload["id"]!r}')
     return payload, view[length:]
+
+
+def _batching(entry: ModelVersion) -> BatchingChoice:
+    if entry.batching is None:
+        raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
+    return entry.batching
 
 
 def _manifest(entry: ModelVersion) -> Manifest:
@@ -331,14 +336,14 @@ async def model_config(request: Request, name: str, version: str | None = None) 
     def dims(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
         return [{"name": s.name, "data_type": "TYPE_FP32", "dims": list(s.shape)} for s in specs]
 
-    settings: Settings = request.app.state.settings
     return _json(
         {
             "name": entry.name,
             "platform": _PLATFORMS[fmt],
             # NOTE: the batcher splits a large request into batches of the manifest's row cap,
-            # so the largest batch one request may carry is the queue's bound, not that cap.
-            "max_batch_size": settings.max_queue_rows,
+            # so the largest batch one request may carry is the queue's bound, not that cap:
+            # max_queue_rows, or fewer for large inputs (max_queue_bytes).
+            "max_batch_size": _batching(entry).max_queue_rows,
             "input": dims(manifest.inputs),
             "output": dims(manifest.outputs),
             "dynamic_batching": {},

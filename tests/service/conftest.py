@@ -168,6 +168,83 @@ def add_version(
     return write_version(root, name, files, manifest)
 
 
+def add_onnx_version(
+    root: Path,
+    name: str,
+    onnx_bytes: bytes,
+    golden_inputs: np.ndarray,
+    *,
+    labels: list[str] | None = None,
+    bitwise_claim: tuple[bool, int] | None = None,
+    batching: BatchingConfig | None = None,
+) -> Path:
+    """Store any one-input, one-output ONNX model with a manifest; golden outputs are what
+    onnxruntime computes on it for ``golden_inputs`` in one batch, as the exporter records them.
+
+    ``bitwise_claim`` is what the exporter would have recorded: (bitwise_batch_invariant, rows).
+    """
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    golden_inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
+    (golden_outputs,) = session.run(None, {inp.name: golden_inputs})
+    claim, claim_rows = bitwise_claim if bitwise_claim is not None else (None, None)
+
+    def manifest(version: int, digests: dict[str, str]) -> Manifest:
+        return Manifest(
+            name=name,
+            version=version,
+            architecture="test graph",
+            task="classification" if labels else "regression",
+            inputs=(TensorSpec(name=inp.name, shape=golden_inputs.shape[1:]),),
+            outputs=(TensorSpec(name=out.name, shape=golden_outputs.shape[1:]),),
+            labels=labels or [],
+            files=(
+                ModelFile(
+                    format="onnx",
+                    path="model.onnx",
+                    sha256=digests["model.onnx"],
+                    size_bytes=len(onnx_bytes),
+                ),
+            ),
+            batch_norm=(),
+            verification=Verification(
+                atol=1e-5,
+                rtol=1e-5,
+                batch_statistics_ops=0,
+                max_abs_diff={"onnx": 0.0},
+                batch_invariance_max_diff=0.0,
+                samples_checked=len(golden_inputs),
+                bitwise_batch_invariant=claim,
+                bitwise_max_rows=claim_rows,
+            ),
+            provenance=Provenance(
+                entry_point="import",
+                fold_path="onnx",
+                bn_stats="as_imported",
+                onnx_opset=17,
+                command="tests/service/conftest.py",
+                created_at="2026-01-01T00:00:00Z",
+            ),
+            golden=Golden(
+                inputs=golden_inputs.reshape(len(golden_inputs), -1).tolist(),
+                outputs=golden_outputs.reshape(len(golden_outputs), -1).tolist(),
+            ),
+            batching=batching or BatchingConfig(),
+        )
+
+    return write_version(root, name, {"model.onnx": onnx_bytes}, manifest)
+
+
+def onnx_reference(version: Path, x: np.ndarray) -> np.ndarray:
+    """What onnxruntime computes on a stored version's file, with the server's one thread."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    path = str(version / "model.onnx")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: np.asarray(x, dtype=np.float32)})
+    return np.asarray(out)
+
+
 @pytest.fixture
 def store(tmp_path: Path, artifacts: Artifacts) -> Path:
     root = tmp_path / "store"
