@@ -4,3 +4,26 @@ verify and store. Three entry points share one path: ``foldserve train`` (the de
 
 The server (``service``) never imports this package.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from foldserve.from_module import export, load_module
+    from foldserve.from_onnx import import_onnx
+
+__all__ = ["export", "import_onnx", "load_module"]
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: lazy, so `import foldserve` costs nothing and works where torch is not installed.
+    if name in ("export", "load_module"):
+        from foldserve import from_module
+
+        return getattr(from_module, name)
+    if name == "import_onnx":
+        from foldserve import from_onnx
+
+        return from_onnx.import_onnx
+    raise AttributeError(f"module 'foldserve' has no attribute {name!r}")

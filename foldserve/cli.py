@@ -1,25 +1,47 @@
-"""``foldserve train ARCH --store DIR``: build, verify and store one model version."""
+"""``foldserve train | export | import``: three ways into the model store, one pipeline behind them.
+
+    foldserve train digits-mlp --store model_store
+    foldserve export --model mypkg.nets:build --checkpoint net.pt --input-shape 3,64,64 \\
+        --store model_store --name my-net [--bn-stats population --calibration train.npy]
+    foldserve import model.onnx --store model_store --name their-net
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-from foldserve.demos.models import ARCHITECTURES, get_architecture
-from foldserve.demos.train import TrainConfig
-from foldserve.pipeline import PipelineResult, run
-from service.errors import FoldserveError
+from service.errors import FoldingError, FoldserveError
+from service.store import BatchNormRecord, Manifest
+
+TASKS = ("classification", "regression", "segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="foldserve train",
-        description="Train a BatchNorm network, freeze its statistics, fold every BN away, "
-        "export ONNX + TorchScript, verify them, and store a new model version.",
+    parser = argparse.ArgumentParser(prog="foldserve", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands.add_parser("train", help="train a demo network and store it"))
+    _add_export(commands.add_parser("export", help="fold and store your own nn.Module"))
+    _add_import(commands.add_parser("import", help="fold and store an ONNX file"))
+    return parser
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    try:
+        from foldserve.demos.models import ARCHITECTURES
+    except ImportError:  # `foldserve import` works without torch; train says so when run
+        ARCHITECTURES = {}
+
+    parser.description = (
+        "Train a BatchNorm network, freeze its statistics, fold every BN away, "
+        "export ONNX + TorchScript, verify them, and store a new model version."
     )
-    parser.add_argument("arch", choices=sorted(ARCHITECTURES), help="architecture to train")
+    parser.add_argument("arch", choices=sorted(ARCHITECTURES) or None, help="architecture to train")
     parser.add_argument("--store", type=Path, required=True, help="model store root folder")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument(
@@ -31,15 +53,89 @@ def build_parser() -> argparse.ArgumentParser:
         default="population",
         help="statistics to freeze: population (exact, recomputed; default) or ema (running)",
     )
-    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, required=True, help="model store root folder")
+    parser.add_argument("--name", required=True, help="model name in the store")
+    parser.add_argument("--labels", type=Path, help="class labels: one per line, or a JSON list")
+    parser.add_argument("--task", choices=TASKS, help="default: from the labels and output shape")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="data to check on (and compute statistics from): .npy, .npz or a folder of images",
+    )
+    parser.add_argument("--calibration-key", help="the array to use in an .npz file")
+    parser.add_argument("--calibration-limit", type=int, help="use the first N samples only")
+    parser.add_argument("--image-mean", type=_floats, help="image folders: per-channel mean")
+    parser.add_argument("--image-std", type=_floats, help="image folders: per-channel std")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generated inputs and probes")
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Freeze the statistics of your BatchNorm network, fold every BN, export ONNX + "
+        "TorchScript, verify them against the eval-mode module, and store a new version."
+    )
+    parser.add_argument("--model", required=True, help="MODULE:FACTORY or path/file.py:FACTORY")
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON for FACTORY")
+    parser.add_argument("--checkpoint", type=Path, help="a state_dict (or a whole saved module)")
+    parser.add_argument(
+        "--input-shape", type=_ints, required=True, help="one sample's shape, e.g. 3,224,224"
+    )
+    parser.add_argument(
+        "--bn-stats",
+        choices=("ema", "population"),
+        help="ema: the running estimates (default without data); population: recomputed over "
+        "--calibration (default with data)",
+    )
+    _add_common(parser)
+
+
+def _add_import(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Fold every BatchNormalization of an ONNX file, verify the result against the original "
+        "in ONNX Runtime, and store a new version."
+    )
+    parser.add_argument("onnx", type=Path, help="the ONNX file")
+    parser.add_argument("--input-shape", type=_ints, help="one sample's shape, if symbolic")
+    _add_common(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    _configure_logging()
+    command = "foldserve " + shlex.join(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "export":
+            return _export(args, command)
+        return _import(args, command)
+    except FoldserveError as exc:
+        name = getattr(args, "name", None) or getattr(args, "arch", "the model")
+        print(f"refused: {name} was not stored: {exc.message}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("torch", "PIL", "monai", "onnxscript", "sklearn", "tqdm"):
+            raise
+        print(
+            f"foldserve {args.command} needs the training extra (no module {exc.name!r}): "
+            "pip install 'foldserve[train]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from foldserve.demos.build import run
+    from foldserve.demos.models import get_architecture
+    from foldserve.demos.train import TrainConfig
+
     if args.epochs is not None and args.epochs < 1:
         print(f"error: --epochs must be at least 1, got {args.epochs}", file=sys.stderr)
         return 2
-    _configure_logging()
     arch = get_architecture(args.arch)
     config = TrainConfig(
         arch=arch.name,
@@ -47,44 +143,164 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs if args.epochs is not None else arch.default_epochs,
         bn_stats=args.bn_stats,
     )
-    try:
-        result = run(config, args.store)
-    except FoldserveError as exc:
-        print(f"refused: {arch.name} was not stored: {exc.message}", file=sys.stderr)
-        return 1
-    print(summary(result))
-    return 0
-
-
-def summary(result: PipelineResult) -> str:
-    manifest, acc, check = result.manifest, result.accuracies, result.manifest.verification
-    chosen = manifest.provenance.bn_stats
+    result = run(config, args.store)
+    acc = result.accuracies
     rows = [
         ("held-out accuracy, ema statistics", f"{acc.ema:.4f}"),
         ("held-out accuracy, population statistics", f"{acc.population:.4f}"),
-        (f"held-out accuracy, unfolded with {chosen} (exported)", f"{acc.exported_stats:.4f}"),
+        (
+            f"held-out accuracy, unfolded with {config.bn_stats} (exported)",
+            f"{acc.exported_stats:.4f}",
+        ),
         ("held-out accuracy, the ONNX file", f"{acc.onnx:.4f}"),
+    ]
+    print(summary(result.path, result.manifest, result.seconds, rows))
+    return 0
+
+
+def _export(args: argparse.Namespace, command: str) -> int:
+    from foldserve import calibration
+    from foldserve.from_module import export, load_module
+
+    model = load_module(args.model, args.model_kwargs, args.checkpoint)
+    source = args.model + (f" with {json.dumps(args.model_kwargs)}" if args.model_kwargs else "")
+    if args.checkpoint is not None:
+        source += f", checkpoint {args.checkpoint}"
+    data = _calibration(args, tuple(args.input_shape), calibration)
+    result = export(
+        model,
+        args.input_shape,
+        store=args.store,
+        name=args.name,
+        labels=_labels(args.labels),
+        task=args.task,
+        bn_stats=args.bn_stats,
+        calibration=data,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+        command=command,
+        source=source,
+    )
+    print(summary(result.path, result.build.manifest, result.build.seconds))
+    return 0
+
+
+def _import(args: argparse.Namespace, command: str) -> int:
+    from foldserve import calibration
+    from foldserve.from_onnx import import_onnx
+
+    shape = tuple(args.input_shape) if args.input_shape else None
+    data = _calibration(args, shape, calibration) if shape else args.calibration
+    result = import_onnx(
+        args.onnx,
+        store=args.store,
+        name=args.name,
+        labels=_labels(args.labels),
+        task=args.task,
+        calibration=data,
+        input_shape=shape,
+        seed=args.seed,
+        command=command,
+    )
+    extra = [("batch dimension", "made dynamic")] if result.batch_made_dynamic else []
+    print(summary(result.path, result.build.manifest, result.build.seconds, extra))
+    return 0
+
+
+def _calibration(args: argparse.Namespace, shape: tuple[int, ...], calibration: Any) -> Any:
+    if args.calibration is None:
+        return None
+    return calibration.load(
+        args.calibration,
+        shape,
+        key=args.calibration_key,
+        mean=args.image_mean,
+        std=args.image_std,
+        limit=args.calibration_limit,
+    )
+
+
+def summary(
+    path: Path,
+    manifest: Manifest,
+    seconds: dict[str, float],
+    extra: list[tuple[str, str]] | None = None,
+) -> str:
+    """What was stored and what was proven, as a short table."""
+    check, origin = manifest.verification, manifest.provenance
+    bitwise = {True: "yes", False: "no", None: "not measured"}[check.bitwise_batch_invariant]
+    rows = [
+        *(extra or []),
+        ("statistics", origin.bn_stats),
+        ("checked on", origin.calibration or "-"),
+        ("folded with", origin.fold_path),
         *(
-            (f"max |{fmt} - unfolded eval model|", f"{diff:.3g}")
+            (
+                f"max |{fmt} - unfolded eval model|",
+                f"{diff:.3g} ({check.max_rel_diff.get(fmt, 0):.2g} rel)",
+            )
             for fmt, diff in check.max_abs_diff.items()
         ),
         ("max change of an output alone vs in a batch", f"{check.batch_invariance_max_diff:.3g}"),
-        ("tolerance (atol, rtol)", f"{check.atol:g}, {check.rtol:g}"),
-        ("held-out samples compared", str(check.samples_checked)),
+        (f"bitwise batch-invariant (ONNX Runtime, 1..{check.bitwise_max_rows} rows)", bitwise),
+        ("tolerance (atol, rtol of each sample's scale)", f"{check.atol:g}, {check.rtol:g}"),
+        ("samples compared", str(check.samples_checked)),
         ("batch-statistics ops left", str(check.batch_statistics_ops)),
-        *((f"seconds: {step}", f"{seconds:.1f}") for step, seconds in result.seconds.items()),
+        *((f"seconds: {step}", f"{value:.1f}") for step, value in seconds.items()),
     ]
+    if origin.dtype_conversion:
+        rows.insert(0, ("converted", origin.dtype_conversion))
     width = max(len(label) for label, _ in rows)
-    lines = [f"stored {manifest.name} version {manifest.version} at {result.path}", ""]
+    lines = [f"stored {manifest.name} version {manifest.version} at {path}", ""]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    lines += ["", f"  {'BatchNorm':<16} {'features':>8}  {'placement':<22} target"]
-    lines += [
-        f"  {bn.name:<16} {bn.features:>8}  {bn.placement:<22} {bn.target or '-'}"
-        for bn in manifest.batch_norm
-    ]
+    lines += ["", *_batch_norm_table(manifest.batch_norm)]
     files = ", ".join(f"{f.path} ({f.size_bytes / 1024:.0f} KiB)" for f in manifest.files)
-    lines += ["", f"files: {files}", f"reproduce: {manifest.provenance.command}"]
+    lines += ["", f"files: {files}", f"reproduce: {origin.command}"]
     return "\n".join(lines)
+
+
+def _batch_norm_table(records: tuple[BatchNormRecord, ...]) -> list[str]:
+    if not records:
+        return ["  no BatchNorm layers"]
+    width = min(40, max(16, *(len(bn.name) for bn in records)))
+    lines = [f"  {'BatchNorm':<{width}} {'features':>8}  {'placement':<22} {'shift':>7}  target"]
+    for bn in records:
+        shift = f"{bn.stats_shift.max_mean_shift:7.3f}" if bn.stats_shift else f"{'-':>7}"
+        lines.append(
+            f"  {bn.name:<{width}} {bn.features:>8}  {bn.placement:<22} {shift}  {bn.target or '-'}"
+        )
+    return lines
+
+
+def _labels(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        labels = json.loads(text)
+        if not isinstance(labels, list):
+            raise FoldingError(f"{path}: a JSON list of labels was expected")
+        return [str(label) for label in labels]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected numbers like 3,224,224, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers like 3,224,224, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.485,0.456,0.406: {text!r}"
+        ) from exc
 
 
 def _configure_logging() -> None:

@@ -9,6 +9,8 @@ Each BatchNorm, in graph order, goes to the first place that keeps the outputs e
 3. ``frozen_affine``: otherwise it becomes ``x * scale + shift`` with constant buffers.
 
 The work happens on an eval-mode deep copy traced with torch.fx; the caller's model is untouched.
+On that copy, weight and spectral norms (hooks or parametrizations) are baked into plain weights
+first; any other module hook is refused, since tracing would silently drop or misplace it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from foldserve.affine import (
     ChannelAffine,
@@ -51,6 +57,10 @@ _PREVIOUS_LAYER_TYPES: frozenset[type[nn.Module]] = frozenset(
 _NEXT_LAYER_TYPES: frozenset[type[nn.Module]] = frozenset(
     {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d}
 )
+
+
+class UntraceableError(FoldingError):
+    """torch.fx cannot trace the model faithfully; the ONNX-level fold may still work."""
 
 
 @dataclass(frozen=True)
@@ -141,20 +151,96 @@ def _trace_eval_copy(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         )
     # NOTE: eval before tracing, so `self.training` branches and functional dropout are traced in
     # their inference form.
-    copy = deepcopy(model).eval()
+    copy = prepare_eval_copy(model)
+    with torch.no_grad():
+        try:
+            expected = copy(example)
+        except Exception as exc:
+            raise FoldingError(
+                f"example of shape {tuple(example.shape)} does not run through the model: {exc}"
+            ) from exc
     try:
         graph_module = fx.symbolic_trace(copy)
     except Exception as exc:  # fx raises many types for untraceable Python
-        raise FoldingError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+        raise UntraceableError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
     _refuse_functional_batch_norm(graph_module)
     try:
         with torch.no_grad():
-            ShapeProp(graph_module).propagate(example)
-    except RuntimeError as exc:
-        raise FoldingError(
-            f"example of shape {tuple(example.shape)} does not run through the model: {exc}"
+            traced = ShapeProp(graph_module).propagate(example)
+    except Exception as exc:
+        raise UntraceableError(
+            f"torch.fx traced {type(model).__name__} into a program that does not run on the "
+            f"example (data-dependent control flow?): {exc}"
         ) from exc
+    _check_trace_is_faithful(type(model).__name__, expected, traced)
     return graph_module
+
+
+def prepare_eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode deep copy with weight/spectral norms baked in; refuses any other hook."""
+    copy = deepcopy(model).eval()
+    bake_weight_reparametrizations(copy)
+    refuse_hooks(copy)
+    return copy
+
+
+def bake_weight_reparametrizations(model: nn.Module) -> list[str]:
+    """Replace weight_norm / spectral_norm by the weight they compute now (eval: no power step).
+
+    Covers the old hook-based utilities and ``torch.nn.utils.parametrizations``. Returns what was
+    baked, as ``module.parameter`` names.
+    """
+    baked: list[str] = []
+    for name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                remove_weight_norm(module, hook.name)
+                baked.append(f"{name}.{hook.name} (weight_norm)")
+            elif isinstance(hook, SpectralNorm):
+                remove_spectral_norm(module, hook.name)
+                baked.append(f"{name}.{hook.name} (spectral_norm)")
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+                baked.append(f"{name}.{tensor_name} (parametrization)")
+    return baked
+
+
+def refuse_hooks(model: nn.Module) -> None:
+    """Forward hooks change what a module computes, and a traced graph drops or misplaces them."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        raise FoldingError(
+            "global forward hooks are registered (torch.nn.modules.module."
+            "register_module_forward_hook): remove them before exporting"
+        )
+    hooked = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if module._forward_hooks or module._forward_pre_hooks
+    ]
+    if hooked:
+        raise FoldingError(
+            f"forward hooks on {', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: "
+            "folding cannot keep what a hook does to a layer's input or output; remove the hooks "
+            "(handle.remove()) or move their computation into forward()"
+        )
+
+
+def _check_trace_is_faithful(name: str, expected: object, traced: object) -> None:
+    if not (isinstance(expected, torch.Tensor) and isinstance(traced, torch.Tensor)):
+        raise FoldingError(f"{name} must return one tensor, got {type(expected).__name__}")
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    # NOTE: non-finite outputs must match too (isclose: inf == inf, NaN == NaN); refusing them
+    # is the statistics checks' job, with a better message.
+    same = expected.shape == traced.shape and bool(
+        torch.isclose(traced, expected, rtol=0.0, atol=1e-5 * (1.0 + scale), equal_nan=True).all()
+    )
+    if not same:
+        raise UntraceableError(
+            f"torch.fx traced {name} into a program whose outputs differ from its forward() "
+            "(data-dependent control flow is fixed at trace time)"
+        )
 
 
 def _refuse_functional_batch_norm(graph_module: fx.GraphModule) -> None:

@@ -1,190 +1,241 @@
-"""train -> freeze statistics -> fold -> export -> verify -> store: one function, top to bottom."""
+"""The one path every entry point ends in: fold -> serialize -> verify -> store.
+
+``foldserve train`` (a demo), ``foldserve export`` (your module) and ``foldserve import`` (an ONNX
+file) each make a frozen model and the inputs to check it on, then call ``build_version`` (torch
+modules) or ``store_verified`` (ONNX files already folded). Nothing is stored unless every check
+passes.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
+import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+import onnx
 
-from foldserve.demos.data import Dataset, load_dataset
-from foldserve.demos.models import Architecture, get_architecture
-from foldserve.demos.train import TrainConfig, accuracy, train
-from foldserve.export import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    export_onnx,
-    export_torchscript,
-    onnx_opset,
-)
-from foldserve.fold import FoldResult, fold_batch_norms
-from foldserve.stats import set_population_statistics
+from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, Features
 from foldserve.verify_export import ExportedFile, VerifiedExport, verify_exports
+from service.backends import Array
 from service.store import (
+    BatchingConfig,
+    BatchNormRecord,
+    FoldPath,
     Golden,
     Manifest,
     ModelFile,
-    ModelFormat,
     Provenance,
+    StatsShift,
     TensorSpec,
     read_manifest,
     write_version,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# NOTE: torch is imported inside the functions that fold modules: `foldserve import` (ONNX files)
+# runs this module without torch.
+Task = Literal["classification", "regression", "segmentation"]
+FILENAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 GOLDEN_SAMPLES = 8
-FILENAMES: dict[ModelFormat, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
+# NOTE: golden samples live in the manifest as JSON numbers; past ~200k numbers in all the file
+# grows to megabytes, so a big input (3x224x224: 150,528 numbers) keeps one golden sample.
+GOLDEN_NUMBERS = 200_000
+# NOTE: the row cap bounds one backend call's input; 16 MiB keeps 64 rows for small samples and
+# 27 rows of 3x224x224 float32.
+BATCH_INPUT_BYTES = 16 << 20
+DEFAULT_ROW_CAP = 64
 
 
 @dataclass(frozen=True)
-class Accuracies:
-    ema: float  # held-out accuracy, eval mode with PyTorch's running estimates
-    population: float  # the same with population statistics
-    exported_stats: float  # the unfolded eval-mode model with the statistics being exported
-    onnx: float  # the exported ONNX file itself
+class ModelCard:
+    """What the manifest says about the model, apart from files and checks."""
+
+    name: str
+    architecture: str
+    task: Task
+    sample_shape: tuple[int, ...]
+    labels: list[str] = field(default_factory=list)
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
 
 
 @dataclass(frozen=True)
-class PipelineResult:
+class Folded:
+    """A model with every BatchNorm folded, serialized and not yet verified."""
+
+    files: list[ExportedFile]
+    records: tuple[BatchNormRecord, ...]
+    fold_path: FoldPath
+    note: str | None = None  # why the fallback path was taken, if it was
+
+
+@dataclass(frozen=True)
+class BuildResult:
     path: Path  # the new version's folder
     manifest: Manifest
-    accuracies: Accuracies
-    fold: FoldResult
-    seconds: dict[str, float]  # wall time per step: train, statistics, fold, export, verify
+    folded: Folded
+    verified: VerifiedExport
+    seconds: dict[str, float]  # wall time per step
 
 
-def reproduce_command(config: TrainConfig, store: Path) -> str:
-    return (
-        f"foldserve train {config.arch} --store {store} --seed {config.seed} "
-        f"--epochs {config.epochs} --bn-stats {config.bn_stats}"
-    )
+def row_cap(sample_shape: tuple[int, ...]) -> int:
+    sample_bytes = 4 * max(1, math.prod(sample_shape))
+    return max(1, min(DEFAULT_ROW_CAP, BATCH_INPUT_BYTES // sample_bytes))
 
 
-def run(config: TrainConfig, store: Path, *, progress: bool = True) -> PipelineResult:
-    """Build one model version in ``store``; raises (and stores nothing) if any check fails."""
-    arch = get_architecture(config.arch)
-    data = load_dataset(arch.dataset, arch.sample_shape)
-    # NOTE: one thread makes the float reductions, hence the trained weights, the same on every
-    # machine for a given seed; these models are too small to gain from more threads anyway.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
+    """Fold with torch.fx and write ONNX + TorchScript; if fx cannot trace the model faithfully,
+    export it unfolded to ONNX and fold there (ONNX only: TorchScript would keep the BNs)."""
+    from foldserve.fold import UntraceableError, fold_batch_norms, prepare_eval_copy
+    from foldserve.serialize import export_onnx, export_torchscript
+
     try:
-        return _run(config, arch, data, store, progress)
-    finally:
-        torch.set_num_threads(threads)
+        fold = fold_batch_norms(model, example)
+    except UntraceableError as exc:
+        from foldserve.onnx_fold import fold_onnx_batch_norms
 
-
-def _run(
-    config: TrainConfig, arch: Architecture, data: Dataset, store: Path, progress: bool
-) -> PipelineResult:
-    seconds: dict[str, float] = {}
-    with _timed(seconds, "train"):
-        trained = train(config, arch, data, progress=progress)
-
-    # Two frozen versions of the same weights: EMA estimates as trained, and population stats.
-    with _timed(seconds, "statistics"):
-        ema_model = copy.deepcopy(trained).eval()
-        population_model = copy.deepcopy(trained)
-        set_population_statistics(population_model, data.x_train)
-    chosen = population_model if config.bn_stats == "population" else ema_model
-
-    example = torch.from_numpy(data.x_train[:8])  # (8, *sample_shape); the exporter needs >= 2
-    with _timed(seconds, "fold"):
-        fold = fold_batch_norms(chosen, example)
-    with _timed(seconds, "export"):
-        onnx_bytes = export_onnx(fold.module, example)
-        torchscript_bytes = export_torchscript(fold.module, example)
-    exports = [
-        ExportedFile("onnx", FILENAMES["onnx"], onnx_bytes),
-        ExportedFile("torchscript", FILENAMES["torchscript"], torchscript_bytes),
-    ]
-    # The reference is the unfolded model with the statistics being exported, in eval mode.
-    with _timed(seconds, "verify"):
-        verified = verify_exports(exports, chosen, data.x_test, seed=config.seed)
-
-    accuracies = Accuracies(
-        ema=accuracy(ema_model, data.x_test, data.y_test),
-        population=accuracy(population_model, data.x_test, data.y_test),
-        exported_stats=accuracy(chosen, data.x_test, data.y_test),
-        onnx=float((verified.outputs["onnx"].argmax(axis=1) == data.y_test).mean()),
+        unfolded = export_onnx(prepare_eval_copy(model), example, optimize=False)
+        result = fold_onnx_batch_norms(onnx.load_model_from_string(unfolded))
+        content = result.model.SerializeToString()
+        return Folded(
+            files=[ExportedFile("onnx", FILENAMES["onnx"], content)],
+            records=result.records,
+            fold_path="onnx",
+            note=f"folded in ONNX: {exc.message}",
+        )
+    return Folded(
+        files=[
+            ExportedFile("onnx", FILENAMES["onnx"], export_onnx(fold.module, example)),
+            ExportedFile(
+                "torchscript", FILENAMES["torchscript"], export_torchscript(fold.module, example)
+            ),
+        ],
+        records=fold.records,
+        fold_path="torch.fx",
     )
-    contents = {export.filename: export.content for export in exports}
+
+
+def build_version(
+    model: nn.Module,
+    card: ModelCard,
+    check_inputs: Features,
+    expected: Array,
+    store: Path,
+    provenance: Mapping[str, Any],
+    *,
+    stats_shifts: Mapping[str, StatsShift] | None = None,
+    seed: int = 0,
+    seconds: dict[str, float] | None = None,
+) -> BuildResult:
+    """Fold ``model`` (eval mode, float32, statistics frozen), verify it against ``expected``
+    (its outputs on ``check_inputs``) and store it as the next version of ``card.name``."""
+    import torch
+
+    seconds = {} if seconds is None else seconds
+    example = torch.from_numpy(np.ascontiguousarray(check_inputs[:2]))
+    with timed(seconds, "fold+export"):
+        folded = fold_and_serialize(model, example)
+    if stats_shifts:
+        folded = _with_shifts(folded, stats_shifts)
+    return store_verified(
+        folded, card, check_inputs, expected, store, provenance, seed=seed, seconds=seconds
+    )
+
+
+def store_verified(
+    folded: Folded,
+    card: ModelCard,
+    check_inputs: Features,
+    expected: Array,
+    store: Path,
+    provenance: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    seconds: dict[str, float] | None = None,
+) -> BuildResult:
+    """Verify ``folded`` against ``expected`` and write it, with its manifest, to ``store``."""
+    seconds = {} if seconds is None else seconds
+    cap = row_cap(card.sample_shape)
+    with timed(seconds, "verify"):
+        verified = verify_exports(
+            folded.files, expected, check_inputs, seed=seed, bitwise_max_rows=cap
+        )
+    contents = {export.filename: export.content for export in folded.files}
+    golden = _golden_count(card.sample_shape, len(check_inputs))
 
     def make_manifest(version: int, digests: dict[str, str]) -> Manifest:
-        return _manifest(
-            config, arch, data, store, version, digests, contents, fold, verified, accuracies
+        return Manifest(
+            name=card.name,
+            version=version,
+            architecture=card.architecture,
+            task=card.task,
+            inputs=(TensorSpec(name=card.input_name, shape=card.sample_shape),),
+            outputs=(TensorSpec(name=card.output_name, shape=tuple(expected.shape[1:])),),
+            labels=card.labels,
+            files=tuple(
+                ModelFile(
+                    format=export.format,
+                    path=export.filename,
+                    sha256=digests[export.filename],
+                    size_bytes=len(export.content),
+                )
+                for export in folded.files
+            ),
+            batch_norm=folded.records,
+            verification=verified.verification,
+            provenance=Provenance(
+                **provenance,
+                fold_path=folded.fold_path,
+                onnx_opset=onnx_opset(contents[FILENAMES["onnx"]]),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            ),
+            golden=Golden(
+                inputs=_rows(check_inputs[:golden]),
+                outputs=_rows(verified.outputs["onnx"][:golden]),
+            ),
+            batching=BatchingConfig(max_batch_size=cap),
         )
 
-    path = write_version(store, arch.name, contents, make_manifest)
-    return PipelineResult(path, read_manifest(path), accuracies, fold, seconds)
+    with timed(seconds, "store"):
+        path = write_version(store, card.name, contents, make_manifest)
+    return BuildResult(path, read_manifest(path), folded, verified, seconds)
+
+
+def onnx_opset(model: bytes) -> int:
+    """The default-domain opset the file declares (an exporter may raise the one asked for)."""
+    proto = onnx.load_model_from_string(model)
+    return next(
+        int(entry.version) for entry in proto.opset_import if entry.domain in ("", "ai.onnx")
+    )
+
+
+def _with_shifts(folded: Folded, shifts: Mapping[str, StatsShift]) -> Folded:
+    records = tuple(
+        record.model_copy(update={"stats_shift": shifts.get(record.name)})
+        for record in folded.records
+    )
+    return Folded(folded.files, records, folded.fold_path, folded.note)
+
+
+def _golden_count(sample_shape: tuple[int, ...], available: int) -> int:
+    per_sample = max(1, math.prod(sample_shape))
+    return max(1, min(GOLDEN_SAMPLES, GOLDEN_NUMBERS // per_sample, available))
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+def timed(seconds: dict[str, float], step: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
-    seconds[step] = time.perf_counter() - start
-
-
-def _manifest(
-    config: TrainConfig,
-    arch: Architecture,
-    data: Dataset,
-    store: Path,
-    version: int,
-    digests: dict[str, str],
-    contents: dict[str, bytes],
-    fold: FoldResult,
-    verified: VerifiedExport,
-    accuracies: Accuracies,
-) -> Manifest:
-    golden_inputs = data.x_test[:GOLDEN_SAMPLES]
-    golden_outputs = verified.outputs["onnx"][:GOLDEN_SAMPLES]
-    return Manifest(
-        name=arch.name,
-        version=version,
-        architecture=f"{arch.name}: {arch.summary}",
-        task="classification",
-        inputs=(TensorSpec(name=INPUT_NAME, shape=arch.sample_shape),),
-        outputs=(TensorSpec(name=OUTPUT_NAME, shape=(arch.num_classes,)),),
-        labels=list(data.labels),
-        files=tuple(
-            ModelFile(
-                format=fmt,
-                path=filename,
-                sha256=digests[filename],
-                size_bytes=len(contents[filename]),
-            )
-            for fmt, filename in FILENAMES.items()
-        ),
-        batch_norm=fold.records,
-        verification=verified.verification,
-        provenance=Provenance(
-            dataset=data.source,
-            split=data.split,
-            seed=config.seed,
-            epochs=config.epochs,
-            bn_stats=config.bn_stats,
-            train_config=dataclasses.asdict(config),
-            accuracy_ema=accuracies.ema,
-            accuracy_population=accuracies.population,
-            accuracy_unfolded_exported_stats=accuracies.exported_stats,
-            torch_version=torch.__version__,
-            onnx_opset=onnx_opset(contents[FILENAMES["onnx"]]),
-            command=reproduce_command(config, store),
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        ),
-        golden=Golden(
-            inputs=_rows(golden_inputs),
-            outputs=_rows(golden_outputs),
-        ),
-    )
+    seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - start
 
 
 def _rows(array: np.ndarray) -> list[list[float]]:

@@ -12,21 +12,24 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-import onnx
 import torch
 from torch import nn
+
+from foldserve.tensors import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 _torchscript_deprecation_logged = False
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
-    """One self-contained ONNX file with a dynamic batch dimension (weights embedded)."""
+def export_onnx(module: nn.Module, example: torch.Tensor, *, optimize: bool = True) -> bytes:
+    """One self-contained ONNX file with a dynamic batch dimension (weights embedded).
+
+    ``optimize=False`` skips the exporter's own graph optimizer, which would fold some
+    BatchNormalization ops into convolutions without telling us which.
+    """
     _check_example(example)
     # NOTE: the torch.export-based exporter (torch 2.13's default) handles the folded fx
     # GraphModule directly. It needs an example batch >= 2 to keep the batch dimension symbolic,
@@ -50,20 +53,13 @@ def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},),
+            optimize=optimize,
             verbose=False,
         )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     # Weights are initializers inside the proto; these models are far below protobuf's 2 GB cap.
     return bytes(program.model_proto.SerializeToString())
-
-
-def onnx_opset(model: bytes) -> int:
-    """The default-domain opset the exporter actually wrote (it may raise the one we ask for)."""
-    proto = onnx.load_model_from_string(model)
-    return next(
-        int(entry.version) for entry in proto.opset_import if entry.domain in ("", "ai.onnx")
-    )
 
 
 def export_torchscript(module: nn.Module, example: torch.Tensor) -> bytes:

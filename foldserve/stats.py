@@ -10,13 +10,18 @@ served.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
 
-from foldserve.demos.data import Features
+from foldserve.tensors import Samples
+from service.errors import FoldingError
+from service.store import StatsShift
 
 
 @dataclass
@@ -55,16 +60,15 @@ class _StopForward(Exception):
     """Raised by the hook once a BN's input is captured: later layers need not run."""
 
 
-def batch_norms_in_forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the BN modules in the order a forward pass first calls them."""
+def batch_norm_calls(model: nn.Module, example: torch.Tensor) -> Counter[str]:
+    """How often each BN module runs in one forward pass, in the order they first run."""
     names: dict[nn.Module, str] = {
         module: name for name, module in model.named_modules() if isinstance(module, _BatchNorm)
     }
-    order: list[str] = []
+    calls: Counter[str] = Counter()
 
     def record(module: nn.Module, _args: object) -> None:
-        if names[module] not in order:
-            order.append(names[module])
+        calls[names[module]] += 1
 
     handles = [module.register_forward_pre_hook(record) for module in names]
     try:
@@ -73,14 +77,26 @@ def batch_norms_in_forward_order(model: nn.Module, example: torch.Tensor) -> lis
     finally:
         for handle in handles:
             handle.remove()
-    return order
+    return calls
+
+
+def batch_norms_in_forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the BN modules in the order a forward pass first calls them."""
+    return list(batch_norm_calls(model, example))
 
 
 @torch.no_grad()
 def input_moments(
-    model: nn.Module, name: str, x: Features, batch_size: int = 256
+    model: nn.Module,
+    name: str,
+    x: Samples,
+    batch_size: int = 256,
+    progress: tqdm[None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-channel mean and biased variance (float64) of BN ``name``'s input over ``x``."""
+    """Exact per-channel mean and biased variance (float64) of BN ``name``'s input over ``x``.
+
+    ``x`` may be a memory-mapped array: it is read ``batch_size`` samples at a time.
+    """
     batch_norm = model.get_submodule(name)
     moments: ChannelMoments | None = None
 
@@ -95,8 +111,11 @@ def input_moments(
     model.eval()
     try:
         for start in range(0, len(x), batch_size):
+            batch = np.array(x[start : start + batch_size], dtype=np.float32)  # a writable copy
             with contextlib.suppress(_StopForward):
-                model(torch.from_numpy(x[start : start + batch_size]))
+                model(torch.from_numpy(batch))
+            if progress is not None:
+                progress.update(len(batch))
     finally:
         handle.remove()
     if moments is None:
@@ -104,17 +123,55 @@ def input_moments(
     return moments.mean, moments.variance
 
 
-def set_population_statistics(model: nn.Module, x: Features, batch_size: int = 256) -> list[str]:
-    """Replace every BN's running mean and variance in place; returns the BN names in order."""
-    # NOTE: the hook stops the forward at the first call of a BN; a BN called twice per forward
-    # would be seen at its first call site only, and we do not build such networks.
-    order = batch_norms_in_forward_order(model, torch.from_numpy(x[:2]))
-    for name in order:
-        batch_norm = model.get_submodule(name)
-        assert isinstance(batch_norm, _BatchNorm)
-        if batch_norm.running_mean is None or batch_norm.running_var is None:
-            raise ValueError(f"BatchNorm {name!r} keeps no running statistics to replace")
-        mean, var = input_moments(model, name, x, batch_size)
-        batch_norm.running_mean.copy_(mean.to(batch_norm.running_mean.dtype))
-        batch_norm.running_var.copy_(var.to(batch_norm.running_var.dtype))
-    return order
+def set_population_statistics(
+    model: nn.Module, x: Samples, batch_size: int = 256, *, progress: bool = False
+) -> dict[str, StatsShift]:
+    """Replace every BN's running mean and variance in place, layer after layer.
+
+    Returns, per BN in forward order, how far its statistics moved from the running ones.
+    Refuses a BN called at several places per forward pass: the statistics of one call site
+    depend on the BN's own output at an earlier one, so no layer-by-layer order exists.
+    """
+    calls = batch_norm_calls(model, torch.from_numpy(np.array(x[:2], dtype=np.float32)))
+    shared = [f"{name} ({count} calls)" for name, count in calls.items() if count > 1]
+    if shared:
+        raise FoldingError(
+            f"BatchNorm modules called at several places per forward: {', '.join(shared)}; "
+            "population statistics are defined per call site, so use the running estimates "
+            "(--bn-stats ema) or give each call site its own BatchNorm"
+        )
+    shifts: dict[str, StatsShift] = {}
+    bar = tqdm(
+        total=len(calls) * len(x),
+        desc="population statistics",
+        unit="sample",
+        disable=not progress,
+        leave=False,
+    )
+    with bar:
+        for name in calls:
+            batch_norm = model.get_submodule(name)
+            assert isinstance(batch_norm, _BatchNorm)
+            if batch_norm.running_mean is None or batch_norm.running_var is None:
+                raise FoldingError(
+                    f"BatchNorm {name!r} keeps no running statistics to replace "
+                    "(track_running_stats=False)"
+                )
+            bar.set_postfix_str(name, refresh=False)
+            mean, var = input_moments(model, name, x, batch_size, bar if progress else None)
+            shifts[name] = stats_shift(batch_norm, mean, var)
+            batch_norm.running_mean.copy_(mean.to(batch_norm.running_mean.dtype))
+            batch_norm.running_var.copy_(var.to(batch_norm.running_var.dtype))
+    return shifts
+
+
+def stats_shift(batch_norm: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> StatsShift:
+    """How far ``mean``/``var`` are from the BN's running statistics, in running-std units."""
+    assert batch_norm.running_mean is not None and batch_norm.running_var is not None
+    old_mean = batch_norm.running_mean.double()
+    old_var = batch_norm.running_var.double() + batch_norm.eps
+    new_var = var.double() + batch_norm.eps
+    mean_shift = ((mean.double() - old_mean).abs() / old_var.sqrt()).max()
+    log_ratio = (new_var / old_var).log().abs().max()
+    # Both finite: running_var + eps > 0 and finite statistics are checked before folding.
+    return StatsShift(max_mean_shift=float(mean_shift), max_abs_log_var_ratio=float(log_ratio))

@@ -1,4 +1,5 @@
-"""``foldserve serve`` runs the server; ``foldserve train`` hands over to the torch-only trainer."""
+"""``foldserve serve`` runs the server; ``train``, ``export`` and ``import`` hand over to the
+offline package (``foldserve``), which builds verified versions for the store."""
 
 from __future__ import annotations
 
@@ -44,16 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-model", help="model for requests naming none (digits-mlp)")
     serve.add_argument("--backend", choices=["onnx", "torchscript"], help="runtime (onnx)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (auto)")
-    commands.add_parser("train", help="train, fold and export a model (needs foldserve[train])")
+    commands.add_parser("train", help="train a demo, fold and store it (needs foldserve[train])")
+    commands.add_parser("export", help="fold and store your nn.Module (needs foldserve[train])")
+    commands.add_parser("import", help="fold and store an ONNX file from any exporter")
     return parser
 
 
 def settings_help() -> str:
     """Every setting with its variable, default and description, read off the Settings fields."""
     lines = ["every setting (flags above override these environment variables):"]
+    width = max(len(env_name(name)) for name in Settings.model_fields)
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        lines.append(f"  {env_name(name):<28} {default!s:<14} {field.description or ''}")
+        lines.append(f"  {env_name(name):<{width}} {default!s:<11} {field.description or ''}")
     return "\n".join(lines)
 
 
@@ -65,8 +69,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        return _train(argv[1:])  # the trainer owns its own flags
+    if argv[:1] in (["train"], ["export"], ["import"]):
+        return _offline(argv)  # the offline package owns its own flags
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
@@ -136,14 +140,14 @@ def _serve(settings: Settings) -> int:
         return supervisor.run()
 
 
-def _train(rest: list[str]) -> int:
+def _offline(argv: list[str]) -> int:
     try:
-        from foldserve.cli import main as train_main
+        from foldserve.cli import main as offline_main
     except ImportError as exc:
         print(
-            f"foldserve train needs the training extra ({exc}): pip install 'foldserve[train]'",
+            f"foldserve {argv[0]} needs the training extra ({exc}): pip install 'foldserve[train]'",
             file=sys.stderr,
         )
         return 2
-    result: int = train_main(rest)
+    result: int = offline_main(argv)
     return result

@@ -14,8 +14,9 @@ import numpy.typing as npt
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
+from foldserve.tensors import Features
+
 DatasetName = Literal["digits", "breast_cancer"]
-Features = npt.NDArray[np.float32]
 Targets = npt.NDArray[np.int64]
 
 HELD_OUT_FRACTION = 0.25

@@ -13,9 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from foldserve.demos.build import PipelineResult, run
 from foldserve.demos.models import ARCHITECTURES, get_architecture
 from foldserve.demos.train import TrainConfig
-from foldserve.pipeline import PipelineResult, run
 
 
 def _row(arch: str, epochs: int, results: list[PipelineResult]) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from foldserve.demos.data import Dataset, Features, Targets
+from foldserve.demos.data import Dataset, Targets
 from foldserve.demos.models import Architecture
+from foldserve.tensors import Features, predict
 
 BatchNormStats = Literal["ema", "population"]
 
@@ -81,14 +81,6 @@ def _train_epoch(
         schedule.step()
         total += loss.item()
     return total / max(steps, 1)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Features, batch_size: int = 512) -> np.ndarray:
-    """Logits of an eval-mode model, in float32."""
-    model.eval()
-    chunks = [model(torch.from_numpy(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-    return torch.cat(chunks).numpy()
 
 
 def accuracy(model: nn.Module, x: Features, y: Targets) -> float:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from foldserve.demos.build import PipelineResult, run
 from foldserve.demos.data import Dataset, load_dataset
 from foldserve.demos.models import get_architecture
 from foldserve.demos.train import TrainConfig, train
-from foldserve.pipeline import PipelineResult, run
 
 TINY_EPOCHS = 2
 

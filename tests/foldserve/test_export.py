@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from foldserve.demos.data import Dataset
-from foldserve.export import export_onnx, export_torchscript, onnx_opset
 from foldserve.fold import fold_batch_norms
+from foldserve.pipeline import onnx_opset
+from foldserve.serialize import export_onnx, export_torchscript
+from foldserve.tensors import predict
 from foldserve.verify_export import ATOL, ExportedFile, verify_exports
 from service.backends import BackendOptions
 from service.backends.onnx import OnnxBackend
@@ -42,7 +44,9 @@ def test_folded_exports_hold_no_batch_norm_and_pass_verification(
     assert {"Conv", "Mul", "Add"} <= ops  # the post-activation BN survives as a frozen affine
     assert b"batch_norm" not in torchscript_file.content
 
-    verified = verify_exports(folded_cnn_exports, copy.deepcopy(trained_cnn), digits_images.x_test)
+    verified = verify_exports(
+        folded_cnn_exports, predict(trained_cnn, digits_images.x_test), digits_images.x_test
+    )
     check = verified.verification
     assert check.batch_statistics_ops == 0
     assert check.samples_checked == len(digits_images.x_test)
@@ -79,7 +83,7 @@ def test_bn_left_in_training_mode_and_unfolded_is_caught(
         traced = export_torchscript(unfolded_training, example)
     torchscript = ExportedFile("torchscript", "model.ts", traced)
     with pytest.raises(VerificationError) as caught:
-        verify_exports([torchscript], copy.deepcopy(trained_mlp), digits_flat.x_test)
+        verify_exports([torchscript], predict(trained_mlp, digits_flat.x_test), digits_flat.x_test)
     print(f"TorchScript refused: {caught.value}")
     assert "batch-statistics ops" in str(caught.value)
     assert "BatchNorm1d" in str(caught.value)
@@ -89,7 +93,7 @@ def test_bn_left_in_training_mode_and_unfolded_is_caught(
     with pytest.raises(VerificationError, match="BatchNormalization") as caught:
         verify_exports(
             [ExportedFile("onnx", "model.onnx", onnx_bytes)],
-            copy.deepcopy(trained_mlp),
+            predict(trained_mlp, digits_flat.x_test),
             digits_flat.x_test,
         )
     print(f"ONNX refused: {caught.value}")
@@ -115,7 +119,7 @@ def test_batch_statistics_without_a_batch_norm_op_are_caught(
     assert "BatchNormalization" not in str(onnx.load_model_from_string(exported.content).graph)
     # As reference, the same module: on the whole held-out batch the outputs agree ...
     with pytest.raises(VerificationError, match="when it shares a batch") as caught:
-        verify_exports([exported], sneaky, digits_flat.x_test)
+        verify_exports([exported], predict(sneaky, digits_flat.x_test), digits_flat.x_test)
     # ... but a sample alone is centred differently than inside a batch.
     print(f"refused: {caught.value}")
 
@@ -129,7 +133,7 @@ def test_exports_raise_no_warning_even_when_warnings_are_errors(
     trained_mlp: nn.Module, digits_flat: Dataset
 ) -> None:
     # Without pytest's ignore filters: the torch.jit deprecation and the exporter's internal
-    # FutureWarning are silenced deliberately in foldserve.export, and nothing else leaks.
+    # FutureWarning are silenced deliberately in foldserve.serialize, and nothing else leaks.
     folded = fold_batch_norms(trained_mlp, _example(digits_flat)).module
     with warnings.catch_warnings():
         warnings.simplefilter("error")

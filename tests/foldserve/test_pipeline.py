@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import service.store
-from foldserve import cli, pipeline
+from foldserve import cli, fold
+from foldserve.demos import build
+from foldserve.demos.build import PipelineResult
 from foldserve.demos.data import Dataset
 from foldserve.demos.train import TrainConfig
 from foldserve.fold import FoldResult
-from foldserve.pipeline import PipelineResult
 from service.backends import BackendOptions
 from service.backends.onnx import OnnxBackend
 from service.backends.torchscript import TorchScriptBackend
@@ -123,13 +124,13 @@ def test_a_failure_during_the_write_leaves_no_version(
 
     monkeypatch.setattr(service.store, "_write_durably", fail_on_manifest)
     with pytest.raises(OSError, match="injected"):
-        pipeline.run(CONFIG, tmp_path, progress=False)
+        build.run(CONFIG, tmp_path, progress=False)
     model_root = tmp_path / "digits-mlp"
     assert list_versions(tmp_path, "digits-mlp") == []
     assert list(model_root.iterdir()) == []  # the staging folder is gone too
 
     monkeypatch.undo()
-    assert pipeline.run(CONFIG, tmp_path, progress=False).manifest.version == 1
+    assert build.run(CONFIG, tmp_path, progress=False).manifest.version == 1
 
 
 def _unfolded_in_training_mode(model: nn.Module, _example: torch.Tensor) -> FoldResult:
@@ -140,11 +141,13 @@ def _unfolded_in_training_mode(model: nn.Module, _example: torch.Tensor) -> Fold
 def test_a_model_failing_verification_is_refused_and_not_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(pipeline, "fold_batch_norms", _unfolded_in_training_mode)
+    monkeypatch.setattr(fold, "fold_batch_norms", _unfolded_in_training_mode)
     with pytest.warns(UserWarning, match="training mode"), pytest.warns(torch.jit.TracerWarning):
         with pytest.raises(VerificationError, match="batch-statistics ops"):
-            pipeline.run(CONFIG, tmp_path, progress=False)
-        status = cli.main(["digits-mlp", "--store", str(tmp_path), "--epochs", str(TINY_EPOCHS)])
+            build.run(CONFIG, tmp_path, progress=False)
+        status = cli.main(
+            ["train", "digits-mlp", "--store", str(tmp_path), "--epochs", str(TINY_EPOCHS)]
+        )
     assert status == 1
     err = capsys.readouterr().err
     assert "refused: digits-mlp was not stored" in err
@@ -156,7 +159,7 @@ def test_a_model_failing_verification_is_refused_and_not_stored(
 def test_cli_trains_verifies_stores_and_summarizes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["cancer-mlp", "--store", str(tmp_path), "--epochs", "3", "--bn-stats", "ema"]
+    argv = ["train", "cancer-mlp", "--store", str(tmp_path), "--epochs", "3", "--bn-stats", "ema"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert f"stored cancer-mlp version 1 at {tmp_path / 'cancer-mlp' / '1'}" in out
@@ -169,5 +172,5 @@ def test_cli_trains_verifies_stores_and_summarizes(
 
 def test_cli_rejects_an_unknown_architecture(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        cli.main(["imagenet-resnet", "--store", "/nonexistent"])
+        cli.main(["train", "imagenet-resnet", "--store", "/nonexistent"])
     assert "invalid choice" in capsys.readouterr().err

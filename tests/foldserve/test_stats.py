@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
+from foldserve.demos.build import PipelineResult, run
 from foldserve.demos.data import Dataset
 from foldserve.demos.train import TrainConfig
-from foldserve.pipeline import PipelineResult, run
 from foldserve.stats import ChannelMoments, batch_norms_in_forward_order, set_population_statistics
 
 from .conftest import TINY_EPOCHS
@@ -42,7 +42,7 @@ def test_mlp_population_stats_equal_a_direct_computation(
 ) -> None:
     model = copy.deepcopy(trained_mlp)
     # A batch size that does not divide the set: the per-batch merging must still be exact.
-    order = set_population_statistics(model, digits_flat.x_train, batch_size=100)
+    order = list(set_population_statistics(model, digits_flat.x_train, batch_size=100))
     assert order == ["input_norm", "body.1", "body.4"]
     x = torch.from_numpy(digits_flat.x_train)
     _assert_stats(model.input_norm, x, (0,))
@@ -59,7 +59,7 @@ def test_cnn_population_stats_equal_a_direct_computation(
     trained_cnn: nn.Module, digits_images: Dataset
 ) -> None:
     model = copy.deepcopy(trained_cnn)
-    order = set_population_statistics(model, digits_images.x_train, batch_size=300)
+    order = list(set_population_statistics(model, digits_images.x_train, batch_size=300))
     assert order == ["input_norm", "stem.1", "post_act.2", "residual.bn1", "residual.bn2"]
     # Direct: one eval pass over the whole set at once, capturing every BN's input.
     captured: dict[str, torch.Tensor] = {}

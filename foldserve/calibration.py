@@ -1,0 +1,206 @@
+"""The inputs an export is calibrated and checked on: the user's data, or generated samples.
+
+Data is read lazily: a ``.npy`` file is memory-mapped and a folder of images is decoded a slice at
+a time, so statistics over a large set need memory for one step only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from foldserve.tensors import Features, Samples
+from service.errors import FoldingError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# NOTE: enough samples to probe every output and batch size; bounded in bytes so generated
+# 3x224x224 inputs stay at 16 samples (~10 MB) while a tabular model gets 256.
+CHECK_SAMPLES = 256
+CHECK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Calibration:
+    samples: Samples  # every calibration sample, read lazily
+    description: str  # for the manifest: where the samples came from
+    generated: bool  # True: no user data, inputs drawn at random
+
+    def check_inputs(self) -> Features:
+        """A bounded in-memory subset to verify on: the first samples (they include the golden)."""
+        per_sample = 4 * max(1, math.prod(self.samples[:1].shape[1:]))
+        count = max(2, min(CHECK_SAMPLES, CHECK_BYTES // per_sample, len(self.samples)))
+        return np.array(self.samples[:count], dtype=np.float32)  # writable, in memory
+
+
+def resolve(
+    given: str | Path | np.ndarray | Calibration | None, shape: tuple[int, ...], seed: int = 0
+) -> Calibration:
+    """What an entry point was given as calibration, as a ``Calibration`` (None: generated)."""
+    if given is None:
+        return generated(shape, seed)
+    if isinstance(given, Calibration):
+        return given
+    if isinstance(given, np.ndarray):
+        if tuple(given.shape[1:]) != shape or len(given) < 2:
+            raise FoldingError(
+                f"calibration array is shaped {given.shape}; expected (N >= 2, *{shape})"
+            )
+        return Calibration(given, f"an array of {len(given)} samples", generated=False)
+    return load(Path(given), shape)
+
+
+def generated(sample_shape: tuple[int, ...], seed: int = 0) -> Calibration:
+    """Standard normal samples: no statistics come from them, only checks and golden outputs."""
+    per_sample = 4 * max(1, math.prod(sample_shape))
+    count = max(2, min(CHECK_SAMPLES, CHECK_BYTES // per_sample))
+    rng = np.random.default_rng(seed)
+    samples = rng.standard_normal((count, *sample_shape), dtype=np.float32)
+    return Calibration(
+        samples=samples,
+        description=f"generated: {count} samples of N(0, 1), seed {seed}",
+        generated=True,
+    )
+
+
+def load(
+    path: Path,
+    sample_shape: tuple[int, ...],
+    *,
+    key: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    limit: int | None = None,
+) -> Calibration:
+    """Calibration samples from a ``.npy``/``.npz`` array or a folder of images.
+
+    Arrays must be (N, *sample_shape). Images are decoded to ``sample_shape`` (C, H, W), C being
+    1 (grey) or 3 (RGB): resized to H x W (bilinear), scaled to [0, 1], then ``(x - mean) / std``
+    per channel when given.
+    """
+    if path.is_dir():
+        samples: Samples = ImageFolder(path, sample_shape, mean=mean, std=std)
+    elif path.suffix == ".npy":
+        samples = _checked(np.load(path, mmap_mode="r"), path, sample_shape)
+    elif path.suffix == ".npz":
+        samples = _checked(_npz_array(path, key), path, sample_shape)
+    else:
+        raise FoldingError(
+            f"calibration data {path}: expected a .npy or .npz array or a folder of images"
+        )
+    if limit is not None:
+        samples = _Head(samples, limit)
+    if len(samples) < 2:
+        raise FoldingError(f"calibration data {path} holds {len(samples)} samples; need 2 or more")
+    return Calibration(
+        samples=samples, description=f"{path} ({len(samples)} samples)", generated=False
+    )
+
+
+def _npz_array(path: Path, key: str | None) -> np.ndarray:
+    with np.load(path) as archive:
+        names = list(archive.keys())
+        if key is None and len(names) != 1:
+            raise FoldingError(f"{path} holds arrays {names}: say which one with --calibration-key")
+        name = key if key is not None else names[0]
+        if name not in names:
+            raise FoldingError(f"{path} has no array {name!r}; it holds {names}")
+        return np.asarray(archive[name])
+
+
+def _checked(array: np.ndarray, path: Path, sample_shape: tuple[int, ...]) -> np.ndarray:
+    if tuple(array.shape[1:]) != sample_shape:
+        raise FoldingError(
+            f"calibration array in {path} is shaped {tuple(array.shape)}; expected "
+            f"(N, {', '.join(map(str, sample_shape))}) for --input-shape "
+            f"{','.join(map(str, sample_shape))}"
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise FoldingError(f"calibration array in {path} has dtype {array.dtype}; need numbers")
+    return array
+
+
+class _Head:
+    """The first ``limit`` samples of another source."""
+
+    def __init__(self, samples: Samples, limit: int) -> None:
+        self._samples = samples
+        self._length = min(len(samples), max(0, limit))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: slice | int) -> Features:
+        indices = range(self._length)[index]
+        if isinstance(indices, int):
+            return np.asarray(self._samples[indices], dtype=np.float32)
+        if indices.step != 1:
+            raise IndexError("only contiguous slices are read")
+        return np.asarray(self._samples[indices.start : indices.stop], dtype=np.float32)
+
+
+class ImageFolder:
+    """Images under a folder (sorted by path), decoded on demand to float32 (C, H, W)."""
+
+    def __init__(
+        self,
+        root: Path,
+        sample_shape: tuple[int, ...],
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+            raise FoldingError(
+                f"a folder of images needs --input-shape C,H,W with C 1 or 3, got {sample_shape}"
+            )
+        self.paths = sorted(
+            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not self.paths:
+            raise FoldingError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        channels = sample_shape[0]
+        self.shape = sample_shape
+        self.mean = _per_channel(mean, channels, "mean", 0.0)
+        self.std = _per_channel(std, channels, "std", 1.0)
+        if not (self.std > 0).all():
+            raise FoldingError("image std must be positive")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: slice | int) -> Features:
+        if isinstance(index, int):
+            return self._decode(self.paths[index])
+        return (
+            np.stack([self._decode(p) for p in self.paths[index]])
+            if self.paths[index]
+            else (np.zeros((0, *self.shape), dtype=np.float32))
+        )
+
+    def _decode(self, path: Path) -> Features:
+        from PIL import Image
+
+        channels, height, width = self.shape
+        with Image.open(path) as image:
+            converted = image.convert("RGB" if channels == 3 else "L")
+            resized = converted.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(resized, dtype=np.float32) / 255.0
+        chw = pixels.reshape(height, width, channels).transpose(2, 0, 1)
+        normalized: Features = ((chw - self.mean) / self.std).astype(np.float32)
+        return normalized
+
+
+def _per_channel(
+    values: Sequence[float] | None, channels: int, label: str, default: float
+) -> np.ndarray:
+    if values is None:
+        return np.full((channels, 1, 1), default, dtype=np.float32)
+    if len(values) not in (1, channels):
+        raise FoldingError(f"image {label} needs 1 or {channels} values, got {len(values)}")
+    return np.broadcast_to(
+        np.asarray(values, dtype=np.float32).reshape(-1, 1, 1), (channels, 1, 1)
+    ).copy()

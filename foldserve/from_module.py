@@ -1,0 +1,224 @@
+"""``foldserve export``: your own ``nn.Module`` (and checkpoint) into a verified model version.
+
+    import foldserve
+    foldserve.export(model, (3, 64, 64), store="model_store", name="my-net",
+                     calibration="train.npy", bn_stats="population")
+
+Freeze statistics (running estimates, or population statistics over your data) -> convert to
+float32 -> the shared pipeline (fold, export, verify, store).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from foldserve import calibration as calibration_data
+from foldserve.calibration import Calibration
+from foldserve.convert import to_float32
+from foldserve.pipeline import BuildResult, ModelCard, Task, build_version, timed
+from foldserve.stats import set_population_statistics
+from foldserve.tensors import predict, rows_per_step
+from service.errors import FoldingError
+from service.store import StatsShift, check_model_name
+
+BatchNormStats = Literal["ema", "population"]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    build: BuildResult
+    stats_shifts: dict[str, StatsShift]  # per BN, population vs running (population only)
+    calibration: str  # where the statistics and checks came from
+
+    @property
+    def path(self) -> Path:
+        return self.build.path
+
+
+def export(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    store: str | Path,
+    name: str,
+    labels: Sequence[str] | None = None,
+    task: Task | None = None,
+    bn_stats: BatchNormStats | None = None,
+    calibration: str | Path | np.ndarray | Calibration | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    command: str | None = None,
+    source: str | None = None,
+) -> ExportResult:
+    """Fold, export, verify and store ``model`` as the next version of ``name`` in ``store``.
+
+    ``input_shape`` is one sample's shape, any rank (features, C,H,W images, C,D,H,W volumes).
+    ``bn_stats``: "ema" keeps the module's running estimates; "population" recomputes them over
+    ``calibration`` (an array, a .npy/.npz file or a folder of images). Default: population
+    when calibration data is given, ema otherwise. Without data the checks run on generated
+    inputs. Raises ``FoldserveError`` (nothing stored) when a step refuses the model.
+    """
+    shape = _sample_shape(input_shape)
+    check_model_name(name)
+    data = calibration_data.resolve(calibration, shape, seed)
+    stats: BatchNormStats = bn_stats or ("ema" if data.generated else "population")
+    if stats == "population" and data.generated:
+        raise FoldingError(
+            "population statistics need calibration data (an array, .npy/.npz or image folder)"
+        )
+    _refuse_untracked_statistics(model)
+    seconds: dict[str, float] = {}
+    check_inputs = data.check_inputs()
+    with timed(seconds, "convert"):
+        converted = to_float32(copy.deepcopy(model), check_inputs)
+    frozen = converted.model
+    shifts: dict[str, StatsShift] = {}
+    if stats == "population":
+        with timed(seconds, "statistics"):
+            step = rows_per_step(shape)
+            shifts = set_population_statistics(frozen, data.samples, step, progress=progress)
+    with timed(seconds, "reference"):
+        expected = predict(frozen, check_inputs, rows_per_step(shape))
+    card = ModelCard(
+        name=name,
+        architecture=f"{type(model).__module__}.{type(model).__qualname__}",
+        task=task or _default_task(expected, labels),
+        sample_shape=shape,
+        labels=list(labels or []),
+    )
+    provenance: dict[str, Any] = {
+        "entry_point": "export",
+        "source": source or f"{type(model).__module__}.{type(model).__qualname__} (in memory)",
+        "bn_stats": stats,
+        "calibration": data.description,
+        "calibration_samples": None if data.generated else len(data.samples),
+        "dtype_conversion": converted.conversion,
+        "seed": seed,
+        "torch_version": torch.__version__,
+        "command": command or f"foldserve.export(..., name={name!r}, bn_stats={stats!r})",
+    }
+    build = build_version(
+        frozen,
+        card,
+        check_inputs,
+        expected,
+        Path(store),
+        provenance,
+        stats_shifts=shifts,
+        seed=seed,
+        seconds=seconds,
+    )
+    return ExportResult(build, shifts, data.description)
+
+
+def load_module(
+    spec: str, kwargs: dict[str, Any] | None = None, checkpoint: Path | None = None
+) -> nn.Module:
+    """``MODULE:FACTORY`` (a dotted module or a ``.py`` path) called with ``kwargs``, then the
+    checkpoint's state_dict loaded strictly, or the checkpoint itself when it holds a module."""
+    factory = _factory(spec)
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise FoldingError(f"{spec}(**{json.dumps(kwargs or {})}) failed: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise FoldingError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
+    if checkpoint is not None:
+        model = _load_checkpoint(model, checkpoint)
+    return model
+
+
+def _factory(spec: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise FoldingError(f"--model {spec!r}: expected MODULE:FACTORY, e.g. mypkg.nets:build")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            if loader is None or loader.loader is None:
+                raise FoldingError(f"cannot load {path}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            # Modules beside the user's working directory, as `python -m` would find them.
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError) as exc:
+        raise FoldingError(f"cannot import {module_name!r}: {exc}") from exc
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise FoldingError(f"{module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise FoldingError(f"{spec} is not callable")
+    return target
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise FoldingError(f"checkpoint {path} does not exist") from exc
+    except Exception:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, nn.Module):
+        return state
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FoldingError(f"checkpoint {path} does not fit the model: {exc}") from exc
+        return model
+    raise FoldingError(f"checkpoint {path} holds {type(state).__name__}, not a state_dict")
+
+
+def _sample_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise FoldingError(
+            f"input shape {input_shape!r}: give one sample's positive dims, e.g. 3,64,64"
+        )
+    if math.prod(shape) > 1 << 26:
+        raise FoldingError(f"input shape {shape} holds over 2^26 numbers per sample")
+    return shape
+
+
+def _refuse_untracked_statistics(model: nn.Module) -> None:
+    untracked = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and not module.track_running_stats
+    ]
+    if untracked:
+        raise FoldingError(
+            f"BatchNorm {', '.join(untracked[:5])} keep no running statistics "
+            "(track_running_stats=False): they normalize with batch statistics at serving time; "
+            "rebuild them with track_running_stats=True and export with --bn-stats population"
+        )
+
+
+def _default_task(expected: np.ndarray, labels: Sequence[str] | None) -> Task:
+    if labels or (expected.ndim == 2 and expected.shape[1] > 1):
+        return "classification"
+    return "segmentation" if expected.ndim > 2 else "regression"

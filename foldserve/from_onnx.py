@@ -1,0 +1,157 @@
+"""``foldserve import MODEL.onnx``: an ONNX file from any exporter into a verified model version.
+
+Check the graph (one float32 input and output, a dynamic batch) -> fold every BatchNormalization
+at the ONNX level -> verify the folded graph against the original, both run in ONNX Runtime ->
+store. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from foldserve import calibration as calibration_data
+from foldserve.onnx_fold import dynamic_batch_problem, fold_onnx_batch_norms, make_batch_dynamic
+from foldserve.pipeline import (
+    FILENAMES,
+    BuildResult,
+    Folded,
+    ModelCard,
+    Task,
+    store_verified,
+    timed,
+)
+from foldserve.tensors import Features
+from foldserve.verify_export import ExportedFile
+from service.backends import Array
+from service.errors import FoldingError
+from service.store import check_model_name, sha256_file
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    build: BuildResult
+    batch_made_dynamic: bool  # the file had a fixed batch dimension, now symbolic
+
+    @property
+    def path(self) -> Path:
+        return self.build.path
+
+
+def import_onnx(
+    path: str | Path,
+    *,
+    store: str | Path,
+    name: str,
+    labels: Sequence[str] | None = None,
+    task: Task | None = None,
+    calibration: str | Path | np.ndarray | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    command: str | None = None,
+) -> ImportResult:
+    """Fold, verify and store the ONNX file at ``path`` as the next version of ``name``."""
+    path = Path(path)
+    check_model_name(name)
+    seconds: dict[str, float] = {}
+    try:
+        original = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise FoldingError(f"{path}: not a readable ONNX file: {exc}") from exc
+    input_name, output_name, shape = _signature(original, input_shape)
+    made_dynamic = False
+    if (problem := dynamic_batch_problem(original)) is not None:
+        original = make_batch_dynamic(original)  # raises with re-export advice if it cannot
+        made_dynamic = True
+    data = calibration_data.resolve(calibration, shape, seed)
+    check_inputs = data.check_inputs()
+    with timed(seconds, "reference"):
+        expected = _run(original, check_inputs, input_name)
+    with timed(seconds, "fold"):
+        result = fold_onnx_batch_norms(original)
+    folded = Folded(
+        files=[ExportedFile("onnx", FILENAMES["onnx"], result.model.SerializeToString())],
+        records=result.records,
+        fold_path="onnx",
+        note=problem,
+    )
+    card = ModelCard(
+        name=name,
+        architecture=f"imported ONNX graph {original.graph.name or path.name!r}",
+        task=task or ("classification" if labels or expected.ndim == 2 else "regression"),
+        sample_shape=shape,
+        labels=list(labels or []),
+        input_name=input_name,
+        output_name=output_name,
+    )
+    provenance: dict[str, Any] = {
+        "entry_point": "import",
+        "source": f"{path} (sha256 {sha256_file(path)[:16]}, producer "
+        f"{original.producer_name or '?'} {original.producer_version})".strip(),
+        "bn_stats": "as_imported",
+        "calibration": data.description,
+        "calibration_samples": None if data.generated else len(data.samples),
+        "seed": seed,
+        "command": command or f"foldserve import {path} --name {name}",
+    }
+    build = store_verified(
+        folded, card, check_inputs, expected, Path(store), provenance, seed=seed, seconds=seconds
+    )
+    return ImportResult(build, made_dynamic)
+
+
+def _signature(
+    model: onnx.ModelProto, input_shape: Sequence[int] | None
+) -> tuple[str, str, tuple[int, ...]]:
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise FoldingError(
+            f"the graph has {len(inputs)} inputs and {len(model.graph.output)} outputs; "
+            "foldserve serves models with exactly one of each"
+        )
+    (graph_input,), graph_output = inputs, model.graph.output[0]
+    for value in (graph_input, graph_output):
+        elem_type = value.type.tensor_type.elem_type
+        if elem_type != onnx.TensorProto.FLOAT:
+            raise FoldingError(
+                f"{value.name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; foldserve serves "
+                "float32: convert the model (e.g. onnxconverter_common.float16 to float32) first"
+            )
+    dims = graph_input.type.tensor_type.shape.dim
+    fixed = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:])
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) != len(fixed) or any(f and f != s for f, s in zip(fixed, shape, strict=True)):
+            raise FoldingError(f"--input-shape {shape} does not fit the graph's input {fixed}")
+    elif not dims or 0 in fixed:
+        raise FoldingError(
+            f"input {graph_input.name!r} has symbolic or unknown sample dims {fixed}: "
+            "give one sample's shape with --input-shape"
+        )
+    else:
+        shape = fixed
+    if not shape or math.prod(shape) < 1:
+        raise FoldingError(f"input {graph_input.name!r} has no per-sample dims")
+    return graph_input.name, graph_output.name, shape
+
+
+def _run(model: onnx.ModelProto, inputs: Features, input_name: str) -> Array:
+    """The original graph's outputs in ONNX Runtime on the CPU: the reference to verify against."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        (outputs,) = session.run(None, {input_name: inputs})
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise FoldingError(f"ONNX Runtime cannot run the original graph: {exc}") from exc
+    return np.asarray(outputs, dtype=np.float32)

@@ -1,0 +1,47 @@
+"""Arrays between the offline steps: float32 samples with the batch first, and a model's outputs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Features = npt.NDArray[np.float32]  # (N, *sample_shape)
+INPUT_NAME = "input"  # the names exported graphs give their one input and output
+OUTPUT_NAME = "logits"
+
+
+class Samples(Protocol):
+    """What statistics and checks read from: a length, and ``[start:stop]`` slices giving
+    (n, *sample_shape) numbers (an array, a memory-mapped .npy file, a folder of images)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any, /) -> Any: ...
+
+
+def predict(model: nn.Module, x: Features, batch_size: int = 512) -> npt.NDArray[np.float32]:
+    """Outputs of ``model`` in eval mode, in float32, computed ``batch_size`` samples at a time."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        chunks = [
+            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)))
+            for i in range(0, len(x), batch_size)
+        ]
+    return torch.cat(chunks).float().numpy()
+
+
+def rows_per_step(sample_shape: tuple[int, ...], elements: int = 1 << 22) -> int:
+    """Samples per forward pass so that one step's input holds about ``elements`` numbers.
+
+    NOTE: bounds the memory of statistics, checks and prediction over big inputs (a 3x224x224
+    sample is 150,528 numbers: 27 per step) while small tabular samples still go 512 at a time.
+    """
+    per_sample = max(1, int(np.prod(sample_shape)))
+    return max(1, min(512, elements // per_sample))
