@@ -7,7 +7,7 @@ a time, so statistics over a large set need memory for one step only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +36,22 @@ class Calibration:
         return np.array(self.samples[:count], dtype=np.float32)  # writable, in memory
 
 
-def resolve(
-    given: str | Path | np.ndarray | Calibration | None, shape: tuple[int, ...], seed: int = 0
-) -> Calibration:
-    """What an entry point was given as calibration, as a ``Calibration`` (None: generated)."""
+CalibrationSource = (
+    str | Path | np.ndarray | Calibration | Callable[[tuple[int, ...]], Calibration] | None
+)
+
+
+def resolve(given: CalibrationSource, shape: tuple[int, ...], seed: int = 0) -> Calibration:
+    """What an entry point was given as calibration, as a ``Calibration`` (None: generated).
+
+    A callable is called with the sample shape: the ONNX import learns it from the file.
+    """
     if given is None:
         return generated(shape, seed)
     if isinstance(given, Calibration):
         return given
+    if callable(given):
+        return given(shape)
     if isinstance(given, np.ndarray):
         if tuple(given.shape[1:]) != shape or len(given) < 2:
             raise FoldingError(

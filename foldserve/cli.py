@@ -190,14 +190,17 @@ def _import(args: argparse.Namespace, command: str) -> int:
     from foldserve.from_onnx import import_onnx
 
     shape = tuple(args.input_shape) if args.input_shape else None
-    data = _calibration(args, shape, calibration) if shape else args.calibration
+
+    def data(sample_shape: tuple[int, ...]) -> Any:  # the file tells the shape
+        return _calibration(args, sample_shape, calibration)
+
     result = import_onnx(
         args.onnx,
         store=args.store,
         name=args.name,
         labels=_labels(args.labels),
         task=args.task,
-        calibration=data,
+        calibration=data if args.calibration is not None else None,
         input_shape=shape,
         seed=args.seed,
         command=command,

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from foldserve import calibration as calibration_data
-from foldserve.calibration import Calibration
+from foldserve.calibration import CalibrationSource
 from foldserve.convert import to_float32
 from foldserve.pipeline import BuildResult, ModelCard, Task, build_version, timed
 from foldserve.stats import set_population_statistics
@@ -58,7 +58,7 @@ def export(
     labels: Sequence[str] | None = None,
     task: Task | None = None,
     bn_stats: BatchNormStats | None = None,
-    calibration: str | Path | np.ndarray | Calibration | None = None,
+    calibration: CalibrationSource = None,
     seed: int = 0,
     progress: bool = False,
     command: str | None = None,

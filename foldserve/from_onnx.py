@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from foldserve import calibration as calibration_data
+from foldserve.calibration import CalibrationSource
 from foldserve.onnx_fold import dynamic_batch_problem, fold_onnx_batch_norms, make_batch_dynamic
 from foldserve.pipeline import (
     FILENAMES,
@@ -52,7 +53,7 @@ def import_onnx(
     name: str,
     labels: Sequence[str] | None = None,
     task: Task | None = None,
-    calibration: str | Path | np.ndarray | None = None,
+    calibration: CalibrationSource = None,
     input_shape: Sequence[int] | None = None,
     seed: int = 0,
     command: str | None = None,

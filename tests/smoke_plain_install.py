@@ -1,7 +1,9 @@
 """Smoke test of the plain install, run by scripts/test with the torch-free .venv-serve python.
 
 Starts `foldserve serve` exactly as the README does, waits for readiness, and checks that the
-default model answers its own golden inputs. Standard library only: this venv has no test tools.
+default model answers its own golden inputs; then `foldserve import` folds and stores an ONNX
+graph, which needs no torch either. Standard library (and the serving install's onnx and numpy)
+only: this venv has no test tools.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,9 +47,55 @@ def latest_manifest() -> dict[str, object]:
     return dict(json.loads((model_root / str(version) / "manifest.json").read_text()))
 
 
+def check_import_without_torch() -> int:
+    """`foldserve import` on a Gemm -> BatchNormalization graph: folded, verified, stored."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.normal(size=(6, 4)),
+        "c": rng.normal(size=4),
+        "scale": rng.uniform(0.5, 2, size=4),
+        "bias": rng.normal(size=4),
+        "mean": rng.normal(size=4),
+        "var": rng.uniform(0.5, 2, size=4),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "c"], ["h"], name="dense"),
+            helper.make_node(
+                "BatchNormalization", ["h", "scale", "bias", "mean", "var"], ["y"], name="bn"
+            ),
+        ],
+        "smoke",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in arrays.items()],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "net.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        command = [str(Path(sys.executable).parent / "foldserve"), "import", str(path)]
+        store = Path(folder) / "store"
+        done = subprocess.run(
+            [*command, "--store", str(store), "--name", "smoke"], capture_output=True, text=True
+        )
+        manifest = store / "smoke" / "1" / "manifest.json"
+        if done.returncode != 0 or not manifest.is_file():
+            print(f"FAIL: foldserve import: {done.returncode} {done.stderr}", file=sys.stderr)
+            return 1
+        placement = json.loads(manifest.read_text())["batch_norm"][0]["placement"]
+    print(f"ok: plain install (no torch) imported an ONNX graph, its BN {placement}")
+    return 0
+
+
 def main() -> int:
     if importlib.util.find_spec("torch") is not None:
         print("FAIL: torch is importable in the plain serving install", file=sys.stderr)
+        return 1
+    if check_import_without_torch() != 0:
         return 1
     port = free_port()
     base = f"http://127.0.0.1:{port}"

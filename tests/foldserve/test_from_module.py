@@ -6,6 +6,7 @@ import copy
 import textwrap
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,13 +14,16 @@ import torch
 from torch import nn
 
 import foldserve
-from foldserve import cli
+from foldserve import calibration, cli
 from foldserve.from_module import load_module
+from service.app import create_app
 from service.backends import BackendOptions
 from service.backends.onnx import OnnxBackend
 from service.errors import FoldingError, VerificationError
+from service.settings import Settings
 from service.store import list_versions, read_manifest
 from service.verify import check_files, verify_loaded_model
+from tests.service.conftest import serve
 
 USER_MODULE = textwrap.dedent(
     """
@@ -191,6 +195,12 @@ def test_a_regression_model_with_large_outputs_is_stored_and_passes_the_servers_
     outputs = _onnx_outputs(result.path, x)
     assert np.abs(outputs).max() > 100  # the outputs really are large
     _served_checks_pass(result.path)
+    with serve(create_app(Settings(model_store=tmp_path, default_model="price"))) as base:
+        models = httpx.get(f"{base}/models").json()["models"]
+        answer = httpx.post(f"{base}/predict", json={"inputs": x[:5].tolist()})
+    assert [v["status"] for m in models for v in m["versions"]] == ["ready"]
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(answer.json()["outputs"], outputs[:5], rtol=1e-6)
 
 
 def test_a_model_using_batch_statistics_is_still_refused(tmp_path: Path) -> None:
@@ -307,3 +317,31 @@ def test_cli_refusals_are_one_clear_line(
     err = capsys.readouterr().err
     assert "refused: x was not stored" in err and "expected (N, 2, 5, 5)" in err
     assert list_versions(tmp_path, "x") == []
+
+
+def test_a_folder_of_images_calibrates_with_the_stated_normalization(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images" / "class-a"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        pixels = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    shape = (3, 6, 5)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    data = calibration.load(tmp_path / "images", shape, mean=mean, std=std)
+    assert len(data.samples) == 6
+    first = data.samples[:1][0]
+    # Decoded by hand: resize to W x H, scale to [0, 1], then normalize per channel.
+    with Image.open(folder / "0.png") as image:
+        resized = np.asarray(image.resize((5, 6), Image.Resampling.BILINEAR), dtype=np.float32)
+    by_hand = (resized.transpose(2, 0, 1) / 255 - np.array(mean)[:, None, None]) / np.array(std)[
+        :, None, None
+    ]
+    np.testing.assert_allclose(first, by_hand, atol=1e-6)
+
+    model = _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), shape)
+    result = foldserve.export(model, shape, store=tmp_path / "store", name="img", calibration=data)
+    assert result.build.manifest.provenance.bn_stats == "population"
+    assert result.build.manifest.provenance.calibration_samples == 6

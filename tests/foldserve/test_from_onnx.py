@@ -1,0 +1,217 @@
+"""`foldserve import`: an ONNX file exported by someone else into a verified, served version."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import foldserve
+from foldserve import cli
+from service.app import create_app
+from service.errors import FoldingError
+from service.settings import Settings
+from service.store import list_versions, read_manifest
+from tests.service.conftest import serve
+
+SHAPE = (3, 8, 8)
+
+
+def _with_statistics(model: nn.Module) -> nn.Module:
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for bn in batch_norms:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_(1.0, 0.5)
+            bn.bias.normal_()
+    return model.eval()
+
+
+def _legacy_export(model: nn.Module, path: Path, *, fixed_batch: int | None = None) -> Path:
+    """Export as other tools do: the TorchScript-based exporter keeps every BatchNormalization."""
+    dynamic = None if fixed_batch else {"image": {0: "n"}, "scores": {0: "n"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is deprecated
+        torch.onnx.export(
+            model,
+            (torch.randn(fixed_batch or 2, *SHAPE),),
+            path,
+            dynamo=False,
+            do_constant_folding=False,
+            opset_version=17,
+            training=torch.onnx.TrainingMode.EVAL,
+            input_names=["image"],
+            output_names=["scores"],
+            dynamic_axes=dynamic,
+        )
+    return path
+
+
+def _network() -> nn.Module:
+    torch.manual_seed(0)
+    return _with_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.BatchNorm2d(8),  # after an activation, before an unpadded conv: folded into it
+            nn.Conv2d(8, 8, 3, stride=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        )
+    )
+
+
+def _original_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"image": x})[0])
+
+
+def test_an_imported_onnx_file_is_folded_verified_stored_and_served(tmp_path: Path) -> None:
+    original = _legacy_export(_network(), tmp_path / "their-net.onnx")
+    assert [n.op_type for n in onnx.load(original).graph.node].count("BatchNormalization") == 2
+    store = tmp_path / "store"
+    result = foldserve.import_onnx(
+        original, store=store, name="their-net", labels=["w", "x", "y", "z"]
+    )
+    manifest = result.build.manifest
+    assert manifest.provenance.entry_point == "import"
+    assert manifest.provenance.fold_path == "onnx"
+    assert manifest.provenance.bn_stats == "as_imported"
+    assert "sha256" in (manifest.provenance.source or "")
+    assert [bn.placement for bn in manifest.batch_norm] == [
+        "folded_into_previous",
+        "folded_into_next",
+    ]
+    assert [f.format for f in manifest.files] == ["onnx"]
+    assert (manifest.inputs[0].name, manifest.outputs[0].name) == ("image", "scores")
+    assert manifest.verification.bitwise_batch_invariant is not None
+
+    x = np.random.default_rng(3).normal(size=(5, *SHAPE)).astype(np.float32)
+    expected = _original_outputs(original, x)
+    with serve(create_app(Settings(model_store=store, default_model="their-net"))) as base:
+        answer = httpx.post(f"{base}/predict", json={"inputs": x.tolist()}, timeout=30)
+        v2 = httpx.post(
+            f"{base}/v2/models/their-net/infer",
+            json={
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "data": x.ravel().tolist(),
+                    }
+                ]
+            },
+            timeout=30,
+        )
+    assert answer.status_code == 200, answer.text
+    served = np.asarray(answer.json()["outputs"], dtype=np.float32)
+    assert np.abs(served - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert answer.json()["predictions"] == [["w", "x", "y", "z"][i] for i in expected.argmax(1)]
+    assert v2.status_code == 200, v2.text
+    (output,) = v2.json()["outputs"]
+    assert output["name"] == "scores"
+    np.testing.assert_allclose(np.asarray(output["data"]).reshape(5, 4), served, rtol=1e-6)
+
+
+def test_a_fixed_batch_dimension_is_made_dynamic(tmp_path: Path) -> None:
+    original = _legacy_export(_network(), tmp_path / "fixed.onnx", fixed_batch=1)
+    dims = onnx.load(original).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1
+    result = foldserve.import_onnx(original, store=tmp_path / "store", name="fixed")
+    assert result.batch_made_dynamic
+    assert "fixed batch dimension" in (result.build.folded.note or "")
+    stored = onnx.load(result.path / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert stored[0].dim_param and not stored[0].dim_value
+
+
+def test_a_fixed_batch_baked_into_a_reshape_is_refused_with_re_export_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # x (1, 4) -> BN -> Reshape to (1, 2, 2): the constant shape hard-codes the batch of 1.
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Reshape", ["n", "shape"], ["y"], name="to_grid"),
+    ]
+    ones = np.ones(4, dtype=np.float32)
+    initializers = [
+        numpy_helper.from_array(ones, "s"),
+        numpy_helper.from_array(ones * 0.5, "b"),
+        numpy_helper.from_array(ones * 0.1, "m"),
+        numpy_helper.from_array(ones * 2, "v"),
+        numpy_helper.from_array(np.array([1, 2, 2], dtype=np.int64), "shape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2])],
+        initializers,
+    )
+    path = tmp_path / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    argv = ["import", str(path), "--store", str(tmp_path), "--name", "grid"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "refused: grid was not stored" in err and "re-export" in err
+    assert list_versions(tmp_path, "grid") == []
+
+
+def test_a_batch_norm_in_training_mode_is_refused_naming_the_node(tmp_path: Path) -> None:
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+    model = onnx.load(original)
+    node = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    node.attribute.append(helper.make_attribute("training_mode", 1))
+    onnx.save(model, tmp_path / "training.onnx")
+    with pytest.raises(FoldingError, match=f"{node.name}.*training"):
+        foldserve.import_onnx(tmp_path / "training.onnx", store=tmp_path, name="training")
+
+
+def test_graphs_foldserve_cannot_serve_are_refused_up_front(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["n", 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "f64", [x], [y])
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "a.onnx"
+    )
+    with pytest.raises(FoldingError, match="DOUBLE; foldserve serves float32"):
+        foldserve.import_onnx(tmp_path / "a.onnx", store=tmp_path, name="f64")
+    (tmp_path / "b.onnx").write_bytes(b"not a model")
+    with pytest.raises(FoldingError, match="not a readable ONNX file"):
+        foldserve.import_onnx(tmp_path / "b.onnx", store=tmp_path, name="junk")
+
+
+def test_cli_imports_with_calibration_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+    data = np.random.default_rng(0).normal(size=(40, *SHAPE)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", images=data)
+    argv = [
+        "import",
+        str(original),
+        "--store",
+        str(tmp_path / "store"),
+        "--name",
+        "net",
+        "--calibration",
+        str(tmp_path / "data.npz"),
+    ]
+    assert cli.main(argv) == 0
+    assert "stored net version 1" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "store" / "net" / "1")
+    assert manifest.provenance.calibration_samples == 40
+    golden = np.asarray(manifest.golden.inputs, dtype=np.float32).reshape(-1, *SHAPE)
+    np.testing.assert_array_equal(golden, data[: len(golden)])
