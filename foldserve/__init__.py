@@ -1,6 +1,6 @@
-"""foldserve's offline side (torch only): freeze BatchNorm statistics, fold every BN away, export,
-verify and store. Three entry points share one path: ``foldserve train`` (the demos),
-``foldserve export`` (your ``nn.Module``) and ``foldserve import`` (an ONNX file).
+"""foldserve's offline side: freeze BatchNorm statistics, fold every BN away, export, verify and
+store. Three entry points share one path: ``foldserve train`` (the demos), ``foldserve export``
+(your ``nn.Module``; needs torch) and ``foldserve import`` (an ONNX file; onnx and numpy only).
 
 The server (``service``) never imports this package.
 """
