@@ -71,7 +71,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             await model_registry.stop()  # drains: every accepted request is answered
             gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
 
-    dataplane = DataPlane(model_registry, app_metrics)
+    dataplane = DataPlane(model_registry, app_metrics, request_timeout_s=settings.request_timeout_s)
     app = FoldserveApp(
         (
             PredictRoutes(dataplane, settings.max_body_bytes),

@@ -4,7 +4,9 @@ Requests queue FIFO; a batch leaves when it holds ``max_batch_size`` rows or whe
 waiting request has waited ``max_delay_ms``. Requests larger than the cap are split into chunks
 that may share batches with their neighbours and are reassembled in order. A batch that fails
 is re-run one request at a time, so a request only ever fails for its own rows. A request
-not answered within ``timeout_s`` fails with a timeout and its queued rows are dropped.
+not answered within ``timeout_s`` (or by its own earlier deadline) fails with a timeout and its
+queued rows are dropped. ``estimated_wait`` tells, from the queue and the measured batch times,
+how long a new request would wait: the dataplane refuses work that would be answered too late.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class _Request:
 
 _Part = tuple[_Request, int, int]  # rows [start, stop) of one request inside a batch
 _SLOW_RUNS_TO_LEAVE_THE_LOOP = 3
+# NOTE: weight of the newest batch in the batch-time average: about the last ten batches count,
+# so the estimate follows a change of load within milliseconds but one preempted run moves it
+# by a fifth only.
+_BATCH_TIME_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class Batcher:
         inline: bool = False,
         inline_limit_ms: float = 2.0,
         timeout_s: float | None = None,
+        initial_batch_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
@@ -122,6 +129,8 @@ class Batcher:
         self._stopping = False
         self._last_alone = True  # adaptive mode: did the previous batch hold a single request?
         self._last_done = 0.0
+        # Seconds per backend call, averaged; starts from a time measured at load, if any.
+        self._batch_s = max(0.0, initial_batch_s)
 
     @property
     def inline(self) -> bool:
@@ -131,6 +140,22 @@ class Batcher:
     @property
     def queue_rows(self) -> int:
         return self._queue_rows
+
+    @property
+    def batch_seconds(self) -> float:
+        """The average time of one backend call lately (0 until one is measured)."""
+        return self._batch_s
+
+    def estimated_wait(self, rows: int) -> float:
+        """Seconds until a request of ``rows`` rows submitted now has its answer, estimated.
+
+        The batches ahead of it and its own, each at the average batch time, plus half a batch
+        for a run in progress. Exact when batches run full, as they do under load; at low load
+        it overstates a little (partial batches are faster), which only matters near a deadline.
+        """
+        batches = -(-(self._queue_rows + rows) // self._cap)
+        running = 0.5 if self._running else 0.0
+        return (batches + running) * self._batch_s
 
     async def start(self) -> None:
         if self._task is None:
@@ -176,7 +201,9 @@ class Batcher:
             stranded,
         )
 
-    async def submit(self, rows: Array) -> Array:
+    async def submit(self, rows: Array, deadline: float | None = None) -> Array:
+        """The model's outputs for ``rows``. ``deadline`` (the loop's clock) ends the wait earlier
+        than ``timeout_s``: past it the request fails with a timeout and is never computed."""
         if self._stopping or self._task is None:
             raise ModelNotReady("model version is not serving (stopping or not started)")
         n = len(rows)
@@ -201,9 +228,11 @@ class Batcher:
         self._observe()
         # NOTE: a timer handle, not asyncio.timeout around the await: that costs a tenth of a
         # one-sample request's whole time on the server.
-        timer = (
-            None if self._timeout_s is None else loop.call_later(self._timeout_s, self._expire, req)
-        )
+        expires = None if self._timeout_s is None else req.arrived + self._timeout_s
+        own = deadline is not None and (expires is None or deadline < expires)
+        if own:
+            expires = deadline
+        timer = None if expires is None else loop.call_at(expires, self._expire, req, own)
         try:
             return await req.future
         except asyncio.CancelledError:
@@ -215,12 +244,15 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
 
-    def _expire(self, req: _Request) -> None:
+    def _expire(self, req: _Request, own_deadline: bool = False) -> None:
         if req.future.done():
             return
-        req.future.set_exception(
-            InferenceTimeout(f"no result within {self._timeout_s:g} s (request_timeout_s)")
+        message = (
+            "no result within the request's own deadline"
+            if own_deadline
+            else f"no result within {self._timeout_s:g} s (request_timeout_s)"
         )
+        req.future.set_exception(InferenceTimeout(message))
         self._discard(req)  # its rows still queued are never computed
         self._wake.set()
 
@@ -358,7 +390,7 @@ class Batcher:
         except Exception as exc:
             return _Failed(f"inference failed: {type(exc).__name__}: {exc}", exc)
         finally:
-            self._observe(len(batch), time.perf_counter() - started)
+            self._measured(len(batch), time.perf_counter() - started)
         return _checked(out, len(batch))
 
     def _infer_inline(self, batch: Array) -> Array | _Failed:
@@ -369,9 +401,16 @@ class Batcher:
             return _Failed(f"inference failed: {type(exc).__name__}: {exc}", exc)
         finally:
             seconds = time.perf_counter() - started
-            self._observe(len(batch), seconds)
+            self._measured(len(batch), seconds)
             self._check_inline_cost(seconds)
         return _checked(out, len(batch))
+
+    def _measured(self, rows: int, seconds: float) -> None:
+        if self._batch_s == 0.0:
+            self._batch_s = seconds
+        else:
+            self._batch_s += _BATCH_TIME_WEIGHT * (seconds - self._batch_s)
+        self._observe(rows, seconds)
 
     def _check_inline_cost(self, seconds: float) -> None:
         """A model fast at load may turn slow (contention, big inputs): stop blocking the loop.

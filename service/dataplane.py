@@ -6,6 +6,7 @@ calls ``DataPlane.infer``; nothing here knows HTTP beyond the status code each e
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from service.backends import Array
 from service.errors import FoldserveError, InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry
+from service.shedding import ShedLog
 from service.store import Manifest, TensorSpec
 
 # float64 values below this round to a finite float32 (at most float32's max); at or above it, to
@@ -103,8 +105,9 @@ def check_finite_outputs(outputs: Array) -> None:
         )
 
 
-def admit(entry: ModelVersion, rows: int) -> None:
-    """Refuse a request the queue can never hold (413) or cannot hold now (503, Retry-After).
+def admit(entry: ModelVersion, rows: int, deadline: float | None = None) -> None:
+    """Refuse a request the queue can never hold (413), cannot hold now (503, Retry-After), or
+    could not answer before ``deadline`` (the loop's clock; 503, Retry-After).
 
     NOTE: the batcher enforces the same bound; checked here first so that the message names the
     setting that sets it, which the batcher does not know. Nothing awaits between this check and
@@ -123,7 +126,29 @@ def admit(entry: ModelVersion, rows: int) -> None:
     if waiting + rows > limit:
         raise Overloaded(
             f"queue full for model {entry.name!r} v{entry.version}: {waiting} of {limit} rows "
-            f"wait ({why}); retry shortly"
+            f"wait ({why}); retry shortly",
+            model=entry.name,
+            version=entry.version,
+        )
+    if deadline is not None:
+        check_deadline(entry, rows, deadline)
+
+
+def check_deadline(entry: ModelVersion, rows: int, deadline: float) -> None:
+    """503 now for a request whose answer would come after its deadline: better than 504 later,
+    and the batches it would have taken go to requests that can still be answered in time."""
+    assert entry.batcher is not None
+    wait = entry.batcher.estimated_wait(rows)
+    left = deadline - asyncio.get_running_loop().time()
+    if wait > left:
+        raise Overloaded(
+            f"model {entry.name!r} v{entry.version} would answer in about {wait * 1000:.0f} ms, "
+            f"after the request's deadline ({max(left, 0.0) * 1000:.0f} ms left): refused now "
+            "rather than answered too late; retry later or allow more time (X-Request-Timeout)",
+            retry_after_s=max(1, math.ceil(wait)),
+            reason="deadline",
+            model=entry.name,
+            version=entry.version,
         )
 
 
@@ -134,9 +159,43 @@ def _kind(rows: np.ndarray) -> str:
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        *,
+        request_timeout_s: float | None = None,
+        shed_log: ShedLog | None = None,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        self.shed_log = shed_log or ShedLog()
+
+    def deadline(self, requested_s: float | None, arrived: float | None = None) -> float | None:
+        """The loop-clock time a request's answer is due: its own budget, capped by the server's,
+        counted from ``arrived`` (the loop's clock; default now)."""
+        budgets = [b for b in (requested_s, self.request_timeout_s) if b is not None]
+        if not budgets:
+            return None
+        start = asyncio.get_running_loop().time() if arrived is None else arrived
+        return start + min(budgets)
+
+    def shed_early(self, name: str | None, version: int | None, deadline: float | None) -> None:
+        """Refuse before the body is read when not even one row could be answered in time.
+
+        Reading and parsing a body costs more than the refusal; under overload that work would
+        take the CPU the admitted requests need. Anything unclear (an unknown model, one not
+        serving) is left to the full path, which reports it with the body's context.
+        """
+        if deadline is None:
+            return
+        try:
+            entry = self.registry.resolve(name, version)
+        except FoldserveError:
+            return
+        if entry.batcher is not None:
+            check_deadline(entry, 1, deadline)
 
     async def infer(
         self,
@@ -146,6 +205,7 @@ class DataPlane:
         encode: Callable[[InferenceResult], T],
         *,
         started: float | None = None,
+        deadline: float | None = None,
     ) -> T:
         """Run one request and ``encode`` its result; ``started`` (perf_counter) lets the caller
         include its parsing time. Counted once, with the status the client will get: an
@@ -158,13 +218,16 @@ class DataPlane:
             if entry.batcher is None or entry.manifest is None:
                 raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
             valid = validate_rows(rows, entry.manifest.inputs[0])
-            admit(entry, len(valid))
-            outputs = await entry.batcher.submit(valid)  # bounded by request_timeout_s
+            self.metrics.observe_wait(entry.name, entry.version, entry.batcher.estimated_wait(1))
+            admit(entry, len(valid), deadline)
+            outputs = await entry.batcher.submit(valid, deadline)  # bounded by request_timeout_s
             check_finite_outputs(outputs)
             answer = encode(InferenceResult(entry.name, entry.version, outputs, entry.manifest))
         except Exception as exc:
             status = exc.status if isinstance(exc, FoldserveError) else 500
             self.metrics.observe_request(model, label, status, time.perf_counter() - started)
+            if isinstance(exc, Overloaded):
+                self._shed(exc, model, label)
             raise
         self.metrics.observe_request(model, label, 200, time.perf_counter() - started)
         return answer
@@ -175,4 +238,12 @@ class DataPlane:
         """Count a request refused before it reached ``infer`` (unreadable body, too large, or
         not what the resolved ``entry`` takes: then it is counted for that model version)."""
         model, label = ("", "") if entry is None else (entry.name, str(entry.version))
+        if isinstance(error, Overloaded) and error.model is not None:
+            model, label = error.model, str(error.version)
         self.metrics.observe_request(model, label, error.status, time.perf_counter() - started)
+        if isinstance(error, Overloaded):
+            self._shed(error, model, label)
+
+    def _shed(self, error: Overloaded, model: str, version: str) -> None:
+        self.metrics.observe_shed(model, version, error.reason)
+        self.shed_log.note(model, error.reason, error.message)

@@ -41,11 +41,28 @@ class ModelNotReady(FoldserveError):
 
 
 class Overloaded(FoldserveError):
+    """Refused to protect the answers already promised: 503 with ``Retry-After``.
+
+    ``reason`` says why, for the shed counter: "queue_full" (no room for the rows) or
+    "deadline" (the estimated wait is longer than the request's time budget).
+    """
+
     status = 503
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int = 1,
+        reason: str = "queue_full",
+        model: str | None = None,
+        version: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason
+        self.model = model  # the version it was refused for, when known: for the shed counter
+        self.version = version
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}

@@ -62,9 +62,24 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        self.shed = Counter(
+            "foldserve_requests_shed",
+            "Requests refused to protect the others: queue_full (no room for the rows) or "
+            "deadline (the estimated wait exceeds the request's time budget)",
+            ["model", "version", "reason"],
+            registry=registry,
+        )
+        self.estimated_wait = Gauge(
+            "foldserve_estimated_wait_seconds",
+            "Estimated wait of a one-row request arriving now (queue ahead x batch time)",
+            ["model", "version"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         # NOTE: labels() takes a lock and builds a tuple on every call; the hot path reuses
         # the children. Keys are bounded: only resolved models and real status codes get here.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._wait_children: dict[tuple[str, int], Gauge] = {}
 
     def exposition(self) -> bytes:
         """The text format of this process's metrics, or of every worker's when pooled."""
@@ -86,6 +101,17 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_shed(self, model: str, version: str, reason: str) -> None:
+        self.shed.labels(model, version, reason).inc()
+
+    def observe_wait(self, model: str, version: int, seconds: float) -> None:
+        child = self._wait_children.get((model, version))
+        if child is None:
+            child = self._wait_children[(model, version)] = self.estimated_wait.labels(
+                model, str(version)
+            )
+        child.set(seconds)
 
     def set_loaded(self, model: str, version: int, loaded: bool) -> None:
         self.model_loaded.labels(model, str(version)).set(1 if loaded else 0)

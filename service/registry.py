@@ -348,6 +348,8 @@ class Registry:
             # Demoted to a worker thread if it later runs 4x slower than the budget it met.
             inline_limit_ms=4 * s.inline_max_ms,
             timeout_s=s.request_timeout_s,
+            # What admission by deadline assumes a batch takes until batches are measured.
+            initial_batch_s=full_batch_ms / 1000,
         )
 
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
 
-from service.errors import ClientDisconnected, FoldserveError, PayloadTooLarge
+from service.errors import ClientDisconnected, FoldserveError, Overloaded, PayloadTooLarge
 from service.routes.responses import error_body
 from service.settings import setting_ref
 
@@ -88,7 +88,8 @@ async def method_not_allowed(send: Send, method: str) -> None:
 async def respond_error(send: Send, exc: Exception, route: str) -> None:
     """Render any exception as ``{"error": ...}``: a bug costs one request a 500, not the server."""
     if isinstance(exc, FoldserveError):
-        if exc.status >= 500:
+        # Refusals under overload are summarized by the dataplane's ShedLog, not one line each.
+        if exc.status >= 500 and not isinstance(exc, Overloaded):
             log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
         extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
         await respond(send, exc.status, error_body(exc.message), extra)

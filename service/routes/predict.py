@@ -18,8 +18,9 @@ from starlette.types import Receive, Scope, Send
 
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput
-from service.routes.asgi import method_not_allowed, read_body, respond, respond_error
+from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
 from service.routes.paths import path_version
+from service.shedding import TIMEOUT_HEADER, requested_timeout
 
 _FIELDS = frozenset({"inputs", "model", "version"})
 _MODEL_PATH = re.compile(r"^/models/([^/]+)(?:/versions/([^/]+))?/predict$")
@@ -55,6 +56,9 @@ class PredictRoutes:
         plane = self.dataplane
         try:
             try:
+                deadline = plane.deadline(requested_timeout(header(scope, TIMEOUT_HEADER)))
+                # The model a body would name is unknown yet: the path's, or the default one.
+                plane.shed_early(name, path_version(version), deadline)
                 payload = _parse(await read_body(scope, receive, self.max_body_bytes))
                 model = _pick("model", str, name, payload.get("model"))
                 number = _pick("version", int, path_version(version), payload.get("version"))
@@ -62,7 +66,9 @@ class PredictRoutes:
             except FoldserveError as exc:
                 plane.reject(exc, started)
                 raise
-            body = await plane.infer(model, number, rows, _encode, started=started)
+            body = await plane.infer(
+                model, number, rows, _encode, started=started, deadline=deadline
+            )
         except Exception as exc:
             await respond_error(send, exc, "/predict")
             return

@@ -11,6 +11,7 @@ set, in input order. Outputs asked for as binary come back the same way.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -29,6 +30,7 @@ from service.routes.asgi import header, method_not_allowed, read_body, respond, 
 from service.routes.models import registry_of
 from service.routes.paths import path_version
 from service.routes.responses import error_body
+from service.shedding import TIMEOUT_HEADER, requested_timeout, timeout_parameter
 from service.store import Manifest, TensorSpec
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -76,9 +78,15 @@ class V2Routes:
         started = time.perf_counter()
         plane = self.dataplane
         entry = None
+        arrived = asyncio.get_running_loop().time()
         try:
+            requested = requested_timeout(header(scope, TIMEOUT_HEADER))
+            plane.shed_early(name, path_version(version), plane.deadline(requested, arrived))
             body = await read_body(scope, receive, self.max_body_bytes)
             payload, binary = _split(body, header(scope, HEADER_LENGTH))
+            # Triton's per-request timeout (microseconds) beats the header if both are sent.
+            requested = timeout_parameter(payload.get("parameters")) or requested
+            deadline = plane.deadline(requested, arrived)
             # The manifest names the input and its per-sample shape; the request is checked
             # against the version it resolves to, and exactly that version then runs it.
             entry = plane.registry.resolve(name, path_version(version))
@@ -95,6 +103,7 @@ class V2Routes:
             rows,
             lambda result: _encode(result, request_id, binary_out),
             started=started,
+            deadline=deadline,
         )
 
 
