@@ -62,6 +62,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         model_registry.scan()
         loading = asyncio.create_task(_load_models(model_registry), name="foldserve-load")
         loading.add_done_callback(_log_crash)
+        if settings.load_before_serving:
+            # uvicorn accepts connections only once startup is over: until then they wait in
+            # the socket's queue rather than get 503 "loading".
+            await asyncio.shield(loading)
         try:
             yield
         finally:
@@ -83,6 +87,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         docs_url=None,
     )
     app.state.settings = settings
+    app.state.draining = False  # set at SIGTERM/SIGINT: readiness answers 503 from then on
     app.state.metrics = app_metrics
     app.state.model_registry = model_registry
     app.state.dataplane = dataplane
@@ -93,6 +98,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
+
+
+def mark_draining(app: FastAPI) -> None:
+    """The server is shutting down: readiness turns 503 so that no new traffic is sent here."""
+    app.state.draining = True
 
 
 def app_from_env() -> FoldserveApp:

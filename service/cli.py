@@ -4,13 +4,11 @@ offline package (``foldserve``), which builds verified versions for the store.""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -81,27 +79,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
-
-    from service.app import configure_logging, create_app, warn_unknown_env
+    from service.app import configure_logging, create_app, mark_draining, warn_unknown_env
+    from service.server import serve
 
     configure_logging(settings.log_level)
     unknown = warn_unknown_env(os.environ)
-    options: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        "access_log": settings.access_log,
-        "proxy_headers": settings.proxy_headers,
-        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
-    }
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        app = create_app(settings)
+        serve(app, settings, lambda: mark_draining(app))
         return 0
-    # NOTE: worker processes rebuild the app from an import string, so the resolved settings
-    # travel as FOLDSERVE_* variables: each worker reads exactly what this process decided.
-    # Unknown ones were reported above; dropped, so each worker does not repeat the warning.
+    # NOTE: worker processes rebuild the app from FOLDSERVE_* variables, so the resolved settings
+    # travel that way: each worker reads exactly what this process decided. Unknown ones were
+    # reported above; dropped, so each worker does not repeat the warning.
     for name in unknown:
         del os.environ[name]
     try:
@@ -128,14 +117,17 @@ def _serve(settings: Settings) -> int:
         )
         return 1
     with pooled as metrics_dir:
-        settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir)})
+        settings = settings.model_copy(
+            update={"metrics_dir": Path(metrics_dir), "load_before_serving": True}
+        )
         os.environ.update(to_environ(settings))
         # prometheus_client reads this when each worker imports it, and keeps values in files.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        # Each worker adds the drain of a request in flight to its own shutdown: allow for both.
-        stop_timeout_s = settings.request_timeout_s + 10
+        # Each worker drains within shutdown_grace_s, then its batchers (bounded by the
+        # request timeout): allow for both before killing one.
+        stop_timeout_s = settings.shutdown_grace_s + settings.request_timeout_s + 10
         supervisor = Supervisor(
-            sockets, options, stop_timeout_s=stop_timeout_s, metrics_dir=Path(metrics_dir)
+            sockets, stop_timeout_s=stop_timeout_s, metrics_dir=Path(metrics_dir)
         )
         return supervisor.run()
 

@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     workers: int = Field(1, ge=1, description="server processes, each with its own sessions")
-    model_store: Path = Field(Path("model_store"), description="folder of <name>/<version>/ models")
+    # NOTE: also one model's <version>/ folders or one version's files (service.store.open_store
+    # reads the layout off the folder): what KServe's storage initializer puts at /mnt/models.
+    model_store: Path = Field(
+        Path("model_store"),
+        description="folder of <name>/<version>/ models, or of one model or one version",
+    )
     default_model: str = Field("digits-mlp", description="model answering requests naming none")
     backend: BackendName = Field("onnx", description="runtime: onnx (onnxruntime) or torchscript")
     device: Device = Field(
@@ -80,6 +85,32 @@ class Settings(BaseSettings):
         False, description="serve only models measured bit for bit the same in any batch"
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for an inference result")
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM/SIGINT, longest wait for requests in flight before exiting",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this, else 408"
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request's body must arrive within this after its headers, else 408",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="an idle connection (before or between requests) is closed after this",
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="open connections (and requests) per process; past it 503"
+    )
+    load_before_serving: bool = Field(
+        False,
+        description="accept no connection until the models are loaded and verified (set for "
+        "--workers processes: connections wait in the kernel's queue, not for a 503)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     metrics_dir: Path | None = Field(
         None, description="where --workers processes pool their metrics (the supervisor sets it)"

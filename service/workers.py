@@ -25,7 +25,6 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -33,7 +32,6 @@ from service.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_APP_FACTORY = "service.app:app_from_env"
 # A worker that dies sooner than this after its start failed to start (bad config, port, import);
 # restarting it for ever would only fill the log, so a few failures in a row end the server.
 _MIN_UPTIME_S = 5.0
@@ -105,7 +103,6 @@ class Supervisor:
     def __init__(
         self,
         sockets: list[socket.socket],
-        uvicorn_options: dict[str, Any],
         *,
         stop_timeout_s: float,
         metrics_dir: Path | None = None,
@@ -113,13 +110,13 @@ class Supervisor:
     ) -> None:
         self._sockets = sockets
         self._metrics_dir = metrics_dir
-        self._options = uvicorn_options
         self._stop_timeout_s = stop_timeout_s
         self._target = target or run_worker
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         # NOTE: a plain flag: a signal handler must not take a lock (threading.Event's would
         # deadlock if the signal lands while this thread holds it inside wait()).
         self._stopping = False
+        self._signalled: set[int] = set()  # pids already sent SIGTERM
         self._workers: list[_Worker] = []
 
     def run(self) -> int:
@@ -175,26 +172,39 @@ class Supervisor:
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._stopping = True
+        # At once, not at the supervising loop's next turn: a worker that has not heard of the
+        # stop would take new connections and call itself ready meanwhile.
+        self._stop_workers()
 
     def _spawn(self, index: int) -> _Worker:
         process = self._context.Process(
             target=self._target,
-            args=(self._sockets[index], self._options, os.getpid()),
+            args=(self._sockets[index], os.getpid()),
             name=f"foldserve-worker-{index}",
         )
         process.start()
         log.info("worker %d started (pid %s)", index, process.pid)
         return _Worker(index, process, time.monotonic())
 
-    def _shutdown(self) -> bool:
-        """Stop every worker; False if one had to be killed."""
-        # NOTE: our copies of the sockets go first: a worker closing its own copy then really
-        # closes the socket, so no new connection queues where nobody will accept it.
+    def _stop_workers(self) -> None:
+        """Close our sockets and send each live worker one SIGTERM, however often asked.
+
+        NOTE: one signal per worker: a worker started while a stop signal was being handled gets
+        its own at the next call; one that got it already is not sent a second.
+        """
+        # Our copies of the sockets go first: a worker closing its own copy then really closes
+        # the socket, so no new connection queues where nobody will accept it.
         for sock in self._sockets:
             sock.close()
         for worker in self._workers:
-            if worker.process.is_alive() and worker.process.pid is not None:
-                os.kill(worker.process.pid, signal.SIGTERM)
+            pid = worker.process.pid
+            if worker.process.is_alive() and pid is not None and pid not in self._signalled:
+                self._signalled.add(pid)
+                os.kill(pid, signal.SIGTERM)
+
+    def _shutdown(self) -> bool:
+        """Stop every worker; False if one had to be killed."""
+        self._stop_workers()
         deadline = time.monotonic() + self._stop_timeout_s
         clean = True
         for worker in self._workers:
@@ -207,21 +217,26 @@ class Supervisor:
         return clean
 
 
-def run_worker(sock: socket.socket, uvicorn_options: dict[str, Any], parent_pid: int) -> None:
-    """One worker process: the app built from FOLDSERVE_* variables, served on ``sock``."""
+def run_worker(sock: socket.socket, parent_pid: int) -> None:
+    """One worker process: the app built from FOLDSERVE_* variables, served on ``sock``.
+
+    Its settings say ``load_before_serving``: connections wait in the socket's queue until the
+    models are verified, so a worker replacing a crashed one never answers 503 "loading".
+    """
     # NOTE: out of the terminal's process group: Ctrl-C reaches the supervisor alone, which
     # sends each worker one SIGTERM. A worker seeing both would take the second signal for
     # uvicorn's "quit now, no drain". The supervisor dying is covered by _die_with_parent.
     os.setpgrp()
-    # uvicorn re-raises the signal that stopped it once it has drained; exiting quietly on it
-    # (and on one arriving before uvicorn listens for it) spares a traceback and an odd code.
+    # A signal arriving before the server listens for it ends the worker quietly (nothing to
+    # drain yet), sparing a traceback.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _exit_quietly)
     _die_with_parent(parent_pid)
-    import uvicorn
+    from service.app import app_from_env, mark_draining
+    from service.server import serve
 
-    config = uvicorn.Config(_APP_FACTORY, factory=True, **uvicorn_options)
-    uvicorn.Server(config).run(sockets=[sock])
+    app = app_from_env()
+    serve(app, app.state.settings, lambda: mark_draining(app), sock)
 
 
 def _exit_quietly(sig: int, frame: FrameType | None) -> None:

@@ -23,6 +23,8 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     registry = registry_of(request)
     ready, reason = registry.readiness()
+    if request.app.state.draining:
+        ready, reason = False, "shutting down: finishing the requests in flight"
     body = {"ready": ready, "reason": reason, "models": [describe(e) for e in registry.entries()]}
     return Response(
         orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json"

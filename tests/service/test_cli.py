@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from service import cli
+from service import cli, server
 from service.app import app_from_env
 from service.cli import build_parser, main, settings_from_args
 from service.settings import Settings
@@ -45,8 +44,13 @@ def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 @pytest.fixture
 def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
+    """What one server process would run: the app and uvicorn's options, instead of running."""
     calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+
+    def fake_serve(app: Any, settings: Settings, *_: Any, **__: Any) -> None:
+        calls.append((app, server.uvicorn_options(settings)))
+
+    monkeypatch.setattr(server, "serve", fake_serve)
     return calls
 
 
@@ -76,12 +80,13 @@ def test_uvicorn_reads_proxy_headers_only_when_asked(
 
 @pytest.fixture
 def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[socket.socket], dict[str, Any]]]:
-    """Records what the supervisor would start the workers with, instead of starting them."""
+    """Records what the supervisor would start the workers with, instead of starting them:
+    the sockets, and uvicorn's options as each worker derives them from the environment."""
     calls: list[tuple[list[socket.socket], dict[str, Any]]] = []
 
     class FakeSupervisor:
-        def __init__(self, sockets: list[socket.socket], options: dict[str, Any], **_: Any):
-            calls.append((sockets, options))
+        def __init__(self, sockets: list[socket.socket], **_: Any):
+            calls.append((sockets, server.uvicorn_options(Settings())))
 
         def run(self) -> int:
             for sock in calls[-1][0]:

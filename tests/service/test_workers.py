@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -43,13 +42,13 @@ def test_a_port_taken_by_another_program_is_a_config_error() -> None:
             listening_sockets("127.0.0.1", port, 2, backlog=16)
 
 
-def exit_at_once(sock: socket.socket, options: dict[str, Any], parent_pid: int) -> None:
+def exit_at_once(sock: socket.socket, parent_pid: int) -> None:
     raise SystemExit(3)  # as uvicorn does when the app fails to start
 
 
 def test_workers_that_keep_failing_at_start_end_the_server() -> None:
     sockets = listening_sockets("127.0.0.1", 0, 2, backlog=16)
-    supervisor = Supervisor(sockets, {}, stop_timeout_s=5, target=exit_at_once)
+    supervisor = Supervisor(sockets, stop_timeout_s=5, target=exit_at_once)
     started = time.monotonic()
     assert supervisor.run() == 1
     assert time.monotonic() - started < 30
