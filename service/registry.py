@@ -24,11 +24,12 @@ from service.errors import (
     FoldserveError,
     ModelNotFound,
     ModelNotReady,
+    StoreError,
     VerificationError,
 )
 from service.metrics import Metrics
 from service.settings import BatchingOverride, Settings, setting_ref
-from service.store import Manifest, list_models, list_versions, read_manifest, version_dir
+from service.store import Manifest, StoreView, open_store, read_manifest
 from service.verify import (
     BitwiseMeasurement,
     VerificationReport,
@@ -91,6 +92,7 @@ class Registry:
         self._settings = settings
         self._metrics = metrics
         self._models: dict[str, list[ModelVersion]] = {}  # versions ascending
+        self._store = StoreView(settings.model_store)
         self._scanned = False
 
     def scan(self) -> None:
@@ -98,8 +100,20 @@ class Registry:
         root = self._settings.model_store
         if not root.is_dir():
             log.error("model store %s does not exist: nothing to serve (set --model-store)", root)
-        for name in list_models(root):
-            self._models[name] = [ModelVersion(name, v) for v in list_versions(root, name)]
+        try:
+            self._store = open_store(root)
+        except StoreError as exc:
+            log.error("model store %s NOT served: %s", root, exc.message)
+        if self._store.layout != "store":
+            # KServe mounts one model (or one version) at /mnt/models: say what was understood.
+            log.info(
+                "model store %s is one %s's folder: serving it as model %r",
+                root,
+                self._store.layout,
+                self._store.name,
+            )
+        for name in self._store.models():
+            self._models[name] = [ModelVersion(name, v) for v in self._store.versions(name)]
             for entry in self._models[name]:
                 # Published at once: with --workers, a worker still loading keeps the pooled
                 # foldserve_model_loaded (the minimum over live workers) at 0.
@@ -209,7 +223,7 @@ class Registry:
     def _load(self, entry: ModelVersion) -> tuple[Backend, _Plan]:
         """Read, check and verify one version (in a worker thread); raises on any failure."""
         fmt = self._settings.backend
-        directory = version_dir(self._settings.model_store, entry.name, entry.version)
+        directory = self._store.version_dir(entry.name, entry.version)
         manifest = entry.manifest = read_manifest(directory)
         if (manifest.name, manifest.version) != (entry.name, entry.version):
             raise VerificationError(

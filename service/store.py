@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<name>/<version>/`` with integer versions, the model files and ``manifest.json``.
 A version is written into a hidden temporary folder and renamed into place, so a crash mid-write
-never leaves a version that loads.
+never leaves a version that loads. The server also reads one model's folder or one version's
+folder as a store of one model (``open_store``): what KServe puts at ``/mnt/models``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -222,11 +224,7 @@ def list_versions(root: Path, name: str) -> list[int]:
     model_root = root / check_model_name(name)
     if not model_root.is_dir():
         return []
-    return sorted(
-        int(p.name)
-        for p in model_root.iterdir()
-        if _VERSION_PATTERN.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
-    )
+    return _version_folders(model_root)
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -237,6 +235,98 @@ def read_manifest(directory: Path) -> Manifest:
         raise StoreError(f"{path}: no manifest") from exc
     except ValueError as exc:
         raise StoreError(f"{path}: invalid manifest: {exc}") from exc
+
+
+StoreLayout = Literal["store", "model", "version"]
+
+
+@dataclass(frozen=True)
+class StoreView:
+    """Where each version of a store lives, whichever of the three layouts the folder has.
+
+    ``store``: ``<name>/<version>/`` folders. ``model``: one model's ``<version>/`` folders.
+    ``version``: the files and ``manifest.json`` of one version. In the last two the model's
+    name (and the version's number) come from the manifests, since the folder's own name is
+    wherever it was mounted (KServe: ``/mnt/models``).
+    """
+
+    root: Path
+    layout: StoreLayout = "store"
+    name: str | None = None  # the one model's name (model and version layouts)
+    version: int | None = None  # the one version's number (version layout)
+
+    def models(self) -> list[str]:
+        return list_models(self.root) if self.name is None else [self.name]
+
+    def versions(self, name: str) -> list[int]:
+        if self.layout == "store":
+            return list_versions(self.root, name)
+        if name != self.name:
+            return []
+        if self.version is not None:
+            return [self.version]
+        return _version_folders(self.root)
+
+    def version_dir(self, name: str, version: int) -> Path:
+        if self.layout == "store":
+            return version_dir(self.root, name, version)
+        if name != self.name:
+            raise StoreError(f"{self.root} holds only model {self.name!r}, not {name!r}")
+        return self.root if self.layout == "version" else self.root / str(version)
+
+
+def open_store(root: Path) -> StoreView:
+    """Read the layout off the folder: a ``manifest.json`` in it makes it one version, numbered
+    folders holding one make it one model, anything else is a whole store (maybe empty).
+
+    A folder that looks like two of these at once is refused rather than half served.
+    """
+    if not root.is_dir():
+        return StoreView(root)
+    own_manifest = (root / MANIFEST_FILE).is_file()
+    versions = _version_folders(root)
+    # NOTE: a model may be named "1", so a numbered folder is a version only with a manifest in it.
+    models = [name for name in list_models(root) if list_versions(root, name)]
+    found = [
+        what
+        for what, present in (
+            (f"a {MANIFEST_FILE} (one version)", own_manifest),
+            (f"version folders {versions} (one model)", bool(versions)),
+            (f"model folders {models} (a whole store)", bool(models)),
+        )
+        if present
+    ]
+    if len(found) > 1:
+        raise StoreError(f"model store {root} holds {' and '.join(found)}: point it at one of them")
+    if own_manifest:
+        manifest = read_manifest(root)
+        return StoreView(root, "version", check_model_name(manifest.name), manifest.version)
+    if versions:
+        return StoreView(root, "model", _model_name(root, versions))
+    return StoreView(root)
+
+
+def _version_folders(model_root: Path) -> list[int]:
+    """Complete versions directly under ``model_root`` (see ``list_versions``)."""
+    return sorted(
+        int(p.name)
+        for p in model_root.iterdir()
+        if _VERSION_PATTERN.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
+    )
+
+
+def _model_name(model_root: Path, versions: list[int]) -> str:
+    """The name the manifests give the model, the newest readable one first.
+
+    A version whose manifest names another model is refused when it loads, as in a store.
+    """
+    errors = []
+    for version in reversed(versions):
+        try:
+            return check_model_name(read_manifest(model_root / str(version)).name)
+        except StoreError as exc:
+            errors.append(exc.message)
+    raise StoreError(f"no readable manifest names the model in {model_root}: {'; '.join(errors)}")
 
 
 def write_version(
