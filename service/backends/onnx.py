@@ -58,6 +58,14 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
         self.device = "cuda" if self._session.get_providers()[0] == _CUDA else "cpu"
+        if options.device == "cuda" and self.device != "cuda":
+            # NOTE: onnxruntime-gpu drops to the CPU without a word when CUDA cannot start (no
+            # driver, a container run without --gpus): asked for the GPU, that is an error.
+            raise ConfigError(
+                f"{path}: device 'cuda' requested but onnxruntime fell back to "
+                f"{self._session.get_providers()}: check the GPU driver and that the container "
+                "sees the GPU (--gpus all), or set FOLDSERVE_DEVICE=cpu"
+            )
         self._input_name = self._session.get_inputs()[0].name
         self._output_names = [self._session.get_outputs()[0].name]
 

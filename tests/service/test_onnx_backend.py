@@ -1,0 +1,31 @@
+"""The ONNX backend never serves on the CPU when the GPU was asked for."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from service.backends import BackendOptions
+from service.backends import onnx as onnx_backend
+from service.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parents[2] / "model_store" / "digits-mlp" / "1" / "model.onnx"
+
+
+def test_a_silent_fall_back_from_cuda_to_the_cpu_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As with onnxruntime-gpu on a machine whose driver is missing: CUDA is listed, but the
+    # session cannot use it and runs on the CPU.
+    real = onnx_backend.ort.get_available_providers()
+    monkeypatch.setattr(
+        onnx_backend.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime's own warning about the missing provider
+        with pytest.raises(ConfigError, match=r"fell back to .*CPUExecutionProvider"):
+            onnx_backend.OnnxBackend(SHIPPED, BackendOptions(device="cuda"))
+        auto = onnx_backend.OnnxBackend(SHIPPED, BackendOptions(device="auto"))
+    assert auto.device == "cpu"  # asked for nothing in particular: the CPU is fine
