@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from service.dataplane import DataPlane
 from service.errors import FoldserveError, InvalidInput
 from service.metrics import Metrics
 from service.registry import Registry
-from service.routes import health, metrics, models, v2
+from service.routes import health, metrics, models, repository, v2
 from service.routes.asgi import RawRoutes
 from service.routes.predict import PredictRoutes
 from service.routes.responses import error_body
@@ -66,12 +67,18 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             # uvicorn accepts connections only once startup is over: until then they wait in
             # the socket's queue rather than get 503 "loading".
             await asyncio.shield(loading)
+        watching = asyncio.create_task(
+            _watch_store(model_registry, loading, settings.poll_interval_s), name="foldserve-watch"
+        )
+        watching.add_done_callback(_log_crash)
         try:
             yield
         finally:
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            _stop_listening_for_sighup()
+            for task in (watching, loading):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await model_registry.stop()  # drains: every accepted request is answered
             gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
 
@@ -91,7 +98,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.state.metrics = app_metrics
     app.state.model_registry = model_registry
     app.state.dataplane = dataplane
-    for module in (models, health, metrics, v2):
+    for module in (models, health, metrics, v2, repository):
         app.include_router(module.router)
     app.add_exception_handler(FoldserveError, _foldserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -163,6 +170,37 @@ async def _load_models(registry: Registry) -> None:
     # models are loaded live as long as the process: freezing them takes them out of every pass.
     gc.collect()
     gc.freeze()
+
+
+async def _watch_store(
+    registry: Registry, loading: asyncio.Task[None], every_s: float | None
+) -> None:
+    """Rescan the store on SIGHUP, and every ``every_s`` seconds if set, once loading is done."""
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.shield(loading)  # a crash there is logged by its own callback
+    hangup = asyncio.Event()
+    _listen_for_sighup(hangup)
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hangup.wait(), timeout=every_s)
+        reason = "SIGHUP" if hangup.is_set() else f"every {every_s:g} s (poll_interval_s)"
+        hangup.clear()
+        log.debug("rescanning the model store: %s", reason)
+        try:
+            await registry.rescan()
+        except Exception:
+            log.exception("rescanning the model store failed; serving goes on")
+
+
+def _listen_for_sighup(hangup: asyncio.Event) -> None:
+    # NOTE: only the main thread may take signals (a server run in a thread, as in tests, can't).
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup.set)
+
+
+def _stop_listening_for_sighup() -> None:
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -28,8 +28,34 @@ class ClientDisconnected(FoldserveError):
     status = 499
 
 
+class Unauthorized(FoldserveError):
+    """A key is required and none, or a wrong one, was sent."""
+
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="foldserve"'}
+
+
 class PayloadTooLarge(FoldserveError):
     status = 413
+
+
+class UnsupportedMediaType(FoldserveError):
+    """A body in a form the route does not read: its Content-Type or Content-Encoding. 415.
+
+    ``accept_encoding`` lists the encodings that are read, sent back as ``Accept-Encoding`` when
+    the encoding was the problem (RFC 7694).
+    """
+
+    status = 415
+
+    def __init__(self, message: str, *, accept_encoding: str | None = None) -> None:
+        super().__init__(message)
+        self.accept_encoding = accept_encoding
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.accept_encoding is None else {"Accept-Encoding": self.accept_encoding}
 
 
 class ModelNotFound(FoldserveError):

@@ -1,7 +1,14 @@
 """The model registry: finds every version in the store, verifies it, and serves only what passed.
 
 Each version is loaded on its own; a failure keeps that version out (with its reason in its
-status) and never stops the others. Names resolve to the latest *ready* version.
+status) and never stops the others. Names resolve to the model's default version (see
+``model_versions``) or its latest *ready* one.
+
+The store can change while the server runs: ``rescan`` (on a timer, SIGHUP or the management
+API) loads new versions, which take traffic only once they passed every check; retires versions
+removed from the store (requests already on them finish there); and sends a version whose files
+changed back through the checks, out of service until it passes. Every switch is one assignment
+on the event loop, so a request sees the old set of versions or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -29,7 +36,15 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.settings import BatchingOverride, Settings, setting_ref
-from service.store import Manifest, StoreView, open_store, read_manifest
+from service.store import (
+    Fingerprint,
+    Manifest,
+    StoreView,
+    check_inside,
+    fingerprint,
+    open_store,
+    read_manifest,
+)
 from service.verify import (
     BitwiseMeasurement,
     VerificationReport,
@@ -49,6 +64,7 @@ class Status(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
     STOPPED = "stopped"  # was ready; its batcher drained at shutdown
+    UNLOADED = "unloaded"  # taken out of service through the management API
 
 
 @dataclass(eq=False)
@@ -63,6 +79,7 @@ class ModelVersion:
     bitwise: BitwiseMeasurement | None = None  # kept when it is why the version failed
     batcher: Batcher | None = None
     batching: BatchingChoice | None = None
+    fingerprint: Fingerprint = ()  # the files as loaded: a rescan reloads a version that differs
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,8 @@ class Registry:
         self._models: dict[str, list[ModelVersion]] = {}  # versions ascending
         self._store = StoreView(settings.model_store)
         self._scanned = False
+        self._unloaded: set[str] = set()  # models the management API took out of service
+        self._rescan_lock = asyncio.Lock()
 
     def scan(self) -> None:
         """List what the store holds; every version starts out ``loading``."""
@@ -113,7 +132,7 @@ class Registry:
                 self._store.name,
             )
         for name in self._store.models():
-            self._models[name] = [ModelVersion(name, v) for v in self._store.versions(name)]
+            self._models[name] = [ModelVersion(name, v) for v in self._wanted(name)]
             for entry in self._models[name]:
                 # Published at once: with --workers, a worker still loading keeps the pooled
                 # foldserve_model_loaded (the minimum over live workers) at 0.
@@ -186,6 +205,109 @@ class Registry:
                     entry.status = Status.STOPPED
                 self._publish(entry)
 
+    # -- the store changing under a running server
+
+    def _wanted(self, name: str) -> list[int]:
+        """The versions of ``name`` the store holds and its policy serves."""
+        available = self._store.versions(name)
+        policy = self._settings.model_versions.get(name)
+        return available if policy is None else policy.wanted(available)
+
+    async def rescan(self, only: str | None = None) -> None:
+        """Bring the served versions in line with the store (one rescan at a time)."""
+        async with self._rescan_lock:
+            try:
+                self._store = await asyncio.to_thread(open_store, self._settings.model_store)
+            except StoreError as exc:
+                log.error("rescan: model store %s NOT read: %s", self._settings.model_store, exc)
+                return
+            names = set(self._store.models()) | set(self._models)
+            for name in sorted(names if only is None else {only}):
+                if name not in self._unloaded:
+                    await self._rescan_model(name)
+
+    async def _rescan_model(self, name: str) -> None:
+        wanted = set(await asyncio.to_thread(self._wanted, name))
+        current = {entry.version: entry for entry in self._models.get(name, [])}
+        for version, entry in current.items():
+            if version not in wanted:
+                await self._retire(entry, "removed from the store (or by its version policy)")
+        changed = []
+        for version, entry in current.items():
+            if version in wanted and entry.fingerprint != await asyncio.to_thread(
+                fingerprint, self._store.version_dir(name, version)
+            ):
+                changed.append(entry)
+        for entry in changed:
+            # Out of service first: traffic goes to the other ready versions while it is
+            # checked again, and comes back only if it passes.
+            await self._retire(entry, "its files changed on disk; checking it again")
+        added = [ModelVersion(name, v) for v in sorted(wanted - set(current))]
+        added += [ModelVersion(name, entry.version) for entry in changed]
+        for entry in added:
+            self._metrics.set_loaded(name, entry.version, False)
+            log.info("rescan: loading model %s v%s", name, entry.version)
+            self._swap_in(entry)
+            await self._load_one(entry)
+
+    def _swap_in(self, entry: ModelVersion) -> None:
+        """Put ``entry`` (still loading: not resolved to until ready) in its model's list: a new
+        list in one assignment, so ``resolve`` sees either list whole."""
+        versions = [e for e in self._models.get(entry.name, []) if e.version != entry.version]
+        self._models[entry.name] = sorted([*versions, entry], key=lambda e: e.version)
+
+    async def _retire(self, entry: ModelVersion, why: str) -> None:
+        """Take a version out of service; the requests it accepted are answered first."""
+        versions = [e for e in self._models.get(entry.name, []) if e is not entry]
+        if versions:
+            self._models[entry.name] = versions
+        else:
+            self._models.pop(entry.name, None)
+        log.info("model %s v%s out of service: %s", entry.name, entry.version, why)
+        if entry.batcher is not None:
+            await entry.batcher.stop(timeout_s=self._settings.request_timeout_s)
+        entry.status, entry.reason = Status.UNLOADED, why
+        self._metrics.set_loaded(entry.name, entry.version, False)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of ``name`` until ``load`` (management API)."""
+        async with self._rescan_lock:
+            if name not in self._models:
+                raise ModelNotFound(f"model {name!r} is not loaded; loaded: {sorted(self._models)}")
+            self._unloaded.add(name)
+            for entry in list(self._models[name]):
+                await self._retire(entry, "unloaded through the management API")
+
+    async def load(self, name: str) -> None:
+        """(Re)load ``name`` from the store: new versions, changed files (management API)."""
+        self._unloaded.discard(name)
+        await self.rescan(only=name)
+        if not self._models.get(name):
+            raise ModelNotFound(f"model {name!r} has no version in the model store to load")
+
+    def index(self) -> list[dict[str, object]]:
+        """Every version the store holds or the server serves, Triton's repository index."""
+        rows: dict[tuple[str, int], dict[str, object]] = {}
+        for name in self._store.models():
+            for version in self._store.versions(name):
+                rows[(name, version)] = {
+                    "name": name,
+                    "version": str(version),
+                    "state": "UNAVAILABLE",
+                    "reason": "not loaded",
+                }
+        for entry in self.entries():
+            state = {Status.READY: "READY", Status.LOADING: "LOADING"}.get(
+                entry.status, "UNAVAILABLE"
+            )
+            rows[(entry.name, entry.version)] = {
+                "name": entry.name,
+                "version": str(entry.version),
+                "state": state,
+                "reason": entry.reason or "",
+            }
+        return [rows[key] for key in sorted(rows)]
+
     @property
     def default_model(self) -> str:
         return self._settings.default_model
@@ -194,11 +316,16 @@ class Registry:
         return [entry for versions in self._models.values() for entry in versions]
 
     def resolve(self, name: str | None, version: int | None) -> ModelVersion:
-        """The ready version asked for; ``None`` means the default model or its latest ready one."""
+        """The ready version asked for; ``None`` means the default model, and its default version
+        (``model_versions``) or else its latest ready one."""
         name = self._settings.default_model if name is None else name
         versions = self._models.get(name)
         if not versions:
             raise ModelNotFound(f"model {name!r} not found; available: {sorted(self._models)}")
+        if version is None:
+            policy = self._settings.model_versions.get(name)
+            if policy is not None and policy.default is not None:
+                version = policy.default
         if version is None:
             ready = [e for e in versions if e.status is Status.READY]
             if ready:
@@ -224,6 +351,8 @@ class Registry:
         """Read, check and verify one version (in a worker thread); raises on any failure."""
         fmt = self._settings.backend
         directory = self._store.version_dir(entry.name, entry.version)
+        check_inside(self._settings.model_store, directory)
+        entry.fingerprint = fingerprint(directory)
         manifest = entry.manifest = read_manifest(directory)
         if (manifest.name, manifest.version) != (entry.name, entry.version):
             raise VerificationError(
@@ -235,6 +364,8 @@ class Registry:
             have = [f.format for f in manifest.files]
             raise VerificationError(f"manifest has no {fmt} file (has {have}); set --backend")
         plan = self._plan(entry, manifest)  # a setting that cannot work fails before the checks
+        for model_file_entry in manifest.files:
+            check_inside(self._settings.model_store, directory / model_file_entry.path)
         check_files(directory, manifest)
         options = BackendOptions(self._settings.device, self._settings.intra_op_threads)
         backend = load_backend(fmt, directory / model_file.path, options)

@@ -86,4 +86,8 @@ def serve(
 ) -> None:
     """Run ``app`` until a signal, then drain; on ``sock`` if given (a worker's own socket)."""
     config = uvicorn.Config(app, **uvicorn_options(settings))
+    if threading.current_thread() is threading.main_thread():
+        # SIGHUP means "rescan the store" once the models are loaded; until the app listens for
+        # it, its default action (end the process) must not apply.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     DrainingServer(config, on_drain).run(sockets=None if sock is None else [sock])

@@ -29,6 +29,33 @@ class BatchingOverride(BaseModel):
     max_delay_ms: float | None = Field(None, ge=0, description="longest wait for batch mates")
 
 
+class VersionPolicy(BaseModel):
+    """Which versions of one model are served, and which answers requests naming none.
+
+    ``latest``: the newest N versions; ``versions``: exactly these; neither: all of them.
+    ``default``: the version for requests naming none (else the newest ready one).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latest: int | None = Field(None, ge=1, description="serve the newest N versions")
+    versions: list[int] | None = Field(None, description="serve exactly these versions")
+    default: int | None = Field(None, ge=1, description="version for requests naming none")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> VersionPolicy:
+        if self.latest is not None and self.versions is not None:
+            raise ValueError("give latest or versions, not both")
+        return self
+
+    def wanted(self, available: list[int]) -> list[int]:
+        if self.versions is not None:
+            return [v for v in available if v in self.versions]
+        if self.latest is not None:
+            return sorted(available)[-self.latest :]
+        return list(available)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
@@ -105,6 +132,23 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         2048, ge=1, description="open connections (and requests) per process; past it 503"
+    )
+    poll_interval_s: float | None = Field(
+        None, gt=0, description="rescan the store this often for new, changed or removed versions"
+    )
+    # NOTE: a dict field read as JSON, e.g. '{"digits-mlp": {"latest": 2, "default": 1}}'.
+    model_versions: dict[str, VersionPolicy] = Field(
+        default_factory=dict, description="per model: which versions to serve, and the default"
+    )
+    management_api: bool = Field(
+        False,
+        description="serve the model repository API (/v2/repository/...: index, load, unload)",
+    )
+    management_api_key: str | None = Field(
+        None,
+        description="key the repository API requires (Authorization: Bearer or X-API-Key); "
+        "several separated by commas",
+        repr=False,
     )
     load_before_serving: bool = Field(
         False,

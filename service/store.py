@@ -275,6 +275,29 @@ class StoreView:
         return self.root if self.layout == "version" else self.root / str(version)
 
 
+def check_inside(root: Path, path: Path) -> None:
+    """Refuse a path that resolves outside the store: a symlinked version folder or file could
+    make the server load (and vouch for) whatever it points at."""
+    real_root, real = root.resolve(), path.resolve()
+    if real != real_root and not real.is_relative_to(real_root):
+        shown = path.relative_to(root) if path.is_relative_to(root) else path.name
+        raise StoreError(f"{shown} resolves outside the model store (a symlink?): refused")
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """Names, sizes and modification times of a version's files: cheap to compare at every
+    rescan; a difference sends the version back through the full checks (sha256 and all)."""
+    entries = []
+    with contextlib.suppress(OSError):
+        for path in sorted(directory.iterdir()):
+            stat = path.stat()
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
 def open_store(root: Path) -> StoreView:
     """Read the layout off the folder: a ``manifest.json`` in it makes it one version, numbered
     folders holding one make it one model, anything else is a whole store (maybe empty).

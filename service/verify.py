@@ -61,14 +61,17 @@ class VerificationReport:
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
+    # NOTE: messages name the file inside its version (model.onnx), not the server's path: they
+    # reach clients through /models and readiness.
     for entry in manifest.files:
         path = directory / entry.path
         if not path.is_file():
-            raise VerificationError(f"{path}: file listed in the manifest is missing")
+            raise VerificationError(f"{entry.path}: file listed in the manifest is missing")
         actual = sha256_file(path)
         if actual != entry.sha256:
             raise VerificationError(
-                f"{path}: sha256 {actual[:12]}… does not match the manifest's {entry.sha256[:12]}…"
+                f"{entry.path}: sha256 {actual[:12]}… does not match the manifest's "
+                f"{entry.sha256[:12]}…"
             )
 
 

@@ -123,6 +123,7 @@ class Supervisor:
         """Serve until asked to stop: 0 then; 1 if workers keep failing at start or had to be
         killed at the stop."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         code = 1
         try:
             self._workers = [self._spawn(i) for i in range(len(self._sockets))]
@@ -175,6 +176,12 @@ class Supervisor:
         # At once, not at the supervising loop's next turn: a worker that has not heard of the
         # stop would take new connections and call itself ready meanwhile.
         self._stop_workers()
+
+    def _on_hangup(self, sig: int, frame: FrameType | None) -> None:
+        """SIGHUP: every worker rescans the model store."""
+        for worker in self._workers:
+            if worker.process.is_alive() and worker.process.pid is not None:
+                os.kill(worker.process.pid, signal.SIGHUP)
 
     def _spawn(self, index: int) -> _Worker:
         process = self._context.Process(
