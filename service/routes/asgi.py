@@ -14,6 +14,7 @@ from typing import Protocol
 from starlette.types import Receive, Scope, Send
 
 from service.errors import ClientDisconnected, FoldserveError, Overloaded, PayloadTooLarge
+from service.routes.content import Decoder
 from service.routes.responses import error_body
 from service.settings import setting_ref
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[bytes, bytes]]
 JSON = b"application/json"
+_MAX_COUNT_DIGITS = 18  # a byte count below 10^18: beyond any body, and cheap to convert
 
 
 class RawRoutes(Protocol):
@@ -38,28 +40,56 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body; 413 as soon as it is known to exceed ``limit`` bytes."""
+def byte_count(value: bytes) -> int | None:
+    """A header's decimal byte count; None unless it is ASCII digits, at most 18 of them.
+
+    NOTE: bounded before ``int()``: Python refuses more than 4,300 digits with a ValueError.
+    """
+    if not value.isdigit():  # bytes.isdigit: ASCII digits only, and at least one
+        return None
+    digits = value.lstrip(b"0")
+    return int(digits or b"0") if len(digits) <= _MAX_COUNT_DIGITS else None
+
+
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, decoder: Decoder | None = None
+) -> bytes:
+    """The whole request body, decoded; 413 as soon as it is known to exceed ``limit`` bytes,
+    as received or (with a ``decoder``) decoded."""
     declared = header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"request body of {_megabytes(int(declared))} exceeds {_body_limit(limit)}"
-        )
+    if declared is not None and declared.isdigit():  # uvicorn refuses any other Content-Length
+        length = byte_count(declared)  # None: more than 18 digits
+        if length is None:
+            shown = f"a {len(declared)}-digit number of bytes"
+            raise PayloadTooLarge(f"request body of {shown} exceeds {_body_limit(limit)}")
+        if length > limit:
+            shown = _megabytes(length)
+            raise PayloadTooLarge(f"request body of {shown} exceeds {_body_limit(limit)}")
     chunks: list[bytes] = []
-    size = 0
+    received = size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("client disconnected before sending the whole body")
         chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
+        received += len(chunk)
+        if received > limit:
             # Sent without a length (chunked): what arrived so far is all that is known.
             raise PayloadTooLarge(
-                f"request body exceeds {_body_limit(limit)} ({_megabytes(size)} received)"
+                f"request body exceeds {_body_limit(limit)} ({_megabytes(received)} received)"
             )
+        if decoder is not None:
+            chunk = decoder.decode(chunk, limit - size + 1)
+            if size + len(chunk) > limit:
+                raise PayloadTooLarge(
+                    f"request body exceeds {_body_limit(limit)} once decoded "
+                    f"({decoder.encoding}; {_megabytes(received)} received)"
+                )
+        size += len(chunk)
         chunks.append(chunk)
         if not message.get("more_body", False):
+            if decoder is not None:
+                decoder.finish()
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

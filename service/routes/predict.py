@@ -19,11 +19,14 @@ from starlette.types import Receive, Scope, Send
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput
 from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
-from service.routes.paths import path_version
+from service.routes.content import body_decoder
+from service.routes.paths import check_version, path_version
+from service.routes.responses import quoted
+from service.routes.strict_json import check_unique_keys, holds_booleans
 from service.shedding import TIMEOUT_HEADER, requested_timeout
 
 _FIELDS = frozenset({"inputs", "model", "version"})
-_MODEL_PATH = re.compile(r"^/models/([^/]+)(?:/versions/([^/]+))?/predict$")
+_MODEL_PATH = re.compile(r"/models/([^/]+)(?:/versions/([^/]+))?/predict")  # fullmatch
 
 
 class PredictRoutes:
@@ -38,7 +41,7 @@ class PredictRoutes:
         if scope["type"] != "http":
             return False
         path: str = scope["path"]
-        match = _MODEL_PATH.match(path)
+        match = _MODEL_PATH.fullmatch(path)
         if path != "/predict" and match is None:
             return False
         if scope["method"] != "POST":
@@ -56,13 +59,16 @@ class PredictRoutes:
         plane = self.dataplane
         try:
             try:
+                decoder = body_decoder(scope)
                 deadline = plane.deadline(requested_timeout(header(scope, TIMEOUT_HEADER)))
+                number = path_version(version)
                 # The model a body would name is unknown yet: the path's, or the default one.
-                plane.shed_early(name, path_version(version), deadline)
-                payload = _parse(await read_body(scope, receive, self.max_body_bytes))
+                plane.shed_early(name, number, deadline)
+                body = await read_body(scope, receive, self.max_body_bytes, decoder)
+                payload = _parse(body)
                 model = _pick("model", str, name, payload.get("model"))
-                number = _pick("version", int, path_version(version), payload.get("version"))
-                rows = _to_array(payload["inputs"])
+                number = _pick("version", int, number, payload.get("version"))
+                rows = _to_array(payload["inputs"], body)
             except FoldserveError as exc:
                 plane.reject(exc, started)
                 raise
@@ -94,9 +100,11 @@ def _parse(body: bytes) -> dict[str, Any]:
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidInput('body must be a JSON object: {"inputs": [sample, ...]}')
+    check_unique_keys(body, payload, bulk="inputs")
     unknown = payload.keys() - _FIELDS
     if unknown:
-        raise InvalidInput(f"unknown fields {sorted(unknown)}: expected {sorted(_FIELDS)}")
+        names = ", ".join(quoted(name) for name in sorted(unknown))
+        raise InvalidInput(f"unknown fields [{names}]: expected {sorted(_FIELDS)}")
     if "inputs" not in payload:
         raise InvalidInput('missing "inputs": send {"inputs": [sample, ...]}')
     return payload
@@ -107,18 +115,27 @@ def _pick(field: str, kind: type[Any], from_path: Any, from_body: Any) -> Any:
     # bool is an int subclass: {"version": true} must not mean version 1.
     if from_body is not None and (not isinstance(from_body, kind) or isinstance(from_body, bool)):
         kind_name = "an integer" if kind is int else "a string"
-        raise InvalidInput(f'"{field}" must be {kind_name}, got {from_body!r}')
+        raise InvalidInput(f'"{field}" must be {kind_name}, got {quoted(from_body)}')
+    if kind is int and from_body is not None:
+        check_version(from_body)
     if from_path is not None and from_body is not None and from_path != from_body:
-        raise InvalidInput(f'"{field}" is {from_body!r} in the body but {from_path!r} in the path')
+        raise InvalidInput(
+            f'"{field}" is {quoted(from_body)} in the body but {quoted(from_path)} in the path'
+        )
     return from_path if from_path is not None else from_body
 
 
-def _to_array(inputs: Any) -> np.ndarray:
+def _to_array(inputs: Any, body: bytes) -> np.ndarray:
     if not isinstance(inputs, list):
         raise InvalidInput('"inputs" must be a list of samples')
     try:
         # NOTE: no dtype here on purpose: numpy would turn "1.5" or null into floats silently;
         # the dataplane refuses non-numeric kinds and casts to float32 itself.
-        return np.asarray(inputs)
+        rows = np.asarray(inputs)
     except ValueError:
         raise InvalidInput('"inputs" samples must all have the same shape') from None
+    # Booleans alone make a bool array, which the dataplane refuses; among numbers they become
+    # 1 and 0 of an integer or float array, which it cannot tell apart.
+    if rows.dtype.kind in "iuf" and holds_booleans(body, inputs):
+        raise InvalidInput('"inputs" must hold numbers only (got true or false among them)')
+    return rows

@@ -26,10 +26,19 @@ from service import __version__
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput, ModelNotReady
 from service.registry import BatchingChoice, ModelVersion
-from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
+from service.routes.asgi import (
+    byte_count,
+    header,
+    method_not_allowed,
+    read_body,
+    respond,
+    respond_error,
+)
+from service.routes.content import body_decoder
 from service.routes.models import registry_of
 from service.routes.paths import path_version
-from service.routes.responses import error_body
+from service.routes.responses import error_body, quoted
+from service.routes.strict_json import check_unique_keys, holds_booleans
 from service.shedding import TIMEOUT_HEADER, requested_timeout, timeout_parameter
 from service.store import Manifest, TensorSpec
 
@@ -38,7 +47,7 @@ HEADER_LENGTH = b"inference-header-content-length"
 # V2 datatype -> little-endian wire dtype; every one is cast to float32 by the dataplane.
 DATATYPES = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")  # fullmatch
 _FIELDS = frozenset({"id", "inputs", "outputs", "parameters"})
 
 router = APIRouter(prefix="/v2")
@@ -58,7 +67,7 @@ class V2Routes:
         """Serve the request if it is ours; ``False`` leaves it to the framework."""
         if scope["type"] != "http":
             return False
-        match = _INFER_PATH.match(scope["path"])
+        match = _INFER_PATH.fullmatch(scope["path"])
         if match is None:
             return False
         if scope["method"] != "POST":
@@ -80,18 +89,20 @@ class V2Routes:
         entry = None
         arrived = asyncio.get_running_loop().time()
         try:
+            decoder = body_decoder(scope, binary=True)
             requested = requested_timeout(header(scope, TIMEOUT_HEADER))
-            plane.shed_early(name, path_version(version), plane.deadline(requested, arrived))
-            body = await read_body(scope, receive, self.max_body_bytes)
-            payload, binary = _split(body, header(scope, HEADER_LENGTH))
+            number = path_version(version)
+            plane.shed_early(name, number, plane.deadline(requested, arrived))
+            body = await read_body(scope, receive, self.max_body_bytes, decoder)
+            text, payload, binary = _split(body, header(scope, HEADER_LENGTH))
             # Triton's per-request timeout (microseconds) beats the header if both are sent.
             requested = timeout_parameter(payload.get("parameters")) or requested
             deadline = plane.deadline(requested, arrived)
             # The manifest names the input and its per-sample shape; the request is checked
             # against the version it resolves to, and exactly that version then runs it.
-            entry = plane.registry.resolve(name, path_version(version))
+            entry = plane.registry.resolve(name, number)
             manifest = _manifest(entry)
-            rows = _input_rows(payload, binary, manifest.inputs[0])
+            rows = _input_rows(payload, text, binary, manifest.inputs[0])
             binary_out = _binary_output(payload, manifest.outputs[0])
         except FoldserveError as exc:
             plane.reject(exc, started, entry)
@@ -107,33 +118,37 @@ class V2Routes:
         )
 
 
-def _split(body: bytes, declared: bytes | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header (a dict) and the binary part after it (empty without the header)."""
-    view = memoryview(body)
+def _split(body: bytes, declared: bytes | None) -> tuple[bytes, dict[str, Any], memoryview]:
+    """The JSON header as text and parsed (a dict), and the binary part after it (empty without
+    the header)."""
     length = len(body)
     if declared is not None:
-        if not declared.isdigit():
+        count = byte_count(declared)
+        if count is None:
+            shown = declared[:20].decode(errors="replace") + ("..." if len(declared) > 20 else "")
             raise InvalidInput(
-                "Inference-Header-Content-Length must be a byte count, "
-                f"got {declared.decode(errors='replace')!r}"
+                f"Inference-Header-Content-Length must be a byte count, got {shown!r}"
             )
-        length = int(declared)
-        if length > len(body):
+        if count > len(body):
             raise InvalidInput(
-                f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes"
+                f"Inference-Header-Content-Length is {count} but the body has {len(body)} bytes"
             )
+        length = count
+    text = body[:length]  # a copy of the JSON header alone (none when it is the whole body)
     try:
-        payload = orjson.loads(view[:length])
+        payload = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request JSON is not valid: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidInput('request must be a JSON object: {"inputs": [...]}')
+    check_unique_keys(text, payload, bulk="data")
     unknown = payload.keys() - _FIELDS
     if unknown:
-        raise InvalidInput(f"unknown fields {sorted(unknown)}: expected {sorted(_FIELDS)}")
+        names = ", ".join(quoted(name) for name in sorted(unknown))
+        raise InvalidInput(f"unknown fields [{names}]: expected {sorted(_FIELDS)}")
     if "id" in payload and not isinstance(payload["id"], str):
-        raise InvalidInput(f'"id" must be a string, got {payload["id"]!r}')
-    return payload, view[length:]
+        raise InvalidInput(f'"id" must be a string, got {quoted(payload["id"])}')
+    return text, payload, memoryview(body)[length:]
 
 
 def _batching(entry: ModelVersion) -> BatchingChoice:
@@ -148,7 +163,9 @@ def _manifest(entry: ModelVersion) -> Manifest:
     return entry.manifest
 
 
-def _input_rows(payload: dict[str, Any], binary: memoryview, spec: TensorSpec) -> np.ndarray:
+def _input_rows(
+    payload: dict[str, Any], text: bytes, binary: memoryview, spec: TensorSpec
+) -> np.ndarray:
     """The one input as an array shaped ``(n, *spec.shape)``, in its wire dtype."""
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -157,13 +174,13 @@ def _input_rows(payload: dict[str, Any], binary: memoryview, spec: TensorSpec) -
     tensor: dict[str, Any] = inputs[0]
     if tensor.get("name") != spec.name:
         raise InvalidInput(
-            f"input is named {tensor.get('name')!r}: this model's input is {spec.name!r}"
+            f"input is named {quoted(tensor.get('name'))}: this model's input is {spec.name!r}"
         )
     datatype = tensor.get("datatype")
     dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None or not isinstance(datatype, str):
         raise InvalidInput(
-            f"input {spec.name!r} has datatype {datatype!r}: send one of {sorted(DATATYPES)}"
+            f"input {spec.name!r} has datatype {quoted(datatype)}: send one of {sorted(DATATYPES)}"
         )
     shape = _shape(tensor.get("shape"), spec)
     count = math.prod(shape)
@@ -195,7 +212,9 @@ def _input_rows(payload: dict[str, Any], binary: memoryview, spec: TensorSpec) -
         rows = np.asarray(tensor["data"])
     except ValueError:
         raise InvalidInput(f'input {spec.name!r}: "data" is ragged') from None
-    if rows.dtype.kind not in ("iu" if datatype.startswith("INT") else "fiu"):
+    numbers = "iu" if datatype.startswith("INT") else "fiu"
+    # Booleans among numbers become 1 and 0 of a numeric array: looked for in the JSON itself.
+    if rows.dtype.kind not in numbers or holds_booleans(text, tensor["data"]):
         raise InvalidInput(f'input {spec.name!r}: "data" must hold {datatype} numbers only')
     if rows.size != count:
         raise InvalidInput(
@@ -211,7 +230,7 @@ def _shape(value: Any, spec: TensorSpec) -> list[int]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
         or tuple(value[1:]) != spec.shape
     ):
-        raise InvalidInput(f"input {spec.name!r}: shape must be {expected}, got {value!r}")
+        raise InvalidInput(f"input {spec.name!r}: shape must be {expected}, got {quoted(value)}")
     return value
 
 
@@ -221,7 +240,7 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
         raise InvalidInput('"parameters" must be an object')
     size = parameters.get("binary_data_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise InvalidInput(f"binary_data_size must be a byte count, got {size!r}")
+        raise InvalidInput(f"binary_data_size must be a byte count, got {quoted(size)}")
     return size
 
 
@@ -239,7 +258,7 @@ def _binary_output(payload: dict[str, Any], spec: TensorSpec) -> bool:
     for requested in outputs:
         if requested.get("name") != spec.name:
             raise InvalidInput(
-                f"output {requested.get('name')!r} does not exist: this model's output is "
+                f"output {quoted(requested.get('name'))} does not exist: this model's output is "
                 f"{spec.name!r}"
             )
         own = requested.get("parameters") or {}
@@ -305,6 +324,8 @@ async def live() -> Response:
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
     is_ready, reason = registry_of(request).readiness()
+    if request.app.state.draining:  # as /readyz: a server shutting down takes no new traffic
+        is_ready, reason = False, "shutting down: finishing the requests in flight"
     return _json({"ready": True}) if is_ready else _error(ModelNotReady(reason))
 
 
