@@ -200,6 +200,11 @@ def bake_weight_reparametrizations(model: nn.Module) -> list[str]:
                 remove_spectral_norm(module, hook.name)
                 baked.append(f"{name}.{hook.name} (spectral_norm)")
         if parametrize.is_parametrized(module):
+            # NOTE: a deep copy shares the dynamically made Parametrized<Layer> class with the
+            # original, and removing a parametrization deletes its property from that class:
+            # the caller's model would lose its weight. This copy gets a class of its own first.
+            shared = type(module)
+            module.__class__ = type(shared.__name__, shared.__bases__, dict(shared.__dict__))
             for tensor_name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 baked.append(f"{name}.{tensor_name} (parametrization)")

@@ -45,3 +45,20 @@ def rows_per_step(sample_shape: tuple[int, ...], elements: int = 1 << 22) -> int
     """
     per_sample = max(1, int(np.prod(sample_shape)))
     return max(1, min(512, elements // per_sample))
+
+
+def float32_noise(model: nn.Module, x: Features) -> float:
+    """How far ``model``'s float32 outputs are from its float64 ones on ``x``, relative to each
+    sample's largest output: the rounding error float32 itself brings, before any folding."""
+    import copy
+
+    import torch
+
+    wide = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        exact = wide(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+    rounded = predict(model, x).astype(np.float64)
+    flat = len(exact), -1
+    scale = np.maximum(np.abs(exact).reshape(flat).max(axis=1), np.finfo(np.float64).tiny)
+    diff = np.abs(rounded - exact).reshape(flat).max(axis=1)
+    return float((diff / scale).max(initial=0.0))

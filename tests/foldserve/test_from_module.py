@@ -253,6 +253,8 @@ def test_weight_and_spectral_norms_are_baked_in(tmp_path: Path, kind: str) -> No
     assert [bn.placement for bn in result.build.manifest.batch_norm] == ["folded_into_previous"]
     np.testing.assert_allclose(_onnx_outputs(result.path, x.numpy()), expected, atol=1e-5)
     assert nn.utils.parametrize.is_parametrized(model[0]) == (kind == "parametrized_weight_norm")
+    with torch.no_grad():  # the caller's model is untouched and still computes the same
+        np.testing.assert_allclose(model(x).numpy(), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
@@ -345,3 +347,28 @@ def test_a_folder_of_images_calibrates_with_the_stated_normalization(tmp_path: P
     result = foldserve.export(model, shape, store=tmp_path / "store", name="img", calibration=data)
     assert result.build.manifest.provenance.bn_stats == "population"
     assert result.build.manifest.provenance.calibration_samples == 6
+
+
+def test_the_tolerance_follows_the_networks_own_float32_error() -> None:
+    from foldserve.pipeline import MAX_RTOL, rtol_for
+    from foldserve.tensors import float32_noise
+    from foldserve.verify_export import RTOL
+
+    assert rtol_for(0.0) == RTOL and rtol_for(1e-6) == RTOL
+    assert rtol_for(5e-5) == 2e-4  # four times what float32 itself gets wrong
+    assert rtol_for(1.0) == MAX_RTOL  # never past the manifest's bound
+    torch.manual_seed(0)
+    shallow = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    assert 0 < float32_noise(shallow, x) < 1e-6
+    # 60 layers of width 64 with large weights: float32's own error grows with depth.
+    layers: list[nn.Module] = []
+    for _ in range(60):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    deep = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        for layer in deep:
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(3.0)
+    wide = np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)
+    assert float32_noise(deep, wide) > 10 * float32_noise(shallow, x)
