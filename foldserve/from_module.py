@@ -86,6 +86,7 @@ def export(
     with timed(seconds, "convert"):
         converted = to_float32(copy.deepcopy(model), check_inputs)
     frozen = converted.model
+    _refuse_several_outputs(frozen, check_inputs[:2])
     shifts: dict[str, StatsShift] = {}
     if stats == "population":
         with timed(seconds, "statistics"):
@@ -215,6 +216,17 @@ def _refuse_untracked_statistics(model: nn.Module) -> None:
             f"BatchNorm {', '.join(untracked[:5])} keep no running statistics "
             "(track_running_stats=False): they normalize with batch statistics at serving time; "
             "rebuild them with track_running_stats=True and export with --bn-stats population"
+        )
+
+
+def _refuse_several_outputs(model: nn.Module, x: np.ndarray) -> None:
+    with torch.no_grad():
+        out = model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    if not isinstance(out, torch.Tensor):
+        raise FoldingError(
+            f"the model returns a {type(out).__name__}, not one tensor: foldserve serves one "
+            "output; wrap the module so that forward() returns the output to serve (e.g. the "
+            "first element in eval mode)"
         )
 
 

@@ -106,14 +106,23 @@ def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
     except UntraceableError as exc:
         from foldserve.onnx_fold import fold_onnx_batch_norms
 
-        unfolded = export_onnx(prepare_eval_copy(model), example, optimize=False)
+        copy = prepare_eval_copy(model)
+        note = f"folded in ONNX: {exc.message}"
+        unfolded = export_onnx(copy, example, optimize=False)
+        if not _runs(unfolded, example.numpy()):
+            # NOTE: unoptimized, the exporter sometimes writes graphs ONNX Runtime cannot run
+            # (a bias built at run time with the weight's shape, seen in MONAI's 3-D HighResNet).
+            # Its optimizer repairs them but folds some Conv+BN pairs itself: those BNs are then
+            # gone before our fold, and missing from the report.
+            unfolded = export_onnx(copy, example, optimize=True)
+            note += "; exported with torch's ONNX optimizer, which folded some BNs itself"
         result = fold_onnx_batch_norms(onnx.load_model_from_string(unfolded))
         content = result.model.SerializeToString()
         return Folded(
             files=[ExportedFile("onnx", FILENAMES["onnx"], content)],
             records=result.records,
             fold_path="onnx",
-            note=f"folded in ONNX: {exc.message}",
+            note=note,
         )
     return Folded(
         files=[
@@ -125,6 +134,19 @@ def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
         records=fold.records,
         fold_path="torch.fx",
     )
+
+
+def _runs(model: bytes, example: np.ndarray) -> bool:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a graph that cannot run is an answer here, not an error
+    try:
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session.run(None, {session.get_inputs()[0].name: example})
+    except Exception:  # onnxruntime raises its own untyped errors
+        return False
+    return True
 
 
 def build_version(

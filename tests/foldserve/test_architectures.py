@@ -94,6 +94,11 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] 
         (1, 32, 32),
         False,  # fx mis-traces its skip connections: the ONNX-level fold takes over
     ),
+    "monai-highresnet-3d": (
+        lambda: nets.HighResNet(spatial_dims=3, in_channels=1, out_channels=2, norm_type="batch"),
+        (1, 16, 16, 16),
+        False,  # untraceable by fx, and the unoptimized ONNX export cannot run: see pipeline
+    ),
     "efficientnet-pytorch-b0": (_efficientnet_pytorch, (3, 32, 32), True),
 }
 
@@ -135,17 +140,22 @@ def test_real_architectures_fold_exactly(name: str) -> None:
     print(f"{name}: {batch_norms} BN, {dict(placements)}, rel {_relative(actual, expected):.2g}")
 
 
-def test_an_untraceable_network_is_folded_in_onnx_instead() -> None:
+@pytest.mark.parametrize("name", ["monai-basicunet-2d", "monai-highresnet-3d"])
+def test_an_untraceable_network_is_folded_in_onnx_instead(name: str) -> None:
     import onnxruntime as ort
 
-    build, shape, _ = ARCHITECTURES["monai-basicunet-2d"]
+    build, shape, _ = ARCHITECTURES[name]
     torch.manual_seed(0)
     model = with_statistics(build(), shape)
     x = torch.randn(3, *shape)
     folded = fold_and_serialize(model, x)
     assert folded.fold_path == "onnx" and folded.note is not None
     assert [f.format for f in folded.files] == ["onnx"]
-    assert len(folded.records) == sum(isinstance(m, _BatchNorm) for m in model.modules())
+    batch_norms = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    if "optimizer" in folded.note:  # some BNs were folded by torch's exporter, not reported
+        assert 0 < len(folded.records) <= batch_norms
+    else:
+        assert len(folded.records) == batch_norms
     session = ort.InferenceSession(folded.files[0].content, providers=["CPUExecutionProvider"])
     ops = {
         node.op_type

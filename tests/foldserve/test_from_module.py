@@ -372,3 +372,17 @@ def test_the_tolerance_follows_the_networks_own_float32_error() -> None:
                 layer.weight.mul_(3.0)
     wide = np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)
     assert float32_noise(deep, wide) > 10 * float32_noise(shallow, x)
+
+
+def test_a_model_with_several_outputs_is_refused_with_advice(tmp_path: Path) -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.body(x)
+            return h, h.relu()
+
+    with pytest.raises(FoldingError, match="returns a tuple, not one tensor"):
+        foldserve.export(_with_statistics(TwoHeads(), (4,)), (4,), store=tmp_path, name="two")
