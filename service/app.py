@@ -11,7 +11,7 @@ import signal
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
@@ -22,10 +22,12 @@ from service.dataplane import DataPlane
 from service.errors import FoldserveError, InvalidInput
 from service.metrics import Metrics
 from service.registry import Registry
-from service.routes import health, metrics, models, repository, v2
+from service.routes import health, metrics, models, repository, stats, v2
+from service.routes.access import Keys, inference_key
 from service.routes.asgi import RawRoutes
+from service.routes.docs import docs_router, openapi_document
 from service.routes.predict import PredictRoutes
-from service.routes.responses import error_body
+from service.routes.responses import error_body, unexpected
 from service.routes.v2 import V2Routes
 from service.settings import Settings, unknown_env_message, unknown_env_names
 
@@ -44,6 +46,9 @@ class FoldserveApp(FastAPI):
         super().__init__(**kwargs)
         self.raw_routes = tuple(raw_routes)
 
+    def openapi(self) -> dict[str, Any]:
+        return openapi_document(self)  # FastAPI's routes and the raw ones, with the keys
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         for routes in self.raw_routes:
             if await routes.handle(scope, receive, send):
@@ -52,7 +57,12 @@ class FoldserveApp(FastAPI):
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FoldserveApp:
-    """Build an app; models load in the background at startup so liveness answers meanwhile."""
+    """Build an app; models load in the background at startup so liveness answers meanwhile.
+
+    Raises ConfigError when ``api_key_file`` cannot be read or holds no key.
+    """
+    inference_keys = Keys("api_key", settings.api_key, settings.api_key_file)
+    management_keys = Keys("management_api_key", settings.management_api_key)
     app_metrics = Metrics(
         registry if registry is not None else CollectorRegistry(), settings.metrics_dir
     )
@@ -68,7 +78,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             # the socket's queue rather than get 503 "loading".
             await asyncio.shield(loading)
         watching = asyncio.create_task(
-            _watch_store(model_registry, loading, settings.poll_interval_s), name="foldserve-watch"
+            _watch_store(model_registry, loading, settings.poll_interval_s, inference_keys),
+            name="foldserve-watch",
         )
         watching.add_done_callback(_log_crash)
         try:
@@ -83,23 +94,40 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
 
     dataplane = DataPlane(model_registry, app_metrics, request_timeout_s=settings.request_timeout_s)
+    raw_keys = inference_keys if inference_keys.required else None  # None: not even a check
     app = FoldserveApp(
         (
-            PredictRoutes(dataplane, settings.max_body_bytes),
-            V2Routes(dataplane, settings.max_body_bytes),
+            PredictRoutes(dataplane, settings.max_body_bytes, raw_keys),
+            V2Routes(dataplane, settings.max_body_bytes, raw_keys),
         ),
         title="foldserve",
         version=__version__,
         lifespan=lifespan,
+        # Served by routes/docs.py: /openapi.json behind the key, the pages only with `docs`.
+        openapi_url=None,
         docs_url=None,
+        redoc_url=None,
+        # NOTE: no redirect from /x/ to /x: it names an http:// URL even behind TLS, and
+        # no client needs it (/v2/, as the protocol's document writes it, is served as such).
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.draining = False  # set at SIGTERM/SIGINT: readiness answers 503 from then on
     app.state.metrics = app_metrics
     app.state.model_registry = model_registry
     app.state.dataplane = dataplane
-    for module in (models, health, metrics, v2, repository):
-        app.include_router(module.router)
+    app.state.inference_keys = inference_keys
+    app.state.management_keys = management_keys
+    guarded = [Depends(inference_key)]
+    app.include_router(health.router)
+    app.include_router(v2.health_router)
+    app.include_router(metrics.router)
+    app.include_router(models.router, dependencies=guarded)
+    # Before the V2 router: /v2/models/stats must not be taken for a model named "stats".
+    app.include_router(stats.router, dependencies=guarded)
+    app.include_router(v2.router, dependencies=guarded)
+    app.include_router(repository.router)  # the management keys, checked by each route
+    app.include_router(docs_router(settings))
     app.add_exception_handler(FoldserveError, _foldserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -141,7 +169,7 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
 async def _foldserve_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, FoldserveError)
     if exc.status >= 500:
-        log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
+        log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.logged())
     return error_response(exc.status, exc.message, exc.headers())
 
 
@@ -157,9 +185,8 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def _unexpected_error(_: Request, exc: Exception) -> Response:
-    log.error("unexpected error", exc_info=exc)
-    return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, unexpected(exc, f"{request.method} {request.url.path}"))
 
 
 async def _load_models(registry: Registry) -> None:
@@ -173,9 +200,10 @@ async def _load_models(registry: Registry) -> None:
 
 
 async def _watch_store(
-    registry: Registry, loading: asyncio.Task[None], every_s: float | None
+    registry: Registry, loading: asyncio.Task[None], every_s: float | None, keys: Keys
 ) -> None:
-    """Rescan the store on SIGHUP, and every ``every_s`` seconds if set, once loading is done."""
+    """Rescan the store on SIGHUP, and every ``every_s`` seconds if set, once loading is done;
+    read the key file again each time (keys rotated in place)."""
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.shield(loading)  # a crash there is logged by its own callback
     hangup = asyncio.Event()
@@ -186,6 +214,7 @@ async def _watch_store(
         reason = "SIGHUP" if hangup.is_set() else f"every {every_s:g} s (poll_interval_s)"
         hangup.clear()
         log.debug("rescanning the model store: %s", reason)
+        keys.reload()
         try:
             await registry.rescan()
         except Exception:

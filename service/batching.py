@@ -33,6 +33,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from service.stats import VersionStats
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class _Request:
     rows: Array
     future: asyncio.Future[Array]
     arrived: float  # loop.time() at submit; the batch deadline is counted from the oldest
+    queued_at: float = 0.0  # perf_counter() at submit, for the statistics' queue time
     taken: int = 0  # rows already handed to a batch; the rest are still queued
     chunks: list[Array] = field(default_factory=list)
 
@@ -68,6 +70,23 @@ class _Failed:
 
     message: str
     cause: Exception | None = None
+
+
+def _failure(exc: Exception) -> str:
+    """What the requests of a failed run are told: the runtime's own message may name server
+    paths or its internals, so only our errors' (client-safe) messages are passed on."""
+    if isinstance(exc, FoldserveError):
+        return f"inference failed: {exc.message}"
+    return "inference failed in the model's runtime: see the server log"
+
+
+def _detail(cause: Exception | None) -> str | None:
+    """The failure as the log shows it."""
+    if cause is None:
+        return None
+    return (
+        cause.logged() if isinstance(cause, FoldserveError) else f"{type(cause).__name__}: {cause}"
+    )
 
 
 def _checked(out: object, rows: int) -> Array | _Failed:
@@ -93,6 +112,7 @@ class Batcher:
         inline_limit_ms: float = 2.0,
         timeout_s: float | None = None,
         initial_batch_s: float = 0.0,
+        stats: VersionStats | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
@@ -113,6 +133,7 @@ class Batcher:
             max_workers=1, thread_name_prefix="foldserve-batch"
         )
         self._observer = observer
+        self._stats = stats  # Triton's statistics: each request's wait, each run's time
         self._adaptive = adaptive_delay
         # NOTE: inline runs the model on the event loop itself. For a model that answers in tens
         # of microseconds the hop to a worker thread (~100 us, and a second thread fighting for
@@ -219,7 +240,8 @@ class Batcher:
             # Retry-After 1 s, the header's smallest step: a full queue drains well within it.
             raise Overloaded(f"queue full: {self._queue_rows} of {self._max_queue_rows} rows wait")
         loop = asyncio.get_running_loop()
-        req = _Request(rows, loop.create_future(), loop.time())
+        # NOTE: perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
+        req = _Request(rows, loop.create_future(), loop.time(), time.perf_counter())
         was_empty = not self._queue
         self._queue.append(req)
         self._queue_rows += n
@@ -347,6 +369,11 @@ class Batcher:
             req.taken = stop
             if stop == len(req.rows):
                 self._queue.popleft()
+        if self._stats is not None:
+            now = time.perf_counter()
+            for req, start, _ in parts:
+                if start == 0:  # a request's wait ends when its first rows leave the queue
+                    self._stats.waited(now - req.queued_at)
         self._observe()
         return parts
 
@@ -383,29 +410,31 @@ class Batcher:
         whole = len(parts) == 1 and lo == 0 and hi == len(first.rows)
         batch = first.rows if whole else np.concatenate([r.rows[a:b] for r, a, b in parts])
         if self._inline:
-            return self._infer_inline(batch)
+            return self._infer_inline(batch, len(parts))
         started = time.perf_counter()
         try:
             out = await loop.run_in_executor(self._executor, self._run, batch)
         except Exception as exc:
-            return _Failed(f"inference failed: {type(exc).__name__}: {exc}", exc)
+            return _Failed(_failure(exc), exc)
         finally:
-            self._measured(len(batch), time.perf_counter() - started)
+            self._measured(len(batch), time.perf_counter() - started, len(parts))
         return _checked(out, len(batch))
 
-    def _infer_inline(self, batch: Array) -> Array | _Failed:
+    def _infer_inline(self, batch: Array, requests: int) -> Array | _Failed:
         started = time.perf_counter()
         try:
             out = self._run(batch)
         except Exception as exc:
-            return _Failed(f"inference failed: {type(exc).__name__}: {exc}", exc)
+            return _Failed(_failure(exc), exc)
         finally:
             seconds = time.perf_counter() - started
-            self._measured(len(batch), seconds)
+            self._measured(len(batch), seconds, requests)
             self._check_inline_cost(seconds)
         return _checked(out, len(batch))
 
-    def _measured(self, rows: int, seconds: float) -> None:
+    def _measured(self, rows: int, seconds: float, requests: int) -> None:
+        if self._stats is not None:
+            self._stats.ran(requests, seconds)
         if self._batch_s == 0.0:
             self._batch_s = seconds
         else:
@@ -456,7 +485,7 @@ class Batcher:
         for req, _, _ in parts:
             if not req.future.done():
                 # One instance per caller: a shared one would collect every raiser's traceback.
-                error = kind(msg)
+                error = kind(msg, detail=_detail(cause))
                 error.__cause__ = cause
                 req.future.set_exception(error)
             self._discard(req)  # a failed request's later chunks are never computed

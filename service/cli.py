@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.errors import ConfigError
-from service.settings import Settings, env_name, to_environ
+from service.preflight import check_startup
+from service.settings import Settings, describe_invalid, env_name, to_environ
 from service.workers import (
     Supervisor,
     listening_sockets,
@@ -25,6 +26,7 @@ from service.workers import (
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
 _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
 _BACKLOG = 2048  # uvicorn's default
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-    except (ValidationError, SettingsError) as exc:  # SettingsError: e.g. a JSON value unparsed
-        print(f"foldserve: invalid setting:\n{exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"foldserve: invalid setting:\n{describe_invalid(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # e.g. a JSON value unparsed; its text names no value
+        print(f"foldserve: invalid setting: {exc}", file=sys.stderr)
         return 2
     return _serve(settings)
 
@@ -84,6 +89,14 @@ def _serve(settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     unknown = warn_unknown_env(os.environ)
+    try:
+        # Before listening, and before any worker starts: a supervisor restarting workers
+        # that fail at once on a bad setting would only fill the log.
+        check_startup(settings)
+    except ConfigError as exc:
+        # One line, through the log (stderr): what is wrong and how to fix it.
+        log.critical("foldserve cannot start: %s", exc.message)
+        return 2
     if settings.workers == 1:
         app = create_app(settings)
         serve(app, settings, lambda: mark_draining(app))

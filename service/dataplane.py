@@ -212,6 +212,7 @@ class DataPlane:
         encoding failure is a 500 like any other bug."""
         started = time.perf_counter() if started is None else started
         model, label = "", ""  # stay "" until resolved: unknown names must not become labels
+        entry = None
         try:
             entry = self.registry.resolve(name, version)
             model, label = entry.name, str(entry.version)
@@ -220,16 +221,25 @@ class DataPlane:
             valid = validate_rows(rows, entry.manifest.inputs[0])
             self.metrics.observe_wait(entry.name, entry.version, entry.batcher.estimated_wait(1))
             admit(entry, len(valid), deadline)
+            submitted = time.perf_counter()
             outputs = await entry.batcher.submit(valid, deadline)  # bounded by request_timeout_s
+            returned = time.perf_counter()
             check_finite_outputs(outputs)
             answer = encode(InferenceResult(entry.name, entry.version, outputs, entry.manifest))
         except Exception as exc:
             status = exc.status if isinstance(exc, FoldserveError) else 500
-            self.metrics.observe_request(model, label, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(model, label, status, seconds)
+            if entry is not None:
+                entry.stats.failed(seconds)
             if isinstance(exc, Overloaded):
                 self._shed(exc, model, label)
             raise
-        self.metrics.observe_request(model, label, 200, time.perf_counter() - started)
+        finished = time.perf_counter()
+        self.metrics.observe_request(model, label, 200, finished - started)
+        entry.stats.succeeded(
+            len(valid), finished - started, submitted - started, finished - returned
+        )
         return answer
 
     def reject(
@@ -240,7 +250,10 @@ class DataPlane:
         model, label = ("", "") if entry is None else (entry.name, str(entry.version))
         if isinstance(error, Overloaded) and error.model is not None:
             model, label = error.model, str(error.version)
-        self.metrics.observe_request(model, label, error.status, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.observe_request(model, label, error.status, seconds)
+        if entry is not None:
+            entry.stats.failed(seconds)
         if isinstance(error, Overloaded):
             self._shed(error, model, label)
 

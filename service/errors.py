@@ -1,4 +1,8 @@
-"""One error hierarchy; each error carries the HTTP status it maps to; one handler renders it."""
+"""One error hierarchy; each error carries the HTTP status it maps to; one handler renders it.
+
+``message`` is what a client reads: it never names a server path or quotes a library's own error
+text. ``detail`` is what only the log shows (the path, onnxruntime's message).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,21 @@ class FoldserveError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
         if status is not None:
             self.status = status
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def logged(self) -> str:
+        """The message with its detail: what the log shows, never a client."""
+        return self.message if self.detail is None else f"{self.message} [{self.detail}]"
 
 
 class InvalidInput(FoldserveError):

@@ -17,9 +17,11 @@ import asyncio
 import enum
 import logging
 import math
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -36,6 +38,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.settings import BatchingOverride, Settings, setting_ref
+from service.stats import VersionStats
 from service.store import (
     Fingerprint,
     Manifest,
@@ -80,6 +83,7 @@ class ModelVersion:
     batcher: Batcher | None = None
     batching: BatchingChoice | None = None
     fingerprint: Fingerprint = ()  # the files as loaded: a rescan reloads a version that differs
+    stats: VersionStats = field(default_factory=VersionStats)  # Triton's statistics extension
 
 
 @dataclass(frozen=True)
@@ -157,10 +161,11 @@ class Registry:
                 await self._load_one(entry)
         except BaseException as exc:
             # Cancelled at shutdown, or a bug in this loop: never leave a version "loading".
-            why = "cancelled" if isinstance(exc, asyncio.CancelledError) else _describe(exc)
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            why = "cancelled" if cancelled else _public(exc)
             for entry in self.entries():
                 if entry.status is Status.LOADING:
-                    self._fail(entry, f"loading was interrupted: {why}")
+                    self._fail(entry, f"loading was interrupted: {why}", None if cancelled else exc)
             raise
 
     async def _load_one(self, entry: ModelVersion) -> None:
@@ -180,14 +185,37 @@ class Registry:
                 await entry.batcher.start()
                 entry.status = Status.READY
         except Exception as exc:
-            self._fail(entry, _describe(exc))
+            self._fail(entry, _public(exc), exc)
         self._publish(entry)
 
-    def _fail(self, entry: ModelVersion, reason: str) -> None:
-        entry.status, entry.reason = Status.FAILED, reason
+    def _fail(self, entry: ModelVersion, reason: str, exc: BaseException | None = None) -> None:
+        """Keep ``entry`` out of service; ``reason`` is what /models and readiness show (a
+        client may read them), the log gets the whole story."""
+        entry.status, entry.reason = Status.FAILED, self._without_store_path(reason)
         backend = self._settings.backend
-        log.error("model %s v%s (%s) NOT served: %s", entry.name, entry.version, backend, reason)
+        logged = reason if exc is None else f"{reason} [{_logged(exc)}]"
+        # A traceback only for what we did not foresee: the others say all in their message.
+        trace = exc if exc is not None and not isinstance(exc, FoldserveError | OSError) else None
+        log.error(
+            "model %s v%s (%s) NOT served: %s",
+            entry.name,
+            entry.version,
+            backend,
+            logged,
+            exc_info=trace,
+        )
         self._publish(entry)
+
+    def _without_store_path(self, text: str) -> str:
+        """``text`` with the store's own location cut from the paths it names: a reason names
+        ``digits-mlp/1/manifest.json``, never where the store lies on the server."""
+        root = self._settings.model_store
+        # Absolute forms only: a relative one ("model_store", ".") names no server path, and
+        # replacing "." would mangle every sentence.
+        forms = {str(root.resolve()), str(root.absolute())} - {"/"}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form + "/", "").replace(form, "the model store")
+        return text
 
     def _publish(self, entry: ModelVersion) -> None:
         # NOTE: a metrics bug must never fail a model or stop the others from loading.
@@ -407,7 +435,13 @@ class Registry:
         except Exception as exc:
             # Unrequired, a failed measurement is a figure missing, not a reason to refuse a
             # model whose tolerance checks passed; required, _require_bitwise refuses it.
-            return BitwiseMeasurement(None, max_rows, f"measurement failed: {_describe(exc)}")
+            log.warning(
+                "model %s v%s: bitwise measurement failed: %s",
+                entry.name,
+                entry.version,
+                _logged(exc),
+            )
+            return BitwiseMeasurement(None, max_rows, f"measurement failed: {_public(exc)}")
 
     def _require_bitwise(
         self, entry: ModelVersion, manifest: Manifest, backend: Backend, bits: BitwiseMeasurement
@@ -495,6 +529,7 @@ class Registry:
             timeout_s=s.request_timeout_s,
             # What admission by deadline assumes a batch takes until batches are measured.
             initial_batch_s=full_batch_ms / 1000,
+            stats=entry.stats,
         )
 
 
@@ -526,8 +561,20 @@ def _first(*values: _T | None) -> _T:
     return next(v for v in values if v is not None)
 
 
-def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, FoldserveError) else f"{type(exc).__name__}: {exc}"
+def _public(exc: BaseException) -> str:
+    """A failure as a client may read it (/models, readiness): our errors' messages, which name
+    no server path; for anything else only its kind, since its text may name paths or library
+    internals. The log gets ``_logged``."""
+    if isinstance(exc, FoldserveError):
+        return exc.message
+    if isinstance(exc, OSError):
+        name = Path(os.fsdecode(exc.filename)).name if exc.filename else "a file"
+        return f"cannot read {name}: {exc.strerror or type(exc).__name__}"
+    return "unexpected error (details in the server log)"
+
+
+def _logged(exc: BaseException) -> str:
+    return exc.logged() if isinstance(exc, FoldserveError) else f"{type(exc).__name__}: {exc}"
 
 
 def _reasons(versions: list[ModelVersion]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -150,6 +150,25 @@ class Settings(BaseSettings):
         "several separated by commas",
         repr=False,
     )
+    api_key: str | None = Field(
+        None,
+        description="key the inference and model routes require (Authorization: Bearer or "
+        "X-API-Key); several separated by commas",
+        repr=False,
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="file of further inference keys, one per line ('#' starts a comment); "
+        "read at start and again at every rescan (SIGHUP, poll_interval_s)",
+    )
+    metrics_require_key: bool = Field(
+        False, description="/metrics requires the inference key too (else it is open)"
+    )
+    docs: bool = Field(
+        False,
+        description="serve /docs and /redoc, and /openapi.json without a key (it is always "
+        "served; with api_key it otherwise needs the key)",
+    )
     load_before_serving: bool = Field(
         False,
         description="accept no connection until the models are loaded and verified (set for "
@@ -161,12 +180,51 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _keys_not_silently_off(self) -> Settings:
+        # NOTE: a key setting that is present but holds no key (an empty variable from a
+        # template or a missing secret) would turn authentication off without a word.
+        for field in ("api_key", "management_api_key"):
+            value = getattr(self, field)
+            if value is not None and not any(key.strip() for key in value.split(",")):
+                raise ValueError(
+                    f"{field} ({env_name(field)}) is set but holds no key: give one or more "
+                    "keys separated by commas, or unset it to require none"
+                )
+        if self.metrics_require_key and self.api_key is None and self.api_key_file is None:
+            raise ValueError(
+                "metrics_require_key needs the inference key: set api_key (FOLDSERVE_API_KEY) "
+                "or api_key_file (FOLDSERVE_API_KEY_FILE)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics_dir_needs_workers(self) -> Settings:
         # NOTE: the folder is only read, never written, unless prometheus_client was switched to
         # files before import; the supervisor does both for its workers, nobody else can.
         if self.metrics_dir is not None and self.workers == 1:
             raise ValueError("metrics_dir is set by the --workers supervisor; leave it unset")
         return self
+
+
+SECRET_FIELDS = frozenset({"api_key", "management_api_key"})
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A settings error, one line per problem, naming values but never a key.
+
+    NOTE: pydantic's own text shows every input, and for a check across fields that is the
+    whole set of settings, keys included.
+    """
+    lines = []
+    for error in exc.errors():
+        field = ".".join(map(str, error["loc"]))
+        where = f"{field} ({env_name(field)}): " if field in Settings.model_fields else ""
+        shown = ""
+        value = error.get("input")
+        if field and field.split(".")[0] not in SECRET_FIELDS and isinstance(value, str | int):
+            shown = f", got {value if isinstance(value, int) else repr(value[:80])}"
+        lines.append(f"  {where}{error['msg'].removeprefix('Value error, ')}{shown}")
+    return "\n".join(lines)
 
 
 def env_name(field: str) -> str:

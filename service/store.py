@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import StoreError
 
@@ -233,8 +233,18 @@ def read_manifest(directory: Path) -> Manifest:
         return Manifest.model_validate_json(path.read_bytes())
     except FileNotFoundError as exc:
         raise StoreError(f"{path}: no manifest") from exc
+    except ValidationError as exc:
+        raise StoreError(f"{path}: invalid manifest: {_problems(exc)}") from exc
     except ValueError as exc:
         raise StoreError(f"{path}: invalid manifest: {exc}") from exc
+
+
+def _problems(exc: ValidationError, shown: int = 5) -> str:
+    """pydantic's errors as ``field: message`` (its own text repeats every input and links
+    to its documentation: fine in a terminal, not in /models)."""
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()]
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 StoreLayout = Literal["store", "model", "version"]

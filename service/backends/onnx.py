@@ -56,13 +56,17 @@ class OnnxBackend:
                 str(path), sess_options=session_options, providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BackendError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+            # NOTE: its text names the server's path and its own source files: log only.
+            raise BackendError(
+                f"{path.name}: onnxruntime cannot load the model (details in the server log)",
+                detail=f"{path}: {exc}",
+            ) from exc
         self.device = "cuda" if self._session.get_providers()[0] == _CUDA else "cpu"
         if options.device == "cuda" and self.device != "cuda":
             # NOTE: onnxruntime-gpu drops to the CPU without a word when CUDA cannot start (no
             # driver, a container run without --gpus): asked for the GPU, that is an error.
             raise ConfigError(
-                f"{path}: device 'cuda' requested but onnxruntime fell back to "
+                f"{path.name}: device 'cuda' requested but onnxruntime fell back to "
                 f"{self._session.get_providers()}: check the GPU driver and that the container "
                 "sees the GPU (--gpus all), or set FOLDSERVE_DEVICE=cpu"
             )
@@ -73,7 +77,9 @@ class OnnxBackend:
         try:
             (outputs,) = self._session.run(self._output_names, {self._input_name: batch})
         except Exception as exc:
-            raise BackendError(f"onnxruntime failed on a batch of {len(batch)}: {exc}") from exc
+            raise BackendError(
+                f"onnxruntime failed on a batch of {len(batch)} rows", detail=str(exc)
+            ) from exc
         return np.asarray(outputs, dtype=np.float32)
 
     def batch_statistics_ops(self) -> list[str]:

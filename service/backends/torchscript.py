@@ -37,7 +37,11 @@ class TorchScriptBackend:
                     str(path), map_location=self.device
                 )
         except Exception as exc:
-            raise BackendError(f"{path}: torch cannot load the TorchScript program: {exc}") from exc
+            raise BackendError(
+                f"{path.name}: torch cannot load the TorchScript program (details in the server "
+                "log)",
+                detail=f"{path}: {exc}",
+            ) from exc
         self._module.eval()
 
     def run(self, batch: Array) -> Array:
@@ -45,7 +49,9 @@ class TorchScriptBackend:
             with torch.inference_mode():
                 result = self._module(torch.from_numpy(batch).to(self.device))
         except Exception as exc:
-            raise BackendError(f"TorchScript failed on a batch of {len(batch)}: {exc}") from exc
+            raise BackendError(
+                f"TorchScript failed on a batch of {len(batch)} rows", detail=str(exc)
+            ) from exc
         return np.asarray(result.detach().cpu().numpy(), dtype=np.float32)
 
     def batch_statistics_ops(self) -> list[str]:

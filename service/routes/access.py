@@ -1,16 +1,26 @@
 """API keys: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, compared in constant time.
 
-A setting holds one key or several separated by commas (one per client, so one can be revoked).
-Keys are never logged and never echoed back.
+Two sets of keys guard routes: the inference keys (``api_key``, ``api_key_file``) the inference
+and model routes require (and ``/metrics`` with ``metrics_require_key``), and the management keys
+(``management_api_key``) of the repository API. A setting holds one key or several separated by
+commas (one per client, so one can be revoked); a file holds one per line. Keys are never logged
+and never echoed back.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+from collections.abc import Iterable
+from pathlib import Path
 
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
-from service.errors import Unauthorized
+from service.errors import ConfigError, Unauthorized
+from service.settings import setting_ref
+
+log = logging.getLogger(__name__)
 
 
 def accepted_keys(setting: str | None) -> list[bytes]:
@@ -19,13 +29,33 @@ def accepted_keys(setting: str | None) -> list[bytes]:
     return [key.strip().encode() for key in setting.split(",") if key.strip()]
 
 
-def presented_key(connection: HTTPConnection) -> bytes | None:
-    authorization = connection.headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        return token.strip().encode()
-    key = connection.headers.get("x-api-key")
-    return key.encode() if key else None
+def read_key_file(path: Path) -> list[bytes]:
+    """The keys in a file, one per line; blank lines and lines starting with '#' are skipped."""
+    named = setting_ref("api_key_file", str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{named} cannot be read: {why}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    found = [key.encode() for key in keys if key and not key.startswith("#")]
+    if not found:
+        # An empty file must not turn authentication off without a word.
+        raise ConfigError(f"{named} holds no key: write one key per line")
+    return found
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a request carries, from its raw ASGI headers (names in lower case)."""
+    api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and api_key is None and value:
+            api_key = value
+    return api_key
 
 
 def key_matches(presented: bytes | None, keys: list[bytes]) -> bool:
@@ -37,9 +67,49 @@ def key_matches(presented: bytes | None, keys: list[bytes]) -> bool:
     return matched and presented is not None
 
 
-def require_key(connection: HTTPConnection, setting: str | None, name: str) -> None:
-    keys = accepted_keys(setting)
-    if keys and not key_matches(presented_key(connection), keys):
-        raise Unauthorized(
-            f"a valid key is required ({name}): send Authorization: Bearer <key> or X-API-Key"
-        )
+class Keys:
+    """The keys one guard accepts: a setting's, and a file's, which ``reload`` reads again."""
+
+    def __init__(self, name: str, setting: str | None, file: Path | None = None) -> None:
+        self.name = name  # how a 401 names what is missing, e.g. "api_key"
+        self._own = accepted_keys(setting)
+        self._file = file
+        self._keys = self._own + (read_key_file(file) if file is not None else [])
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def check(self, scope: Scope) -> None:
+        """Raise 401 unless the request carries one of the keys (nothing to do without keys)."""
+        if self._keys and not key_matches(presented_key(scope["headers"]), self._keys):
+            raise Unauthorized(
+                f"a valid key is required ({self.name}): send Authorization: Bearer <key> or "
+                "X-API-Key: <key>"
+            )
+
+    def reload(self) -> None:
+        """Read the key file again (keys rotated in place, e.g. a mounted Secret); if it cannot
+        be read or holds no key, the keys in force stay."""
+        if self._file is None:
+            return
+        try:
+            keys = self._own + read_key_file(self._file)
+        except ConfigError as exc:
+            log.error("%s; the keys read before stay in force", exc.message)
+            return
+        if keys != self._keys:
+            log.info("%s: %d keys in force", self.name, len(keys))  # how many, never which
+        self._keys = keys
+
+
+def inference_key(connection: HTTPConnection) -> None:
+    """FastAPI dependency of the routes behind the inference key."""
+    keys: Keys = connection.app.state.inference_keys
+    keys.check(connection.scope)
+
+
+def metrics_key(connection: HTTPConnection) -> None:
+    """FastAPI dependency of ``/metrics``: the inference key, with ``metrics_require_key``."""
+    if connection.app.state.settings.metrics_require_key:
+        inference_key(connection)

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.errors import ClientDisconnected, FoldserveError, Overloaded, PayloadTooLarge
 from service.routes.content import Decoder
-from service.routes.responses import error_body
+from service.routes.responses import error_body, unexpected
 from service.settings import setting_ref
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,8 @@ async def respond_error(send: Send, exc: Exception, route: str) -> None:
     if isinstance(exc, FoldserveError):
         # Refusals under overload are summarized by the dataplane's ShedLog, not one line each.
         if exc.status >= 500 and not isinstance(exc, Overloaded):
-            log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.message)
+            log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.logged())
         extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
         await respond(send, exc.status, error_body(exc.message), extra)
         return
-    log.error("unexpected error in %s", route, exc_info=exc)
-    message = f"internal error ({type(exc).__name__}); see the server log"
-    await respond(send, 500, error_body(message))
+    await respond(send, 500, error_body(unexpected(exc, route)))

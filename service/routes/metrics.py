@@ -1,16 +1,24 @@
-"""``/metrics`` in the Prometheus text format (the whole server's, with ``--workers``)."""
+"""``/metrics`` in the Prometheus text format (the whole server's, with ``--workers``); open
+unless ``metrics_require_key``."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.metrics import Metrics
+from service.routes.access import metrics_key
 
 router = APIRouter()
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    dependencies=[Depends(metrics_key)],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
 async def metrics(request: Request) -> Response:
     app_metrics: Metrics = request.app.state.metrics
     return Response(app_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

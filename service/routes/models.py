@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.errors import ModelNotFound
 from service.registry import ModelVersion, Registry, Status
+from service.schemas import ModelsAnswer, ModelVersions, documented
 from service.verify import TOLERANCE_BASIS
 
 router = APIRouter()
@@ -68,7 +69,7 @@ def _unmeasured(entry: ModelVersion) -> str:
     return "not measured yet" if entry.status is Status.LOADING else "not measured"
 
 
-@router.get("/models")
+@router.get("/models", responses=documented(ModelsAnswer))
 async def list_models(request: Request) -> Response:
     registry = registry_of(request)
     by_name: dict[str, list[dict[str, Any]]] = {}
@@ -81,7 +82,7 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=documented(ModelVersions, 404))
 async def get_model(request: Request, name: str) -> Response:
     versions = [describe(e) for e in registry_of(request).entries() if e.name == name]
     if not versions:

@@ -6,7 +6,7 @@ digits with a ValueError (a 500 and a traceback if it escaped).
 
 from __future__ import annotations
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ModelNotFound
 
 # NOTE: the form the store gives its version folders (service/store.py): ASCII digits, no
 # leading zero, at most 9 digits. "01", "+1", " 1", "1.0" or "²" name no folder; they are
@@ -24,6 +24,19 @@ def path_version(text: str | None) -> int | None:
             f"its folder is named (1 to {MAX_VERSION}, no leading zero, sign or space)"
         )
     return int(text)
+
+
+def v2_path_version(name: str, text: str | None) -> int | None:
+    """A version as the Open Inference Protocol reads it: any other spelling names no version
+    of the model, so 404 (the protocol's own example of a version is ``v10``)."""
+    try:
+        return path_version(text)
+    except InvalidInput:
+        assert text is not None
+        raise ModelNotFound(
+            f"model {name!r} has no version {_shown(text)}: versions are numbered as their "
+            f"folders are (1 to {MAX_VERSION})"
+        ) from None
 
 
 def check_version(number: int) -> int:

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput
+from service.routes.access import Keys
 from service.routes.asgi import header, method_not_allowed, read_body, respond, respond_error
 from service.routes.content import body_decoder
 from service.routes.paths import check_version, path_version
@@ -32,9 +33,10 @@ _MODEL_PATH = re.compile(r"/models/([^/]+)(?:/versions/([^/]+))?/predict")  # fu
 class PredictRoutes:
     """Answers ``POST /predict`` and ``POST /models/{name}[/versions/{v}]/predict`` in raw ASGI."""
 
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int, keys: Keys | None = None) -> None:
         self.dataplane = dataplane
         self.max_body_bytes = max_body_bytes
+        self.keys = keys  # None when no key is required: no check at all
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request if it is one of ours; ``False`` leaves it to the framework."""
@@ -59,6 +61,8 @@ class PredictRoutes:
         plane = self.dataplane
         try:
             try:
+                if self.keys is not None:
+                    self.keys.check(scope)  # first: a caller without the key learns nothing
                 decoder = body_decoder(scope)
                 deadline = plane.deadline(requested_timeout(header(scope, TIMEOUT_HEADER)))
                 number = path_version(version)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service.errors import FoldserveError, ModelNotFound
+from service.errors import InvalidInput, ModelNotFound
 from service.registry import Registry
-from service.routes.access import require_key
+from service.routes.access import Keys
+from service.schemas import RepositoryIndex, documented
 
 router = APIRouter(prefix="/v2/repository")
+_MAX_LOAD_BODY = 64 << 10
 
 
 def _enabled(request: Request) -> Registry:
@@ -21,29 +23,55 @@ def _enabled(request: Request) -> Registry:
     if not settings.management_api:
         # As if the route did not exist: nothing tells a prober the API is there but off.
         raise ModelNotFound("not found: the management API is off (FOLDSERVE_MANAGEMENT_API)")
-    require_key(request, settings.management_api_key, "management_api_key")
+    keys: Keys = request.app.state.management_keys
+    keys.check(request.scope)
     registry: Registry = request.app.state.model_registry
     return registry
 
 
-@router.post("/index")
+@router.post("/index", responses=documented(RepositoryIndex, 401, 404))
 async def index(request: Request) -> Response:
     registry = _enabled(request)
     return Response(orjson.dumps(registry.index()), media_type="application/json")
 
 
-@router.post("/models/{name}/load")
+@router.post("/models/{name}/load", responses=documented(None, 400, 401, 404))
 async def load(request: Request, name: str) -> Response:
     registry = _enabled(request)
+    await _refuse_overrides(request)
     await registry.load(name)
     return Response(b"{}", media_type="application/json")
 
 
-@router.post("/models/{name}/unload")
+@router.post("/models/{name}/unload", responses=documented(None, 401, 404))
 async def unload(request: Request, name: str) -> Response:
     registry = _enabled(request)
     await registry.unload(name)
     return Response(b"{}", media_type="application/json")
 
 
-__all__ = ["FoldserveError", "router"]
+async def _refuse_overrides(request: Request) -> None:
+    """Triton's load may carry a configuration override or the model's files; neither is
+    supported here, and ignoring them would let a client believe they applied."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_LOAD_BODY:
+            raise InvalidInput(
+                f"load request body over {_MAX_LOAD_BODY} bytes: model files cannot be uploaded "
+                "here; write the version into the model store, then load"
+            )
+    if not body.strip():
+        return
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("load request body must be JSON") from None
+    parameters = payload.get("parameters") if isinstance(payload, dict) else None
+    if isinstance(parameters, dict):
+        refused = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+        if refused:
+            raise InvalidInput(
+                f"load parameters {refused} are not supported: foldserve loads versions "
+                "from the model store only, with the configuration in their manifests"
+            )

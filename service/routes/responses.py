@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
+
 import orjson
 
+log = logging.getLogger(__name__)
 _SCALARS = (str, int, float, bool, type(None))
 
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
+
+
+def unexpected(exc: BaseException, where: str) -> str:
+    """Log an unexpected exception in full and return what the client reads: no type, message
+    or traceback (they may name server paths or library internals), only an id to find the
+    log entry by."""
+    error_id = secrets.token_hex(4)
+    log.error("unexpected error %s in %s", error_id, where, exc_info=exc)
+    return f"internal error {error_id}: see the server log"
 
 
 def quoted(value: object, limit: int = 60) -> str:

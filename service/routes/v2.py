@@ -26,6 +26,7 @@ from service import __version__
 from service.dataplane import DataPlane, InferenceResult
 from service.errors import FoldserveError, InvalidInput, ModelNotReady
 from service.registry import BatchingChoice, ModelVersion
+from service.routes.access import Keys
 from service.routes.asgi import (
     byte_count,
     header,
@@ -36,21 +37,31 @@ from service.routes.asgi import (
 )
 from service.routes.content import body_decoder
 from service.routes.models import registry_of
-from service.routes.paths import path_version
+from service.routes.paths import v2_path_version
 from service.routes.responses import error_body, quoted
 from service.routes.strict_json import check_unique_keys, holds_booleans
+from service.schemas import (
+    LiveAnswer,
+    ModelConfig,
+    ModelMetadata,
+    ModelReadyAnswer,
+    ReadyAnswer,
+    ServerMetadata,
+    documented,
+)
 from service.shedding import TIMEOUT_HEADER, requested_timeout, timeout_parameter
 from service.store import Manifest, TensorSpec
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 HEADER_LENGTH = b"inference-header-content-length"
 # V2 datatype -> little-endian wire dtype; every one is cast to float32 by the dataplane.
 DATATYPES = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")  # fullmatch
-_FIELDS = frozenset({"id", "inputs", "outputs", "parameters"})
 
+# NOTE: the routes behind the inference key, and the health probes, which are always open.
 router = APIRouter(prefix="/v2")
+health_router = APIRouter(prefix="/v2")
 
 
 # ---------------------------------------------------------------- infer (raw ASGI)
@@ -59,9 +70,10 @@ router = APIRouter(prefix="/v2")
 class V2Routes:
     """Answers ``POST /v2/models/{name}[/versions/{v}]/infer`` in raw ASGI."""
 
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int, keys: Keys | None = None) -> None:
         self.dataplane = dataplane
         self.max_body_bytes = max_body_bytes
+        self.keys = keys  # None when no key is required: no check at all
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request if it is ours; ``False`` leaves it to the framework."""
@@ -89,12 +101,15 @@ class V2Routes:
         entry = None
         arrived = asyncio.get_running_loop().time()
         try:
+            if self.keys is not None:
+                self.keys.check(scope)  # first: a caller without the key learns nothing
             decoder = body_decoder(scope, binary=True)
             requested = requested_timeout(header(scope, TIMEOUT_HEADER))
-            number = path_version(version)
+            number = v2_path_version(name, version)
             plane.shed_early(name, number, plane.deadline(requested, arrived))
             body = await read_body(scope, receive, self.max_body_bytes, decoder)
             text, payload, binary = _split(body, header(scope, HEADER_LENGTH))
+            number = _named_model(payload, name, number)
             # Triton's per-request timeout (microseconds) beats the header if both are sent.
             requested = timeout_parameter(payload.get("parameters")) or requested
             deadline = plane.deadline(requested, arrived)
@@ -142,13 +157,33 @@ def _split(body: bytes, declared: bytes | None) -> tuple[bytes, dict[str, Any], 
     if not isinstance(payload, dict):
         raise InvalidInput('request must be a JSON object: {"inputs": [...]}')
     check_unique_keys(text, payload, bulk="data")
-    unknown = payload.keys() - _FIELDS
-    if unknown:
-        names = ", ".join(quoted(name) for name in sorted(unknown))
-        raise InvalidInput(f"unknown fields [{names}]: expected {sorted(_FIELDS)}")
+    # NOTE: other top-level fields are ignored, as the protocol's schema allows: clients add
+    # their own (the KServe SDK sends "model_name"; see _named_model).
     if "id" in payload and not isinstance(payload["id"], str):
         raise InvalidInput(f'"id" must be a string, got {quoted(payload["id"])}')
     return text, payload, memoryview(body)[length:]
+
+
+def _named_model(payload: dict[str, Any], name: str, version: int | None) -> int | None:
+    """The version to run, once what the body names agrees with the path.
+
+    ``model_name`` (the KServe SDK sends it) must be the path's model. ``model_version``, a
+    string as in V2 answers, must be the path's version; with none in the path it picks one.
+    """
+    named = payload.get("model_name")
+    if named is not None and named != name:
+        raise InvalidInput(f'"model_name" is {quoted(named)} in the body but {name!r} in the path')
+    asked = payload.get("model_version")
+    if asked is None or asked == "":
+        return version
+    if not isinstance(asked, str):
+        raise InvalidInput(f'"model_version" must be a string, got {quoted(asked)}')
+    number = v2_path_version(name, asked)
+    if version is not None and number != version:
+        raise InvalidInput(
+            f'"model_version" is {quoted(asked)} in the body but {str(version)!r} in the path'
+        )
+    return number
 
 
 def _batching(entry: ModelVersion) -> BatchingChoice:
@@ -304,24 +339,28 @@ def _error(exc: FoldserveError) -> Response:
 
 
 def _resolve(request: Request, name: str, version: str | None) -> ModelVersion:
-    return registry_of(request).resolve(name, path_version(version))
+    return registry_of(request).resolve(name, v2_path_version(name, version))
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
     return [{"name": s.name, "datatype": "FP32", "shape": [-1, *s.shape]} for s in specs]
 
 
-@router.get("")
-async def server_metadata() -> Response:
-    return _json({"name": "foldserve", "version": __version__, "extensions": EXTENSIONS})
+@router.get("", responses=documented(ServerMetadata))
+@router.get("/", include_in_schema=False)  # the path as the protocol's document writes it
+async def server_metadata(request: Request) -> Response:
+    extensions = EXTENSIONS
+    if request.app.state.settings.management_api:
+        extensions = [*EXTENSIONS, "model_repository"]
+    return _json({"name": "foldserve", "version": __version__, "extensions": extensions})
 
 
-@router.get("/health/live")
+@health_router.get("/health/live", responses=documented(LiveAnswer))
 async def live() -> Response:
     return _json({"live": True})
 
 
-@router.get("/health/ready")
+@health_router.get("/health/ready", responses=documented(ReadyAnswer, 503))
 async def ready(request: Request) -> Response:
     is_ready, reason = registry_of(request).readiness()
     if request.app.state.draining:  # as /readyz: a server shutting down takes no new traffic
@@ -329,8 +368,8 @@ async def ready(request: Request) -> Response:
     return _json({"ready": True}) if is_ready else _error(ModelNotReady(reason))
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}", responses=documented(ModelMetadata, 404, 503))
+@router.get("/models/{name}/versions/{version}", responses=documented(ModelMetadata, 404, 503))
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     entry = _resolve(request, name, version)
     manifest = _manifest(entry)
@@ -347,16 +386,18 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     )
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", responses=documented(ModelReadyAnswer, 404, 503))
+@router.get(
+    "/models/{name}/versions/{version}/ready", responses=documented(ModelReadyAnswer, 404, 503)
+)
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
     """200 when that version serves; 404 for an unknown model or version; 503 otherwise."""
     entry = _resolve(request, name, version)  # only a ready version resolves
     return _json({"name": entry.name, "ready": True})
 
 
-@router.get("/models/{name}/config")
-@router.get("/models/{name}/versions/{version}/config")
+@router.get("/models/{name}/config", responses=documented(ModelConfig, 404, 503))
+@router.get("/models/{name}/versions/{version}/config", responses=documented(ModelConfig, 404, 503))
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """Triton's model configuration, enough for perf_analyzer and tritonclient."""
     entry = _resolve(request, name, version)

@@ -98,9 +98,9 @@ def test_the_server_serves_every_model_on_cuda(cuda: None, tmp_path: Path) -> No
 
 
 def test_device_cuda_without_a_cuda_provider_serves_nothing_and_says_why(tmp_path: Path) -> None:
-    # The GPU image on a node without a GPU: no model loads, readiness stays 503 with the fix
-    # named. The process keeps running (liveness passes); Kubernetes' startup probe on /readyz
-    # is what turns this into restarts an operator sees.
+    # The app on a node without a GPU: no model loads, readiness stays 503 with the fix named.
+    # (`foldserve serve`, the images' entrypoint, does not get this far: it probes the device
+    # before it listens and exits with one line; tests/service/test_preflight.py.)
     if CUDA in ort.get_available_providers():
         pytest.skip("onnxruntime here offers a CUDA provider")
     store = tmp_path / "store"

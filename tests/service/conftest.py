@@ -261,10 +261,13 @@ def reference(store_root: Path, x: np.ndarray, name: str = "tiny", version: int 
 
 
 @contextlib.contextmanager
-def running(app: Any, *, wait_loaded: bool = True) -> Iterator[tuple[str, uvicorn.Server]]:
+def running(
+    app: Any, *, wait_loaded: bool = True, key: str | None = None
+) -> Iterator[tuple[str, uvicorn.Server]]:
     """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL and server.
 
-    Setting ``server.should_exit`` starts the graceful shutdown a SIGTERM would.
+    Setting ``server.should_exit`` starts the graceful shutdown a SIGTERM would. ``key``: the
+    inference key, when the app requires one (waiting for the models reads /models).
     """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -280,7 +283,7 @@ def running(app: Any, *, wait_loaded: bool = True) -> Iterator[tuple[str, uvicor
             assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
         if wait_loaded:
-            until_loaded(base)
+            until_loaded(base, key=key)
         yield base, server
     finally:
         server.should_exit = True
@@ -303,10 +306,11 @@ def shipped_store(tmp_path: Path) -> Path:
     return root
 
 
-def until_loaded(base: str, timeout: float = 20.0) -> None:
+def until_loaded(base: str, timeout: float = 20.0, key: str | None = None) -> None:
     deadline = time.monotonic() + timeout
+    headers = {} if key is None else {"X-API-Key": key}
     while time.monotonic() < deadline:
-        models = httpx.get(f"{base}/models").json()["models"]
+        models = httpx.get(f"{base}/models", headers=headers).json()["models"]
         statuses = [v["status"] for m in models for v in m["versions"]]
         if "loading" not in statuses:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -130,7 +131,9 @@ def test_bad_requests_fail_alone_with_json_errors(store: Path) -> None:
 
 
 @pytest.mark.usefixtures("poisoned_backend")
-def test_a_failing_backend_fails_only_the_request_that_breaks_it(store: Path) -> None:
+def test_a_failing_backend_fails_only_the_request_that_breaks_it(
+    store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     poison = np.full((1, 2, 8), POISON, dtype=np.float32)
     good = [samples(1, seed=300 + i) for i in range(12)]
     batch = [*good[:6], poison, *good[6:]]
@@ -146,8 +149,10 @@ def test_a_failing_backend_fails_only_the_request_that_breaks_it(store: Path) ->
         )
         after = httpx.post(f"{base}/predict", json={"inputs": good_alone.tolist()})
         batches = metric_samples(base, "foldserve_batch_size")
-    assert "injected failure" in error(alone, 500)
-    assert "injected failure" in error(mixed[6], 500)
+    # The runtime's own words (paths, internals) go to the log, never to the client.
+    for failed in (alone, mixed[6]):
+        assert error(failed, 500) == "inference failed in the model's runtime: see the server log"
+    assert "RuntimeError: injected failure" in caplog.text
     for x, response in zip(good, mixed[:6] + mixed[7:], strict=True):
         # Innocent batch mates of the poison get their own answers, not its error.
         np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)
@@ -215,7 +220,7 @@ def test_bodies_over_the_limit_get_413(store: Path) -> None:
 
 
 def test_an_unexpected_error_is_a_json_500_and_serving_goes_on(
-    store: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(self: InferenceResult) -> None:
         raise RuntimeError("a bug")
@@ -225,7 +230,13 @@ def test_an_unexpected_error_is_a_json_500_and_serving_goes_on(
         failed = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
         monkeypatch.undo()
         after = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
-    assert "RuntimeError" in error(failed, 500)
+    message = error(failed, 500)
+    assert re.fullmatch(r"internal error [0-9a-f]{8}: see the server log", message)
+    (logged,) = [
+        r for r in caplog.records if r.exc_info and message.split()[2].rstrip(":") in r.getMessage()
+    ]
+    assert "a bug" in str(logged.exc_info[1])  # the log has it, under the id the client got
+    assert "RuntimeError" not in message and "a bug" not in message
     assert after.status_code == 200
 
 

@@ -70,11 +70,13 @@ def json_answer(response: httpx.Response) -> np.ndarray:
 
 
 def test_server_and_model_metadata_health_and_config(base: str) -> None:
-    assert httpx.get(f"{base}/v2").json() == {
-        "name": "foldserve",
-        "version": __version__,
-        "extensions": ["binary_tensor_data", "model_configuration"],
-    }
+    for path in ("/v2", "/v2/"):  # the second as the protocol's document writes it: no redirect
+        assert httpx.get(f"{base}{path}").json() == {
+            "name": "foldserve",
+            "version": __version__,
+            # model_repository only with the management API on (tests/service/test_stats.py)
+            "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
+        }
     assert httpx.get(f"{base}/v2/health/live").status_code == 200
     assert httpx.get(f"{base}/v2/health/ready").status_code == 200
     for path in ("/v2/models/tiny", "/v2/models/tiny/versions/1"):
@@ -100,8 +102,11 @@ def test_server_and_model_metadata_health_and_config(base: str) -> None:
         ("/v2/models/nope/config", 404),
         ("/v2/models/tiny/versions/9", 404),
         ("/v2/models/tiny/versions/9/ready", 404),
-        ("/v2/models/tiny/versions/one", 400),
+        ("/v2/models/tiny/versions/one", 404),  # the protocol: no such version, whatever its form
+        ("/v2/models/tiny/versions/v10", 404),
+        ("/v2/models/tiny/versions/01/ready", 404),
         ("/v2/nothing-here", 404),
+        ("/v2/models/tiny/", 404),  # no redirect to an http:// URL (wrong behind TLS)
     ],
 )
 def test_metadata_errors_are_v2_errors(base: str, path: str, status: int) -> None:
@@ -247,7 +252,11 @@ def _long_header() -> tuple[bytes, dict[str, str]]:
         (_wrong_output(), 400, "output 'y' does not exist"),
         (_no_data(), 400, 'has no "data"'),
         (_binary_case(len(RAW), RAW + b"xx"), 400, "130 bytes follow"),
-        ((b'{"inputs": [], "model": "tiny"}', {}), 400, "unknown fields ['model']"),
+        ((b'{"inputs": [], "model_name": "other"}', {}), 400, "'other' in the body but 'tiny'"),
+        ((b'{"inputs": [], "model_version": 1}', {}), 400, '"model_version" must be a string'),
+        ((b'{"inputs": [], "model_version": "2"}', {}), 404, "model 'tiny' has no version 2"),
+        ((b'{"inputs": [], "model_version": "v1"}', {}), 404, "has no version 'v1'"),
+        ((b'{"inputs": [], "id": 7}', {}), 400, '"id" must be a string'),
     ],
 )
 def test_bad_requests_fail_with_a_v2_error(
@@ -268,17 +277,38 @@ def test_a_refused_tensor_is_counted_for_the_model_it_was_sent_to(base: str) -> 
     assert metric_samples(base, "foldserve_requests_total")[key] == before + 1
 
 
-def test_a_version_in_the_path_that_is_not_a_number_is_400_on_both_protocols(base: str) -> None:
+def test_a_version_in_the_path_that_is_not_a_number_is_404_on_v2_and_400_on_predict(
+    base: str,
+) -> None:
     v2 = {"inputs": [tensor(X, data=X.reshape(-1).tolist())]}
-    for path, body in (
-        ("/v2/models/tiny/versions/one/infer", v2),
-        ("/models/tiny/versions/one/predict", {"inputs": X.tolist()}),
-    ):
-        response = httpx.post(base + path, json=body)
-        assert response.status_code == 400, response.text
-        assert (
-            "version in the path must be a positive integer, got 'one'" in response.json()["error"]
-        )
+    response = httpx.post(f"{base}/v2/models/tiny/versions/one/infer", json=v2)
+    assert response.status_code == 404, response.text
+    assert "model 'tiny' has no version 'one'" in response.json()["error"]
+    response = httpx.post(f"{base}/models/tiny/versions/one/predict", json={"inputs": X.tolist()})
+    assert response.status_code == 400, response.text
+    assert "version in the path must be a positive integer, got 'one'" in response.json()["error"]
+
+
+def test_unknown_top_level_fields_are_ignored_and_model_fields_must_agree(
+    base: str, v2_store: Path
+) -> None:
+    """As the KServe SDK sends them: "model_name" and "id" beside the inputs, and other clients'
+    own fields, which the protocol's schema allows."""
+    data = X.reshape(-1).tolist()
+    request = {
+        "id": "r-1",
+        "model_name": "tiny",
+        "model_version": "1",
+        "inputs": [tensor(X, data=data)],
+        "client_trace": {"anything": [1, 2]},
+    }
+    for path in (INFER, "/v2/models/tiny/versions/1/infer"):
+        response = httpx.post(base + path, json=request)
+        np.testing.assert_allclose(json_answer(response), reference(v2_store, X), atol=1e-5)
+        assert response.json()["id"] == "r-1" and response.json()["model_version"] == "1"
+    response = httpx.post(f"{base}/v2/models/tiny/versions/2/infer", json=request)
+    assert response.status_code == 400
+    assert "\"model_version\" is '1' in the body but '2' in the path" in response.json()["error"]
 
 
 def test_unknown_model_or_version_is_404(base: str) -> None:

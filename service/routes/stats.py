@@ -1,0 +1,48 @@
+"""Triton's statistics extension: ``GET /v2/models/stats``, ``/v2/models/{m}/stats`` and
+``/v2/models/{m}/versions/{v}/stats``.
+
+NOTE: ``/v2/models/stats`` is also what model metadata would be for a model named "stats"; as in
+Triton, statistics win. The app includes this router before the V2 one, so that it matches first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from service.errors import ModelNotFound
+from service.registry import ModelVersion, Status
+from service.routes.models import registry_of
+from service.routes.paths import v2_path_version
+from service.schemas import ModelStatsAnswer, documented
+
+router = APIRouter(prefix="/v2/models")
+
+# Versions that serve (or served, at shutdown); one loading or failed has nothing to count.
+_COUNTED = (Status.READY, Status.STOPPED)
+
+
+@router.get("/stats", responses=documented(ModelStatsAnswer))
+async def all_stats(request: Request) -> Response:
+    return _answer(registry_of(request).entries())
+
+
+@router.get("/{name}/stats", responses=documented(ModelStatsAnswer, 404))
+@router.get("/{name}/versions/{version}/stats", responses=documented(ModelStatsAnswer, 404))
+async def model_stats(request: Request, name: str, version: str | None = None) -> Response:
+    number = v2_path_version(name, version)
+    versions = [e for e in registry_of(request).entries() if e.name == name]
+    if not versions:
+        raise ModelNotFound(f"model {name!r} not found")
+    if number is not None:
+        versions = [e for e in versions if e.version == number]
+        if not versions:
+            raise ModelNotFound(f"model {name!r} has no version {number}")
+    return _answer(versions)
+
+
+def _answer(entries: Iterable[ModelVersion]) -> Response:
+    stats = [e.stats.triton(e.name, e.version) for e in entries if e.status in _COUNTED]
+    return Response(orjson.dumps({"model_stats": stats}), media_type="application/json")

@@ -1,0 +1,130 @@
+"""Triton's statistics extension: counted by the batcher (runs, waits) and the dataplane
+(requests), answered at /v2/models/stats and per model and version in Triton's format."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.app import create_app
+from service.batching import Batcher
+from service.settings import Settings
+from service.stats import VersionStats
+from tests.service.conftest import SHAPE, Artifacts, add_version, serve
+from tests.service.test_batching import Recorder, rows
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def test_the_batcher_counts_runs_waits_and_the_requests_each_run_computed() -> None:
+    async def main() -> VersionStats:
+        stats = VersionStats()
+        run = Recorder(hold=True)
+        batcher = Batcher(
+            run, max_batch_size=4, max_delay_ms=60_000, max_queue_rows=64, stats=stats
+        )
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit(rows(4)))  # a full batch: runs at once
+        while not run.entered.is_set():
+            await asyncio.sleep(0.001)
+        # While the first run is held: one request of 6 rows is split across two batches,
+        # the second shared with a 2-row request.
+        queued = [asyncio.ensure_future(batcher.submit(rows(n))) for n in (6, 2)]
+        await asyncio.sleep(0.05)
+        run.release.set()
+        await asyncio.gather(first, *queued)
+        await batcher.stop()
+        assert run.sizes == [4, 4, 4]
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats.execution_count == 3
+    assert stats.infer_count == 1 + 1 + 2  # the split request counts in both of its runs
+    assert stats.queue_count == 3  # each request's wait once, up to its first run
+    assert stats.queue_s >= 0.05  # the two queued ones waited for the held run
+    assert stats.last_inference_ms == pytest.approx(time.time() * 1000, abs=5000)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, artifacts: Artifacts) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("stats") / "store"
+    add_version(root, artifacts)
+    add_version(root, artifacts, name="other")
+    settings = Settings(model_store=root, default_model="tiny", management_api=True)
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+def x(n: int) -> list[Any]:
+    return np.random.default_rng(n).normal(size=(n, *SHAPE)).tolist()
+
+
+def test_statistics_count_what_was_served_in_tritons_format(base: str) -> None:
+    started_ms = time.time() * 1000
+    with httpx.Client(base_url=base) as client:
+        for n in (1, 2, 3):
+            assert client.post("/predict", json={"inputs": x(n)}).status_code == 200
+        tensor = {"name": "x", "shape": [4, *SHAPE], "datatype": "FP32", "data": x(4)}
+        assert client.post("/v2/models/tiny/infer", json={"inputs": [tensor]}).status_code == 200
+        assert client.post("/predict", json={"inputs": [[1.0]]}).status_code == 400  # fails
+        assert client.post("/models/nope/predict", json={"inputs": x(1)}).status_code == 404
+        everything = client.get("/v2/models/stats").json()
+        model = client.get("/v2/models/tiny/stats").json()
+        version = client.get("/v2/models/tiny/versions/1/stats").json()
+        missing = [
+            client.get(path)
+            for path in ("/v2/models/nope/stats", "/v2/models/tiny/versions/2/stats")
+        ]
+        extensions = client.get("/v2").json()["extensions"]
+    names = [(s["name"], s["version"]) for s in everything["model_stats"]]
+    assert names == [("other", "1"), ("tiny", "1")]
+    (tiny,) = [s for s in everything["model_stats"] if s["name"] == "tiny"]
+    assert model == version == {"model_stats": [tiny]}
+    assert set(tiny) == {
+        "name",
+        "version",
+        "last_inference",
+        "inference_count",
+        "execution_count",
+        "inference_stats",
+        "batch_stats",
+    }
+    assert tiny["inference_count"] == 1 + 2 + 3 + 4  # rows answered
+    assert 1 <= tiny["execution_count"] <= 4
+    assert started_ms - 1000 <= tiny["last_inference"] <= time.time() * 1000 + 1000
+    stats = tiny["inference_stats"]
+    assert set(DURATIONS) <= set(stats)
+    assert stats["success"]["count"] == 4 and stats["fail"]["count"] == 1
+    assert stats["queue"]["count"] == 4 and stats["compute_infer"]["count"] >= 4
+    for name in DURATIONS:
+        assert stats[name]["ns"] > 0, name
+    # Each request's whole time includes its parts.
+    parts = sum(stats[p]["ns"] for p in ("compute_input", "compute_output"))
+    assert stats["success"]["ns"] > parts
+    (other,) = [s for s in everything["model_stats"] if s["name"] == "other"]
+    assert other["inference_count"] == other["execution_count"] == 0
+    assert other["last_inference"] == 0
+    for answer in missing:
+        assert answer.status_code == 404 and list(answer.json()) == ["error"]
+    assert extensions == [
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+        "model_repository",
+    ]
+
+
+def test_load_refuses_what_it_cannot_honour(base: str) -> None:
+    """Triton's load may carry a configuration or model files: refused, not silently ignored."""
+    url = f"{base}/v2/repository/models/tiny/load"
+    assert httpx.post(url, json={"parameters": {"config": "{}"}}).status_code == 400
+    assert httpx.post(url, json={"parameters": {"file:1/model.onnx": "AAAA"}}).status_code == 400
+    assert httpx.post(url, content=b"x" * 70_000).status_code == 400
+    assert httpx.post(url, json={}).status_code == 200
+    assert httpx.post(url).status_code == 200
