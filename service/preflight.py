@@ -43,11 +43,21 @@ def check_startup(settings: Settings) -> None:
 
 
 def _check_backend(settings: Settings) -> None:
+    if settings.backend == "torchscript" and not settings.allow_torchscript:
+        raise ConfigError(torchscript_not_allowed())
     if settings.backend == "torchscript" and not installed("torch"):
         raise ConfigError(
             f"{setting_ref('backend', 'torchscript')} needs torch, which is not installed: "
             "pip install 'foldserve[torchscript]', or serve the ONNX files (--backend onnx)"
         )
+
+
+def torchscript_not_allowed() -> str:
+    return (
+        f"{setting_ref('backend', 'torchscript')}: loading a TorchScript file runs the code it "
+        "carries; serve the ONNX files, or set FOLDSERVE_ALLOW_TORCHSCRIPT=true for a store you "
+        "trust"
+    )
 
 
 def installed(module: str) -> bool:

@@ -37,6 +37,7 @@ from service.errors import (
     VerificationError,
 )
 from service.metrics import Metrics
+from service.preflight import torchscript_not_allowed
 from service.settings import BatchingOverride, Settings, setting_ref
 from service.stats import VersionStats
 from service.store import (
@@ -387,6 +388,8 @@ class Registry:
                 f"manifest says {manifest.name!r} v{manifest.version}, folder is "
                 f"{entry.name}/{entry.version}"
             )
+        if fmt == "torchscript" and not self._settings.allow_torchscript:
+            raise ConfigError(torchscript_not_allowed())
         model_file = manifest.file(fmt)
         if model_file is None:
             have = [f.format for f in manifest.files]

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     )
     default_model: str = Field("digits-mlp", description="model answering requests naming none")
     backend: BackendName = Field("onnx", description="runtime: onnx (onnxruntime) or torchscript")
+    # NOTE: loading a TorchScript file runs code the file carries; ONNX files are data only.
+    allow_torchscript: bool = Field(
+        False, description="let --backend torchscript load TorchScript files (they carry code)"
+    )
     device: Device = Field(
         "auto",
         description="auto: CUDA when present, else CPU (logged); cuda: missing GPU is an error",

@@ -113,7 +113,7 @@ def test_a_probe_is_identical_alone_and_among_wild_batch_mates(store: Path) -> N
 
 def test_torchscript_backend_end_to_end(store: Path) -> None:
     x = samples(4, seed=5)
-    with serve(create_app(settings(store, backend="torchscript"))) as base:
+    with serve(create_app(settings(store, backend="torchscript", allow_torchscript=True))) as base:
         response = httpx.post(f"{base}/predict", json={"inputs": x.tolist()})
         listed = httpx.get(f"{base}/models").json()
     np.testing.assert_allclose(outputs(response), reference(store, x), rtol=0, atol=1e-5)

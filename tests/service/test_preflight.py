@@ -80,14 +80,14 @@ def test_a_backend_without_its_files_or_its_runtime_is_refused(
 ) -> None:
     root = tmp_path / "store"
     add_version(root, artifacts, formats=("onnx",))
-    message = refused(settings(root, backend="torchscript"))
+    message = refused(settings(root, backend="torchscript", allow_torchscript=True))
     assert message == (
         "default model 'tiny' has no torchscript file in any version (it has onnx): "
         "set --backend onnx"
     )
     monkeypatch.setattr(preflight, "installed", lambda module: module != "torch")
     assert "needs torch, which is not installed: pip install 'foldserve[torchscript]'" in (
-        refused(settings(root, backend="torchscript"))
+        refused(settings(root, backend="torchscript", allow_torchscript=True))
     )
 
 
@@ -176,3 +176,7 @@ def test_foldserve_serve_exits_at_once_with_one_line(store: Path) -> None:
         "did you mean 'tiny'? set --default-model to one of them"
     )
     assert done.stdout == ""
+
+
+def test_torchscript_needs_the_operators_opt_in(store: Path) -> None:
+    assert "FOLDSERVE_ALLOW_TORCHSCRIPT=true" in refused(settings(store, backend="torchscript"))

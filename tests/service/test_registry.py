@@ -68,7 +68,7 @@ def test_a_manifest_without_the_chosen_format_fails_clearly(
     add_version(tmp_path, artifacts, formats=("onnx",))
 
     async def main() -> None:
-        registry = registry_for(tmp_path, backend="torchscript")
+        registry = registry_for(tmp_path, backend="torchscript", allow_torchscript=True)
         await registry.load_all()
         (entry,) = registry.entries()
         assert entry.status is Status.FAILED
