@@ -77,17 +77,43 @@ def observations(passed: list[dict[str, Any]], options: dict[str, Any]) -> list[
     ]
 
 
+# What a failure message means, by a phrase it contains (checked against the code in use).
+CAUSES = {
+    "not one tensor": "**By design**: the eval-mode forward returns a tuple, list or dict. "
+    "foldserve serves one output and says so, with the advice to wrap the module.",
+    "expected Tensor as element": "The eval-mode forward returns a tuple, list or dict; "
+    "foldserve serves one output, but this version lets a bare `TypeError` escape from "
+    "`foldserve.tensors.predict` instead of refusing the model with a `FoldingError`.",
+    "takes its axes at run time": "**A limitation of the ONNX-level fold** (the fallback when "
+    "torch.fx cannot trace the network): unoptimized, torch's exporter writes a mean's axes "
+    "as `Reshape(Constant, Constant)`, a constant expression that foldserve's "
+    "batch-axis check does not evaluate, so it refuses every `x.mean(dims)` (global pooling, "
+    "squeeze-and-excitation) it meets on that path.",
+    "reduces over axis 0, the batch axis": "**A false refusal of the ONNX-level fold**: MONAI's "
+    "`RegistrationExtractionBlock` averages its levels with `torch.mean(torch.stack(levels, "
+    "dim=0), dim=0)`; axis 0 of that stack is the level, not the batch, but the fold's check "
+    "takes axis 0 of any tensor to be the batch axis. Tracking the batch axis through the graph "
+    "(a symbolic batch dimension in shape inference) would let these through.",
+    "expected scalar type Float but found Double": "GlobalNet keeps its grid as a plain "
+    "float32 attribute, which `.double()` does not convert, so the float64 run that measures "
+    "the network's own rounding failed; since this run, foldserve skips that measurement "
+    "(default tolerance) when the float64 copy cannot run.",
+    "when it shares a batch of": "**Float32 rounding, not batch statistics**: the folded file "
+    "holds no batch-statistics op (foldserve checked), but onnxruntime runs a batch of 32 with "
+    "other kernel blocking than a single sample, and this deep, randomly initialized network "
+    "amplifies that rounding just past the fixed 1e-4 of the batch-invariance check. The "
+    "message of this run blamed batch statistics; since then it does so only for a change ten "
+    "times the bound.",
+}
+
+
 def failure_causes(failed: list[dict[str, Any]]) -> list[str]:
-    multi = [r["name"] for r in failed if "expected Tensor as element" in r["status"]]
-    if not multi:
-        return []
-    return [
-        f"{len(multi)} of these ({', '.join(f'`{n}`' for n in multi)}) are networks whose "
-        "eval-mode forward returns a tuple, list or dict, not one tensor. foldserve serves one "
-        "output, so refusing them is right, but `foldserve.export` does not refuse them: "
-        "`foldserve.tensors.predict` calls `torch.cat` on the outputs and a bare `TypeError` "
-        "escapes instead of a `FoldingError` naming the problem.",
-    ]
+    lines = []
+    for phrase, cause in CAUSES.items():
+        names = [f"`{r['name']}`" for r in failed if phrase in r["status"]]
+        if names:
+            lines.append(f"- {', '.join(names)}: {cause}")
+    return ["What the failures mean:", "", *lines] if lines else []
 
 
 def _placements(passed: list[dict[str, Any]]) -> list[str]:

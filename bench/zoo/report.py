@@ -56,7 +56,8 @@ def markdown(run: dict[str, Any]) -> str:
         f"- Python {env['python']}; {versions}",
         _code(env),
         f"- **{len(passed)} of {len(measured)} networks passed**"
-        f" ({_count(measured, 'refused')} refused, {_count(measured, 'error')} errors);"
+        f" ({_count(measured, 'refused')} refused, of which {_several_outputs(measured)} by "
+        f"design for returning several outputs; {_count(measured, 'error')} errors);"
         f" {len(rows) - len(measured)} more rows could not be built here (see Skipped)",
         "",
         *notes.method(options),
@@ -188,6 +189,10 @@ def _sci(value: float | None) -> str:
     if value is None:
         return EMPTY
     return "0" if value == 0 else f"{value:.1e}"
+
+
+def _several_outputs(rows: list[dict[str, Any]]) -> int:
+    return sum("not one tensor" in r["status"] for r in rows)
 
 
 def _count(rows: list[dict[str, Any]], kind: str) -> int:

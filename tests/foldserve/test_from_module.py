@@ -374,6 +374,26 @@ def test_the_tolerance_follows_the_networks_own_float32_error() -> None:
     assert float32_noise(deep, wide) > 10 * float32_noise(shallow, x)
 
 
+def test_a_float32_tensor_kept_as_a_plain_attribute_is_exported(tmp_path: Path) -> None:
+    class Mixed(nn.Module):  # like MONAI GlobalNet's grid: not a buffer, so .double() skips it
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+            self.mix = torch.linspace(-1, 1, 16).reshape(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) @ self.mix  # a matmul refuses float64 @ float32
+
+    model = _with_statistics(Mixed(), (6,))
+    result = foldserve.export(model, (6,), store=tmp_path / "store", name="shifted")
+    x = np.random.default_rng(2).normal(size=(5, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(result.path / "model.onnx"))
+    (served,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_model_with_several_outputs_is_refused_with_advice(tmp_path: Path) -> None:
     class TwoHeads(nn.Module):
         def __init__(self) -> None:

@@ -131,3 +131,15 @@ def test_shipped_models_hold_no_batch_statistics_ops() -> None:
         directory = SHIPPED.parent.parent / name / "1"
         backend = OnnxBackend(directory / "model.onnx", BackendOptions(device="cpu"))
         assert backend.batch_statistics_ops() == []
+
+
+@pytest.mark.parametrize(
+    ("leak", "cause"), [(1e-5, "float32 rounding"), (1e-2, "normalizes with batch statistics")]
+)
+def test_the_refusal_blames_batch_statistics_only_for_a_large_change(
+    leak: float, cause: str
+) -> None:
+    weights = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32) / 8
+    leaky = FakeBackend(weights, leak=leak)
+    with pytest.raises(VerificationError, match=cause):
+        verify_loaded_model(manifest_for(leaky), leaky)
