@@ -67,6 +67,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         registry if registry is not None else CollectorRegistry(), settings.metrics_dir
     )
     model_registry = Registry(settings, app_metrics)
+    app_metrics.watch_stages(
+        lambda: ((e.name, e.version, e.stats) for e in model_registry.entries() if e.batcher)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

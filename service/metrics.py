@@ -7,10 +7,23 @@ sees the whole server whichever worker answers it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from service.stats import STAGE_BUCKETS, STAGES, VersionStats
+
+StageSource = Callable[[], Iterable[tuple[str, int, VersionStats]]]
+_STAGE_METRIC = "foldserve_stage_duration_seconds"
+_STAGE_HELP = (
+    "Time per request in each stage, as Triton's statistics name them: queue (waiting for a "
+    "batch), compute_input (reading and validating the request), compute_infer (the backend "
+    "run that computed it), compute_output (encoding the answer)"
+)
 
 # Latencies here range from tens of microseconds (one small batch) to the request timeout.
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -76,6 +89,19 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        # With --workers, stages go to pooled histograms too; alone, a collector reads the
+        # versions' own counts at scrape time (no lock, no prometheus_client on the hot path).
+        self._stage_histogram = (
+            Histogram(
+                _STAGE_METRIC,
+                _STAGE_HELP,
+                ["model", "version", "stage"],
+                buckets=STAGE_BUCKETS,
+                registry=registry,
+            )
+            if pooled_dir is not None
+            else None
+        )
         # NOTE: labels() takes a lock and builds a tuple on every call; the hot path reuses
         # the children. Keys are bounded: only resolved models and real status codes get here.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -113,6 +139,19 @@ class Metrics:
             )
         child.set(seconds)
 
+    def watch_stages(self, source: StageSource) -> None:
+        """Expose the stage histograms of the versions ``source`` lists (read at each scrape)."""
+        if self._stage_histogram is None:
+            self.registry.register(_StageCollector(source))
+
+    def mirror_stages(self, model: str, version: int, stats: VersionStats) -> None:
+        """With --workers, make ``stats`` feed the pooled stage histograms as well."""
+        if self._stage_histogram is None:
+            return
+        for stage in STAGES:
+            child = self._stage_histogram.labels(model, str(version), stage)
+            stats.stage(stage).mirror = child.observe
+
     def set_loaded(self, model: str, version: int, loaded: bool) -> None:
         self.model_loaded.labels(model, str(version)).set(1 if loaded else 0)
 
@@ -134,3 +173,20 @@ class VersionObserver:
 
     def on_queue_depth(self, rows: int) -> None:
         self._queue_depth.set(rows)
+
+
+class _StageCollector(Collector):
+    def __init__(self, source: StageSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            _STAGE_METRIC, _STAGE_HELP, labels=["model", "version", "stage"]
+        )
+        for model, version, stats in self._source():
+            for stage in STAGES:
+                histogram = stats.stage(stage)
+                family.add_metric(
+                    [model, str(version), stage], histogram.cumulative(), histogram.sum
+                )
+        yield family

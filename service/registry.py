@@ -519,6 +519,7 @@ class Registry:
             plan.max_queue_rows,
             plan.queue_limit,
         )
+        self._metrics.mirror_stages(entry.name, entry.version, entry.stats)
         return Batcher(
             backend.run,
             max_batch_size=cap,

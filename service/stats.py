@@ -6,58 +6,115 @@ time before the batcher (parse and validate: Triton's ``compute_input``) and aft
 runs (``execution_count``), each request's wait for its batch (``queue``) and the run that
 computed it (``compute_infer``: a batch's time counts once per request in it, as in Triton).
 
-NOTE: plain attribute increments on the event loop: no lock (one loop per process touches
-them), nothing allocated, about a third of a microsecond per request. With ``--workers`` each
-worker counts its own requests; ``/metrics`` is the pooled view.
+Each stage is a histogram (``StageHistogram``): Triton's count and total come from its count and
+sum, and ``/metrics`` exposes its buckets, so the two views are the same numbers.
+
+NOTE: plain attribute increments and one bisect on the event loop: no lock (one loop per
+process touches them), nothing allocated, well under a microsecond per stage (prometheus_client's
+Histogram.observe takes a lock and costs about 1.3 us). With ``--workers`` each worker counts its
+own requests; ``mirror`` feeds prometheus_client's pooled histograms as well.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 _NS = 1e9
+# Upper bounds in seconds, from tens of microseconds (one row of a small model) to the timeout.
+STAGE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+Mirror = Callable[[float], None]  # a pooled histogram's observe, for --workers
+
+
+class StageHistogram:
+    """Counts per bucket (the last one is +Inf), their sum in seconds; weights count a batch's
+    time once per request in it."""
+
+    __slots__ = ("buckets", "mirror", "sum")
+
+    def __init__(self, mirror: Mirror | None = None) -> None:
+        self.buckets = [0] * (len(STAGE_BUCKETS) + 1)
+        self.sum = 0.0
+        self.mirror = mirror
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    def observe(self, seconds: float, weight: int = 1) -> None:
+        self.buckets[bisect_left(STAGE_BUCKETS, seconds)] += weight
+        self.sum += seconds * weight
+        if self.mirror is not None:
+            for _ in range(weight):
+                self.mirror(seconds)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus's buckets: (upper bound, observations at or below it), ending with +Inf."""
+        bounds = [*map(str, STAGE_BUCKETS), "+Inf"]
+        running, rows = 0, []
+        for bound, n in zip(bounds, self.buckets, strict=True):
+            running += n
+            rows.append((bound, running))
+        return rows
 
 
 class VersionStats:
     __slots__ = (
+        "compute_infer",
+        "compute_input",
+        "compute_output",
         "execution_count",
         "fail_count",
         "fail_s",
-        "infer_count",
-        "infer_s",
         "inference_count",
-        "input_s",
         "last_inference_ms",
-        "output_s",
-        "queue_count",
-        "queue_s",
-        "success_count",
-        "success_s",
+        "queue",
+        "success",
     )
 
-    def __init__(self) -> None:
-        self.success_count = 0
-        self.success_s = 0.0
+    def __init__(self, mirrors: dict[str, Mirror] | None = None) -> None:
+        mirrors = mirrors or {}
+        self.success = StageHistogram()  # arrival to answer, for each success
         self.fail_count = 0
         self.fail_s = 0.0
-        self.input_s = 0.0  # counted with each success
-        self.output_s = 0.0  # counted with each success
+        self.queue = StageHistogram(mirrors.get("queue"))
+        self.compute_input = StageHistogram(mirrors.get("compute_input"))  # with each success
+        self.compute_infer = StageHistogram(mirrors.get("compute_infer"))
+        self.compute_output = StageHistogram(mirrors.get("compute_output"))  # with each success
         self.inference_count = 0  # rows of successful requests
         self.execution_count = 0  # backend runs
-        self.infer_count = 0  # requests those runs computed (a request split in two counts 2)
-        self.infer_s = 0.0
-        self.queue_count = 0
-        self.queue_s = 0.0
         self.last_inference_ms = 0  # wall clock, milliseconds since the epoch
+
+    def stage(self, name: str) -> StageHistogram:
+        histogram: StageHistogram = getattr(self, name)
+        return histogram
 
     # -- the dataplane
 
     def succeeded(self, rows: int, total_s: float, input_s: float, output_s: float) -> None:
-        self.success_count += 1
-        self.success_s += total_s
-        self.input_s += input_s
-        self.output_s += output_s
+        self.success.observe(total_s)
+        self.compute_input.observe(input_s)
+        self.compute_output.observe(output_s)
         self.inference_count += rows
 
     def failed(self, total_s: float) -> None:
@@ -67,13 +124,13 @@ class VersionStats:
     # -- the batcher
 
     def waited(self, seconds: float) -> None:
-        self.queue_count += 1
-        self.queue_s += seconds
+        self.queue.observe(seconds)
 
     def ran(self, requests: int, seconds: float) -> None:
+        """One backend run that computed (parts of) ``requests`` requests (a request split in
+        two counts in both of its runs)."""
         self.execution_count += 1
-        self.infer_count += requests
-        self.infer_s += seconds * requests
+        self.compute_infer.observe(seconds, requests)
         self.last_inference_ms = time.time_ns() // 1_000_000
 
     def triton(self, name: str, version: int) -> dict[str, Any]:
@@ -85,12 +142,12 @@ class VersionStats:
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {
-                "success": _duration(self.success_count, self.success_s),
+                "success": _duration(self.success.count, self.success.sum),
                 "fail": _duration(self.fail_count, self.fail_s),
-                "queue": _duration(self.queue_count, self.queue_s),
-                "compute_input": _duration(self.success_count, self.input_s),
-                "compute_infer": _duration(self.infer_count, self.infer_s),
-                "compute_output": _duration(self.success_count, self.output_s),
+                **{
+                    stage: _duration(self.stage(stage).count, self.stage(stage).sum)
+                    for stage in STAGES
+                },
                 "cache_hit": _duration(0, 0.0),
                 "cache_miss": _duration(0, 0.0),
             },

@@ -113,6 +113,10 @@ def test_two_workers_share_connections_survive_a_crash_and_drain_on_ctrl_c(
         assert scraped[f"foldserve_requests_total{key}"] == 2 * len(inputs)
         assert scraped["foldserve_model_loaded{model=digits-mlp,version=1}"] == 1
         assert scraped["foldserve_queue_depth{model=digits-mlp,version=1}"] == 0
+        # Stage histograms pooled too: one queue wait and one encoding per answered request.
+        for stage in ("queue", "compute_output"):
+            labels = f"{{model=digits-mlp,stage={stage},version=1}}"
+            assert scraped[f"foldserve_stage_duration_seconds_count{labels}"] == 2 * len(inputs)
     assert f"(pid {crashed}) exited with code -9" in output, output
     assert output.count("Finished server process") == 2, output  # both drained, none killed
     assert "Traceback" not in output, output

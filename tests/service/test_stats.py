@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.batching import Batcher
@@ -45,9 +46,9 @@ def test_the_batcher_counts_runs_waits_and_the_requests_each_run_computed() -> N
 
     stats = asyncio.run(main())
     assert stats.execution_count == 3
-    assert stats.infer_count == 1 + 1 + 2  # the split request counts in both of its runs
-    assert stats.queue_count == 3  # each request's wait once, up to its first run
-    assert stats.queue_s >= 0.05  # the two queued ones waited for the held run
+    assert stats.compute_infer.count == 1 + 1 + 2  # the split request counts in both runs
+    assert stats.queue.count == 3  # each request's wait once, up to its first run
+    assert stats.queue.sum >= 0.05  # the two queued ones waited for the held run
     assert stats.last_inference_ms == pytest.approx(time.time() * 1000, abs=5000)
 
 
@@ -118,6 +119,35 @@ def test_statistics_count_what_was_served_in_tritons_format(base: str) -> None:
         "statistics",
         "model_repository",
     ]
+
+
+def test_metrics_expose_the_stage_histograms_behind_tritons_figures(base: str) -> None:
+    with httpx.Client(base_url=base) as client:
+        for n in (1, 5):
+            assert client.post("/predict", json={"inputs": x(n)}).status_code == 200
+        triton = client.get("/v2/models/tiny/stats").json()["model_stats"][0]["inference_stats"]
+        exposition = client.get("/metrics").text
+    counts: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    buckets: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name != "foldserve_stage_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels["model"] != "tiny":
+                continue
+            stage = sample.labels["stage"]
+            if sample.name.endswith("_count"):
+                counts[stage] = sample.value
+            elif sample.name.endswith("_sum"):
+                sums[stage] = sample.value
+            else:
+                buckets.setdefault(stage, []).append(sample.value)
+    assert set(counts) == {"queue", "compute_input", "compute_infer", "compute_output"}
+    for stage, count in counts.items():
+        assert count == triton[stage]["count"] > 0, stage
+        assert sums[stage] == pytest.approx(triton[stage]["ns"] / 1e9, abs=1e-6), stage
+        assert buckets[stage] == sorted(buckets[stage]) and buckets[stage][-1] == count
 
 
 def test_load_refuses_what_it_cannot_honour(base: str) -> None:
