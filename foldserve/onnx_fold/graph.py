@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterator
 from copy import deepcopy
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -13,6 +14,7 @@ from foldserve.onnx_fold.protos import (
     Array,
     _constant_node_value,
     _default,
+    _default_opset,
     _is_batch_norm,
     _reads,
     _subgraphs,
@@ -35,6 +37,8 @@ class _Graph:
         weights = {value.name for value in graph.input} - self.data_inputs
         self.overridable = frozenset(weights if self.ir_version >= 4 else ())
         self.ranks, self.elem_types = _inferred_types(model)
+        self.batch_axes = _batch_axes(model)
+        self.opset = _default_opset(model)
         self._taken = set(_names(graph))
         self._detached: set[str] = set()  # tensors no longer read by us; dropped if dead at the end
 
@@ -64,6 +68,20 @@ class _Graph:
         if producer.op_type == "Identity":
             return self.constant(producer.input[0])
         return _constant_node_value(producer) if producer.op_type == "Constant" else None
+
+    def constant_expression(self, name: str) -> Array | None:
+        """Like ``constant``, and also the value of a small expression of shape ops over
+        constants: exporters write a mean's axes as Reshape(Constant, Constant)."""
+        value = self.constant(name)
+        producer = self.producer(name) if value is None else None
+        if producer is None or producer.op_type not in _FOLDABLE or len(producer.output) != 1:
+            return value
+        if not _default(producer):
+            return None
+        inputs = [self.constant_expression(i) if i else None for i in producer.input]
+        if any(value is None for i, value in zip(producer.input, inputs, strict=True) if i):
+            return None
+        return _evaluate(producer, inputs, self.opset)
 
     def own_constant(self, node: onnx.NodeProto, index: int) -> Array | None:
         """Input ``index`` of ``node`` if it is a constant that no other node reads."""
@@ -174,6 +192,38 @@ def _names(graph: onnx.GraphProto) -> Iterator[str]:
             yield from _names(subgraph)
 
 
+# Shape and type ops over small constants: cheap and exact to evaluate at fold time.
+_FOLDABLE = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast", "Concat"})
+_FOLDABLE_ELEMENTS = 1 << 16
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[Array | None], opset: int) -> Array | None:
+    """``node``'s output for constant ``inputs`` (None for an absent optional one)."""
+    from onnx.reference import ReferenceEvaluator
+
+    if sum(value.size for value in inputs if value is not None) > _FOLDABLE_ELEMENTS:
+        return None
+    pairs = zip(node.input, inputs, strict=True)
+    feeds = {name: value for name, value in pairs if name and value is not None}
+    graph = helper.make_graph(
+        [node],
+        "constant",
+        [
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape
+            )
+            for name, value in feeds.items()
+        ],
+        [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)],
+    )
+    try:
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        (result,) = ReferenceEvaluator(model).run(None, feeds)
+    except Exception:  # anything the reference cannot run stays unknown: refused as before
+        return None
+    return np.asarray(result)
+
+
 def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
     """Rank and element type of every main-graph tensor that ONNX shape inference can tell."""
     try:
@@ -192,6 +242,39 @@ def _inferred_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, i
         if tensor_type.HasField("shape"):
             ranks[value.name] = len(tensor_type.shape.dim)
     return ranks, elem_types
+
+
+_BATCH = "__foldserve_batch__"
+
+
+def _batch_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """For each main-graph tensor whose shape ONNX inference can follow with a symbolic batch,
+    the one axis that holds the batch (absent when inference loses it or finds it twice).
+
+    NOTE: axis 0 is the batch for the graph's inputs only: an exporter that stacks tensors
+    (torch.stack(levels, dim=0)) moves the batch to axis 1, and a mean over axis 0 then mixes
+    levels of one sample, not samples.
+    """
+    probe = deepcopy(model)
+    for value in _real_inputs(probe.graph):
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_param = _BATCH
+    del probe.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # nothing learned: every reduction keeps the axis-0 rule
+        return {}
+    axes: dict[str, int] = {}
+    graph = inferred.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            found = [i for i, dim in enumerate(dims) if dim.dim_param == _BATCH]
+            if len(found) == 1:
+                axes[value.name] = found[0]
+    return axes
 
 
 def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

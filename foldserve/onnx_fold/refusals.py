@@ -94,10 +94,14 @@ def _refuse_sample_mixing(graph: _Graph, node: onnx.NodeProto, rank: int | None)
     axes = _reduced_axes(graph, node)
     if axes is None:
         return
-    if axes == "all" or any(axis == 0 or (rank is not None and axis == -rank) for axis in axes):
+    # Axis 0 unless shape inference followed the batch elsewhere (e.g. behind a stack).
+    batch = graph.batch_axes.get(node.input[0], 0) if rank is not None else 0
+    if axes == "all" or any(
+        axis == batch or (rank is not None and axis == batch - rank) for axis in axes
+    ):
         raise FoldingError(
-            f"{node.op_type} {node.name or node.output[0]!r} reduces over axis 0, the batch "
-            "axis: each sample's output would depend on its batch mates"
+            f"{node.op_type} {node.name or node.output[0]!r} reduces over axis {batch}, the "
+            "batch axis: each sample's output would depend on its batch mates"
         )
 
 
@@ -111,7 +115,7 @@ def _reduced_axes(graph: _Graph, node: onnx.NodeProto) -> list[int] | str | None
         return None
     axes = _attribute(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
-        value = graph.constant(node.input[1])
+        value = graph.constant_expression(node.input[1])
         if value is None:
             raise FoldingError(
                 f"{node.op_type} {node.name or node.output[0]!r} takes its axes at run time: "

@@ -490,6 +490,54 @@ def test_per_sample_reductions_and_shape_arithmetic_are_fine() -> None:
     fold_and_check(model, (3, 4), [("bn", "frozen_affine", None)])
 
 
+def _axes_expression(axes: list[int]) -> list[onnx.NodeProto]:
+    """Axes written as torch's unoptimized exporter writes them: Reshape(Constant, Constant)."""
+    return [
+        helper.make_node(
+            "Constant", [], ["flat"], value=numpy_helper.from_array(np.array(axes, np.int64))
+        ),
+        helper.make_node(
+            "Constant", [], ["to"], value=numpy_helper.from_array(np.array([-1], np.int64))
+        ),
+        helper.make_node("Reshape", ["flat", "to"], ["axes"], name="axes_reshape"),
+    ]
+
+
+def test_axes_from_a_constant_expression_are_evaluated() -> None:
+    bn, stats = batch_norm("bn", "x", "z", 3, 0)
+    mean = helper.make_node("ReduceMean", ["z", "axes"], ["m"], name="mean")
+    model = make(
+        [bn, *_axes_expression([2]), mean], stats, [value("x", ["N", 3, 4])], [output("m", 3)], 18
+    )
+    fold_and_check(model, (3, 4), [("bn", "frozen_affine", None)])
+    mixing = make(
+        [bn, *_axes_expression([0]), mean], stats, [value("x", ["N", 3, 4])], [output("m", 3)], 18
+    )
+    with pytest.raises(FoldingError, match=r"'mean' reduces over axis 0, the batch axis"):
+        fold_onnx_batch_norms(mixing)
+
+
+@pytest.mark.parametrize(("axis", "mixes"), [(0, False), (1, True)])
+def test_the_batch_axis_is_followed_through_a_stack(axis: int, mixes: bool) -> None:
+    """torch.mean(torch.stack(levels, dim=0), dim=0), as MONAI's registration nets end: axis 0
+    of the stack is the level, and the batch has moved to axis 1."""
+    bn, stats = batch_norm("bn", "x", "z", 3, 0)
+    axes = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    nodes = [
+        bn,
+        helper.make_node("Unsqueeze", ["x", "zero"], ["level0"], name="u0"),
+        helper.make_node("Unsqueeze", ["z", "zero"], ["level1"], name="u1"),
+        helper.make_node("Concat", ["level0", "level1"], ["stack"], name="stack", axis=0),
+        helper.make_node("ReduceMean", ["stack"], ["m"], name="mean", axes=[axis], keepdims=0),
+    ]
+    model = make(nodes, [*stats, axes], [value("x", ["N", 3, 4])], [output("m", 3)])
+    if mixes:
+        with pytest.raises(FoldingError, match=r"'mean' reduces over axis 1, the batch axis"):
+            fold_onnx_batch_norms(model)
+    else:
+        fold_and_check(model, (3, 4), [("bn", "frozen_affine", None)])
+
+
 def test_statistics_that_are_not_constants_are_refused() -> None:
     bn, stats = batch_norm("the_bn", "x", "y", 3, 0)
     model = make(
