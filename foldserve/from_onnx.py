@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
+from foldserve.input_statistics import onnx_input_statistics
 from foldserve.onnx_fold import dynamic_batch_problem, fold_onnx_batch_norms, make_batch_dynamic
 from foldserve.pipeline import (
     FILENAMES,
@@ -103,7 +104,15 @@ def import_onnx(
         "command": command or f"foldserve import {path} --name {name}",
     }
     build = store_verified(
-        folded, card, check_inputs, expected, Path(store), provenance, seed=seed, seconds=seconds
+        folded,
+        card,
+        check_inputs,
+        expected,
+        Path(store),
+        provenance,
+        seed=seed,
+        seconds=seconds,
+        input_statistics=onnx_input_statistics(original, "as_imported"),
     )
     return ImportResult(build, made_dynamic)
 

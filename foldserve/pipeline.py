@@ -29,6 +29,7 @@ from service.store import (
     BatchNormRecord,
     FoldPath,
     Golden,
+    InputStatistics,
     Manifest,
     ModelFile,
     Provenance,
@@ -166,10 +167,13 @@ def build_version(
     import torch
 
     from foldserve.fold import prepare_eval_copy
+    from foldserve.input_statistics import module_input_statistics
     from foldserve.tensors import float32_noise
 
     seconds = {} if seconds is None else seconds
     example = torch.from_numpy(np.ascontiguousarray(check_inputs[:2]))
+    # Before folding erases them: the input BN's statistics, for drift monitoring.
+    observed = module_input_statistics(model, example, provenance["bn_stats"])
     with timed(seconds, "fold+export"):
         folded = fold_and_serialize(model, example)
     if stats_shifts:
@@ -189,6 +193,7 @@ def build_version(
             seed=seed,
             seconds=seconds,
             rtol=rtol_for(noise),
+            input_statistics=observed,
         )
     except VerificationError as exc:
         if 4 * noise <= MAX_RTOL:
@@ -225,6 +230,7 @@ def store_verified(
     seed: int = 0,
     seconds: dict[str, float] | None = None,
     rtol: float = RTOL,
+    input_statistics: InputStatistics | None = None,
 ) -> BuildResult:
     """Verify ``folded`` against ``expected`` and write it, with its manifest, to ``store``."""
     seconds = {} if seconds is None else seconds
@@ -267,6 +273,7 @@ def store_verified(
                 outputs=_rows(verified.outputs["onnx"][:golden]),
             ),
             batching=BatchingConfig(max_batch_size=cap),
+            input_statistics=input_statistics,
         )
 
     with timed(seconds, "store"):

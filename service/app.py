@@ -19,10 +19,13 @@ from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.dataplane import DataPlane
+from service.drift import DriftCollector
 from service.errors import FoldserveError, InvalidInput
+from service.logs import LogFormat, configure_root
 from service.metrics import Metrics
 from service.registry import Registry
-from service.routes import health, metrics, models, repository, stats, v2
+from service.request_context import RequestLog
+from service.routes import drift, health, metrics, models, repository, stats, status_page, v2
 from service.routes.access import Keys, inference_key
 from service.routes.asgi import RawRoutes
 from service.routes.docs import docs_router, openapi_document
@@ -42,14 +45,23 @@ class FoldserveApp(FastAPI):
     The inference routes (``/predict``, V2 ``infer``) skip them and render errors the same way.
     """
 
-    def __init__(self, raw_routes: Sequence[RawRoutes], **kwargs: Any) -> None:
+    def __init__(
+        self, raw_routes: Sequence[RawRoutes], request_log: RequestLog | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.raw_routes = tuple(raw_routes)
+        self.request_log = request_log  # X-Request-ID and the access log; None: neither
 
     def openapi(self) -> dict[str, Any]:
         return openapi_document(self)  # FastAPI's routes and the raw ones, with the keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.request_log is not None:
+            await self.request_log(self._route, scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         for routes in self.raw_routes:
             if await routes.handle(scope, receive, send):
                 return
@@ -69,6 +81,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     model_registry = Registry(settings, app_metrics)
     app_metrics.watch_stages(
         lambda: ((e.name, e.version, e.stats) for e in model_registry.entries() if e.batcher)
+    )
+    app_metrics.registry.register(
+        DriftCollector(lambda: ((e.name, e.version, e.drift) for e in model_registry.entries()))
     )
 
     @contextlib.asynccontextmanager
@@ -103,6 +118,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             PredictRoutes(dataplane, settings.max_body_bytes, raw_keys),
             V2Routes(dataplane, settings.max_body_bytes, raw_keys),
         ),
+        RequestLog(settings.access_log, settings.access_log_sample),
         title="foldserve",
         version=__version__,
         lifespan=lifespan,
@@ -125,12 +141,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.include_router(health.router)
     app.include_router(v2.health_router)
     app.include_router(metrics.router)
+    app.include_router(drift.router, dependencies=guarded)  # before /models/{name}
     app.include_router(models.router, dependencies=guarded)
     # Before the V2 router: /v2/models/stats must not be taken for a model named "stats".
     app.include_router(stats.router, dependencies=guarded)
     app.include_router(v2.router, dependencies=guarded)
     app.include_router(repository.router)  # the management keys, checked by each route
     app.include_router(docs_router(settings))
+    app.include_router(status_page.router)  # open: the page asks for the key its reads need
     app.add_exception_handler(FoldserveError, _foldserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -146,14 +164,15 @@ def mark_draining(app: FastAPI) -> None:
 def app_from_env() -> FoldserveApp:
     """Factory for ``uvicorn --factory`` worker processes: settings come from FOLDSERVE_* vars."""
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     warn_unknown_env(os.environ)
     return create_app(settings)
 
 
-def configure_logging(level: str) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt)
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """foldserve's lines on stderr at ``level``, as text or one JSON object per line (uvicorn's
+    follow the same format through ``service.server.uvicorn_options``)."""
+    configure_root(level, log_format)
 
 
 def warn_unknown_env(environ: Mapping[str, str]) -> list[str]:

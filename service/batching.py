@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.admission import Gate
 from service.backends import Array
 from service.errors import (
     BackendError,
@@ -126,6 +127,7 @@ class Batcher:
         self._cap = max_batch_size
         self._delay_s = max_delay_ms / 1000.0
         self._max_queue_rows = max_queue_rows
+        self.gate = Gate(max_queue_rows)  # requests wait there, unread, while the queue is full
         # NOTE: one worker thread by default: the loop never blocks on inference, and one model
         # version never runs two batches at once (the loop awaits each run before the next).
         self._owns_executor = executor is None
@@ -230,6 +232,7 @@ class Batcher:
         n = len(rows)
         if n == 0:
             raise InvalidInput("request has no rows: send at least one")
+        self.gate.note_rows(n)
         if n > self._max_queue_rows:
             # 413, not 503: this request can never fit, so a client retrying on 503 would loop.
             raise PayloadTooLarge(

@@ -87,7 +87,7 @@ def _serve(settings: Settings) -> int:
     from service.app import configure_logging, create_app, mark_draining, warn_unknown_env
     from service.server import serve
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     unknown = warn_unknown_env(os.environ)
     try:
         # Before listening, and before any worker starts: a supervisor restarting workers

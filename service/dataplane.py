@@ -15,10 +15,12 @@ from typing import TypeVar
 
 import numpy as np
 
+from service.admission import Gate
 from service.backends import Array
 from service.errors import FoldserveError, InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry
+from service.request_context import note_request
 from service.shedding import ShedLog
 from service.store import Manifest, TensorSpec
 
@@ -141,15 +143,19 @@ def check_deadline(entry: ModelVersion, rows: int, deadline: float) -> None:
     wait = entry.batcher.estimated_wait(rows)
     left = deadline - asyncio.get_running_loop().time()
     if wait > left:
-        raise Overloaded(
-            f"model {entry.name!r} v{entry.version} would answer in about {wait * 1000:.0f} ms, "
-            f"after the request's deadline ({max(left, 0.0) * 1000:.0f} ms left): refused now "
-            "rather than answered too late; retry later or allow more time (X-Request-Timeout)",
-            retry_after_s=max(1, math.ceil(wait)),
-            reason="deadline",
-            model=entry.name,
-            version=entry.version,
-        )
+        raise _too_late(entry, wait, left)
+
+
+def _too_late(entry: ModelVersion, wait: float, left: float) -> Overloaded:
+    return Overloaded(
+        f"model {entry.name!r} v{entry.version} would answer in about {wait * 1000:.0f} ms, "
+        f"after the request's deadline ({max(left, 0.0) * 1000:.0f} ms left): refused now "
+        "rather than answered too late; retry later or allow more time (X-Request-Timeout)",
+        retry_after_s=max(1, math.ceil(wait)),
+        reason="deadline",
+        model=entry.name,
+        version=entry.version,
+    )
 
 
 def _kind(rows: np.ndarray) -> str:
@@ -181,21 +187,42 @@ class DataPlane:
         start = asyncio.get_running_loop().time() if arrived is None else arrived
         return start + min(budgets)
 
-    def shed_early(self, name: str | None, version: int | None, deadline: float | None) -> None:
-        """Refuse before the body is read when not even one row could be answered in time.
+    async def enter(
+        self, name: str | None, version: int | None, deadline: float | None
+    ) -> Gate | None:
+        """Pass the model version's gate before the body is read (see service.admission):
+        at once while the queue has room, else in line with the body unread. Refused now (503)
+        when not even one row could be answered before ``deadline``: reading and parsing a body
+        costs more than the refusal, and under overload that work would take the CPU the
+        admitted requests need.
 
-        Reading and parsing a body costs more than the refusal; under overload that work would
-        take the CPU the admitted requests need. Anything unclear (an unknown model, one not
-        serving) is left to the full path, which reports it with the body's context.
+        Returns the gate to ``leave()`` once the request is answered, or None when there is
+        nothing to gate: an unknown model, or one not serving, is left to the full path, which
+        reports it with the body's context.
         """
-        if deadline is None:
-            return
         try:
             entry = self.registry.resolve(name, version)
         except FoldserveError:
-            return
-        if entry.batcher is not None:
-            check_deadline(entry, 1, deadline)
+            return None
+        batcher = entry.batcher
+        if batcher is None:
+            return None
+        gate = batcher.gate
+        if not gate.enter_now():
+            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if left is not None:
+                wait = batcher.estimated_wait(gate.rows_waiting())
+                if wait > left:
+                    raise _too_late(entry, wait, left)
+            if not await gate.wait(left):
+                raise _too_late(entry, batcher.estimated_wait(gate.rows_waiting()), 0.0)
+        if deadline is not None:
+            try:
+                check_deadline(entry, 1, deadline)
+            except Overloaded:
+                gate.leave()
+                raise
+        return gate
 
     async def infer(
         self,
@@ -216,6 +243,7 @@ class DataPlane:
         try:
             entry = self.registry.resolve(name, version)
             model, label = entry.name, str(entry.version)
+            note_request(model, entry.version, rows)  # for the access log
             if entry.batcher is None or entry.manifest is None:
                 raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
             valid = validate_rows(rows, entry.manifest.inputs[0])
@@ -240,6 +268,7 @@ class DataPlane:
         entry.stats.succeeded(
             len(valid), finished - started, submitted - started, finished - returned
         )
+        entry.drift.observe(valid)  # answered rows only; folded in later, off this path
         return answer
 
     def reject(
@@ -250,6 +279,7 @@ class DataPlane:
         model, label = ("", "") if entry is None else (entry.name, str(entry.version))
         if isinstance(error, Overloaded) and error.model is not None:
             model, label = error.model, str(error.version)
+        note_request(model, label)  # for the access log
         seconds = time.perf_counter() - started
         self.metrics.observe_request(model, label, error.status, seconds)
         if entry is not None:

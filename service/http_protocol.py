@@ -104,6 +104,11 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self._refuse(f"request headers not received within {self._header_timeout_s:g} s")
 
     def _body_too_slow(self) -> None:
+        if self.flow.read_paused:
+            # The app has not read the body yet (a request waiting at the admission gate, see
+            # service.admission), so the client is not the slow one: its clock starts again.
+            self._arm(self._body_timeout_s, self._body_too_slow)
+            return
         self._refuse(f"request body not received within {self._body_timeout_s:g} s")
 
     def _refuse(self, reason: str) -> None:

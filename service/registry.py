@@ -28,6 +28,7 @@ import numpy as np
 
 from service.backends import Backend, BackendOptions, load_backend
 from service.batching import Batcher
+from service.drift import DriftMonitor
 from service.errors import (
     ConfigError,
     FoldserveError,
@@ -85,6 +86,7 @@ class ModelVersion:
     batching: BatchingChoice | None = None
     fingerprint: Fingerprint = ()  # the files as loaded: a rescan reloads a version that differs
     stats: VersionStats = field(default_factory=VersionStats)  # Triton's statistics extension
+    drift: DriftMonitor = field(default_factory=lambda: DriftMonitor(None))  # set when loaded
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,9 @@ class Registry:
                     _full_batch_ms, backend, entry.manifest, plan.max_batch_size
                 )
                 entry.batcher = self._make_batcher(entry, backend, plan, batch_ms)
+                entry.drift = DriftMonitor.for_manifest(
+                    entry.manifest, self._settings.drift_threshold
+                )
                 await entry.batcher.start()
                 entry.status = Status.READY
         except Exception as exc:

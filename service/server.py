@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from service.http_protocol import protocol_factory
+from service.logs import uvicorn_log_config
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "access_log": settings.access_log,
+        # NOTE: foldserve writes its own access log (service.request_context: with the request
+        # id, model and latency, never the query string); uvicorn's stays off.
+        "access_log": False,
+        "log_config": uvicorn_log_config(settings.log_format),
         "proxy_headers": settings.proxy_headers,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "timeout_keep_alive": settings.keep_alive_timeout_s,

@@ -95,7 +95,14 @@ class Settings(BaseSettings):
         ge=0,
         description="run a model on the event loop when a full batch takes less (0: never)",
     )
-    access_log: bool = Field(False, description="log every request (costs throughput)")
+    access_log: bool = Field(
+        False,
+        description="one log line per request: request id, model, version, rows, status, "
+        "latency (costs throughput, see access_log_sample)",
+    )
+    access_log_sample: float = Field(
+        1.0, ge=0, le=1, description="fraction of requests the access log writes (drawn at random)"
+    )
     # NOTE: off by default: uvicorn's middleware for it wraps every request (6% of the event
     # loop's samples at 13k req/s) and foldserve itself never looks at client addresses.
     proxy_headers: bool = Field(
@@ -179,8 +186,14 @@ class Settings(BaseSettings):
         "--workers processes: connections wait in the kernel's queue, not for a 503)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: every line (foldserve's and uvicorn's) one JSON object"
+    )
     metrics_dir: Path | None = Field(
         None, description="where --workers processes pool their metrics (the supervisor sets it)"
+    )
+    drift_threshold: float = Field(
+        0.5, gt=0, description="input drift score above which a model is reported drifted"
     )
 
     @model_validator(mode="after")

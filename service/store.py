@@ -80,6 +80,38 @@ class BatchNormRecord(_Strict):
     )
 
 
+class InputStatistics(_Strict):
+    """The frozen statistics of the BatchNorm applied to the model's input, kept from before
+    folding: what the training inputs looked like. The server compares live inputs with them
+    (``service.drift``) and never uses them to change the model.
+    """
+
+    layer: str = Field(description="the monitored BatchNorm: the one reading the model's input")
+    axis: Literal["feature", "channel"] = Field(
+        description="feature: one statistic per input of (n, F) samples; channel: per index of "
+        "axis 1 of (n, C, *spatial) samples, spatial positions pooled"
+    )
+    source: Literal["ema", "population", "as_imported"]
+    mean: tuple[float, ...]
+    var: tuple[float, ...]
+    eps: float = Field(ge=0.0)
+
+    @model_validator(mode="after")
+    def _sized(self) -> InputStatistics:
+        if not self.mean or len(self.mean) != len(self.var):
+            raise ValueError(f"{len(self.mean)} means for {len(self.var)} variances")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.var)) or min(self.var) < 0:
+            raise ValueError("input statistics must be finite, with variances >= 0")
+        return self
+
+    def check_fits(self, shape: tuple[int, ...]) -> None:
+        """Refuse statistics that cannot describe samples of ``shape``."""
+        count = len(self.mean)
+        fits = shape == (count,) if self.axis == "feature" else shape[:1] == (count,)
+        if not fits or (self.axis == "channel" and len(shape) < 2):
+            raise ValueError(f"input statistics per {self.axis} ({count}) do not fit {shape}")
+
+
 class Verification(_Strict):
     """What the exporter proved before the version was written.
 
@@ -168,6 +200,9 @@ class Manifest(_Strict):
     provenance: Provenance
     golden: Golden
     batching: BatchingConfig = BatchingConfig()
+    input_statistics: InputStatistics | None = Field(
+        None, description="the input BatchNorm's frozen statistics (None: no input BatchNorm)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -186,6 +221,8 @@ class Manifest(_Strict):
             raise ValueError(f"every golden output must hold {out_size} values")
         if len({f.path for f in self.files}) != len(self.files):
             raise ValueError("two files share one path")
+        if self.input_statistics is not None:
+            self.input_statistics.check_fits(self.inputs[0].shape)
         return self
 
     def file(self, fmt: ModelFormat) -> ModelFile | None:

@@ -177,7 +177,6 @@ def _likely_cause(diff: float, bound: float) -> str:
     )
 
 
-
 def is_bitwise_batch_invariant(backend: Backend, probes: Array, max_rows: int) -> bool:
     """True when every probe's output alone is bit for bit its output at each position it takes
     inside batches of every size from 2 to ``max_rows`` (the probes repeated cyclically).

@@ -59,6 +59,7 @@ class PredictRoutes:
     ) -> None:
         started = time.perf_counter()
         plane = self.dataplane
+        gate = None
         try:
             try:
                 if self.keys is not None:
@@ -67,7 +68,7 @@ class PredictRoutes:
                 deadline = plane.deadline(requested_timeout(header(scope, TIMEOUT_HEADER)))
                 number = path_version(version)
                 # The model a body would name is unknown yet: the path's, or the default one.
-                plane.shed_early(name, number, deadline)
+                gate = await plane.enter(name, number, deadline)
                 body = await read_body(scope, receive, self.max_body_bytes, decoder)
                 payload = _parse(body)
                 model = _pick("model", str, name, payload.get("model"))
@@ -82,6 +83,9 @@ class PredictRoutes:
         except Exception as exc:
             await respond_error(send, exc, "/predict")
             return
+        finally:
+            if gate is not None:  # answered (or the client went away): the next may come in
+                gate.leave()
         await respond(send, 200, body)
 
 

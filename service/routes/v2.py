@@ -99,38 +99,43 @@ class V2Routes:
         started = time.perf_counter()
         plane = self.dataplane
         entry = None
-        arrived = asyncio.get_running_loop().time()
+        gate = None
         try:
-            if self.keys is not None:
-                self.keys.check(scope)  # first: a caller without the key learns nothing
-            decoder = body_decoder(scope, binary=True)
-            requested = requested_timeout(header(scope, TIMEOUT_HEADER))
-            number = v2_path_version(name, version)
-            plane.shed_early(name, number, plane.deadline(requested, arrived))
-            body = await read_body(scope, receive, self.max_body_bytes, decoder)
-            text, payload, binary = _split(body, header(scope, HEADER_LENGTH))
-            number = _named_model(payload, name, number)
-            # Triton's per-request timeout (microseconds) beats the header if both are sent.
-            requested = timeout_parameter(payload.get("parameters")) or requested
-            deadline = plane.deadline(requested, arrived)
-            # The manifest names the input and its per-sample shape; the request is checked
-            # against the version it resolves to, and exactly that version then runs it.
-            entry = plane.registry.resolve(name, number)
-            manifest = _manifest(entry)
-            rows = _input_rows(payload, text, binary, manifest.inputs[0])
-            binary_out = _binary_output(payload, manifest.outputs[0])
-        except FoldserveError as exc:
-            plane.reject(exc, started, entry)
-            raise
-        request_id = payload.get("id")
-        return await plane.infer(
-            entry.name,
-            entry.version,
-            rows,
-            lambda result: _encode(result, request_id, binary_out),
-            started=started,
-            deadline=deadline,
-        )
+            arrived = asyncio.get_running_loop().time()
+            try:
+                if self.keys is not None:
+                    self.keys.check(scope)  # first: a caller without the key learns nothing
+                decoder = body_decoder(scope, binary=True)
+                requested = requested_timeout(header(scope, TIMEOUT_HEADER))
+                number = v2_path_version(name, version)
+                gate = await plane.enter(name, number, plane.deadline(requested, arrived))
+                body = await read_body(scope, receive, self.max_body_bytes, decoder)
+                text, payload, binary = _split(body, header(scope, HEADER_LENGTH))
+                number = _named_model(payload, name, number)
+                # Triton's per-request timeout (microseconds) beats the header if both are sent.
+                requested = timeout_parameter(payload.get("parameters")) or requested
+                deadline = plane.deadline(requested, arrived)
+                # The manifest names the input and its per-sample shape; the request is checked
+                # against the version it resolves to, and exactly that version then runs it.
+                entry = plane.registry.resolve(name, number)
+                manifest = _manifest(entry)
+                rows = _input_rows(payload, text, binary, manifest.inputs[0])
+                binary_out = _binary_output(payload, manifest.outputs[0])
+            except FoldserveError as exc:
+                plane.reject(exc, started, entry)
+                raise
+            request_id = payload.get("id")
+            return await plane.infer(
+                entry.name,
+                entry.version,
+                rows,
+                lambda result: _encode(result, request_id, binary_out),
+                started=started,
+                deadline=deadline,
+            )
+        finally:
+            if gate is not None:  # answered (or the client went away): the next may come in
+                gate.leave()
 
 
 def _split(body: bytes, declared: bytes | None) -> tuple[bytes, dict[str, Any], memoryview]:

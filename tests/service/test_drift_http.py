@@ -1,0 +1,70 @@
+"""Drift through a real server: the shipped digits-mlp fed held-out digits, then shifted ones."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from foldserve.demos.data import load_dataset
+from service.app import create_app
+from service.drift import DEFAULT_THRESHOLD, FOLD_EVERY_S, NO_INPUT_BN
+from service.settings import Settings
+from tests.service.conftest import Artifacts, add_version, serve
+
+
+def send(base: str, rows: np.ndarray, per_request: int = 9) -> None:
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for start in range(0, len(rows), per_request):
+            batch = rows[start : start + per_request]
+            answer = client.post("/models/digits-mlp/predict", json={"inputs": batch.tolist()})
+            assert answer.status_code == 200, answer.text
+
+
+def drift(base: str, name: str = "digits-mlp", **params: Any) -> httpx.Response:
+    time.sleep(FOLD_EVERY_S * 2)  # not needed (a read folds what is pending): as a client would
+    return httpx.get(f"{base}/models/{name}/drift", params=params, timeout=10)
+
+
+def gauge(base: str, metric: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = re.search(rf'^{metric}\{{model="digits-mlp",version="1"\}} (\S+)$', text, re.M)
+    assert found is not None, text
+    return float(found.group(1))
+
+
+def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Artifacts) -> None:
+    add_version(shipped_store, artifacts)  # "tiny": no BatchNorm on its input
+    held_out = load_dataset("digits", (64,)).x_test.astype(np.float32)
+    settings = Settings(model_store=shipped_store, default_model="digits-mlp")
+    with serve(create_app(settings)) as base:
+        before = drift(base).json()
+        assert before["available"] and before["samples"] == 0 and before["score"] is None
+        assert before["monitored"] == ["input_norm"] and before["threshold"] == DEFAULT_THRESHOLD
+
+        send(base, held_out)
+        calm = drift(base).json()
+        assert calm["samples"] > 400 and not calm["drifted"]
+        assert calm["score"] < DEFAULT_THRESHOLD
+        assert gauge(base, "foldserve_input_drift_score") == calm["score"]
+        assert gauge(base, "foldserve_input_drift_samples") == calm["samples"]
+        feature = calm["features"][20]
+        assert feature["index"] == 20 and feature["name"] is None
+        assert set(feature) >= {"live_mean", "ref_mean", "mean_shift", "live_var", "ref_var"}
+
+        send(base, held_out * 1.5 + 1.0)  # another scanner: brighter, black level 1
+        moved = drift(base, version=1).json()
+        assert moved["drifted"] and moved["score"] > 2 * DEFAULT_THRESHOLD
+        assert gauge(base, "foldserve_input_drift_score") > DEFAULT_THRESHOLD
+
+        plain = drift(base, "tiny")
+        assert plain.status_code == 200
+        assert plain.json()["available"] is False and plain.json()["reason"] == NO_INPUT_BN
+        assert 'drift_score{model="tiny"' not in httpx.get(f"{base}/metrics").text
+        assert drift(base, "nope").status_code == 404
+        assert drift(base, version=7).status_code == 404
+        assert drift(base, "digits-cnn").json()["axis"] == "channel"
