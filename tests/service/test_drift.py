@@ -12,6 +12,7 @@ from foldserve.demos.data import load_dataset
 from service.drift import (
     DEFAULT_THRESHOLD,
     FOLD_EVERY_S,
+    MAX_FOLD_ROWS,
     MAX_PENDING_BYTES,
     MIN_SAMPLES,
     NO_INPUT_BN,
@@ -92,7 +93,7 @@ def test_no_verdict_before_min_samples(mlp: Manifest, held_out: np.ndarray) -> N
 
 
 def test_the_window_forgets(mlp: Manifest, held_out: np.ndarray) -> None:
-    monitor = DriftMonitor(mlp.input_statistics, window=200)
+    monitor = DriftMonitor(mlp.input_statistics, window=200, max_fold_rows=None)
     feed(monitor, shifted(held_out))
     assert monitor.report().drifted
     feed(monitor, np.concatenate([held_out, held_out]))  # the shifted data now weighs e^-4.5
@@ -103,7 +104,7 @@ def test_the_window_forgets(mlp: Manifest, held_out: np.ndarray) -> None:
 
 
 def test_memory_is_bounded_whatever_the_traffic(mlp: Manifest, held_out: np.ndarray) -> None:
-    monitor = DriftMonitor.for_manifest(mlp)  # no event loop: folds only when pending is full
+    monitor = DriftMonitor(mlp.input_statistics, max_fold_rows=None)  # folds when pending is full
     for _ in range(100):
         monitor.observe(np.repeat(held_out, 10, axis=0))  # 4500 rows, 1.1 MiB a request
         assert monitor._pending_bytes <= MAX_PENDING_BYTES
@@ -129,7 +130,7 @@ def test_the_score_is_what_the_docstring_says() -> None:
     reference = InputStatistics(
         layer="bn", axis="feature", source="ema", mean=(0.0, 10.0), var=(1.0, 4.0), eps=0.0
     )
-    monitor = DriftMonitor(reference, window=10**9)  # no decay to speak of
+    monitor = DriftMonitor(reference, window=10**9, max_fold_rows=None)  # no decay to speak of
     rng = np.random.default_rng(0)
     rows = np.stack([rng.normal(0.5, 1.0, 4000), rng.normal(10.0, 4.0, 4000)], axis=1)
     monitor.observe(rows.astype(np.float32))
@@ -164,7 +165,7 @@ def test_a_model_without_an_input_bn_says_so() -> None:
 def test_a_monitoring_failure_never_reaches_the_request(
     mlp: Manifest, held_out: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monitor = DriftMonitor.for_manifest(mlp)
+    monitor = DriftMonitor(mlp.input_statistics, max_fold_rows=None)
     monitor.observe(held_out[:5])
     monitor.observe(np.ones((2, 63), dtype=np.float32))  # cannot happen after validation
     # Past MAX_PENDING_BYTES the fold runs inline, inside observe: it must not raise there.
@@ -173,3 +174,12 @@ def test_a_monitoring_failure_never_reaches_the_request(
     assert monitor.latest == (None, 0.0) and monitor._pending == []  # reset, not stuck
     monitor.observe(held_out)
     assert monitor.report().samples == pytest.approx(in_window(monitor, len(held_out)))
+
+
+def test_heavy_traffic_is_sampled_newest_rows_first(mlp: Manifest, held_out: np.ndarray) -> None:
+    monitor = DriftMonitor.for_manifest(mlp)
+    monitor.observe(shifted(held_out))  # older: left out of this fold
+    monitor.observe(np.repeat(held_out, 2, axis=0)[:MAX_FOLD_ROWS])
+    report = monitor.report()
+    assert report.samples == pytest.approx(in_window(monitor, MAX_FOLD_ROWS))
+    assert not report.drifted  # only the newest (in-distribution) rows were folded
