@@ -227,3 +227,40 @@ class ModelVersions(BaseModel):
 class ModelsAnswer(BaseModel):
     default_model: str
     models: list[ModelVersions]
+
+
+# ---------------------------------------------------------------- /models/{name}/drift
+
+
+class FeatureDriftAnswer(BaseModel):
+    index: int
+    name: str | None = Field(description="the feature's name; null (manifests name none yet)")
+    live_mean: float | None = Field(description="null before any sample")
+    ref_mean: float
+    mean_shift: float | None = Field(description="(live mean - ref mean) / sqrt(ref var + floor)")
+    live_var: float | None
+    ref_var: float
+    log_var_ratio: float | None = Field(description="ln((live var + floor) / (ref var + floor))")
+
+
+class DriftAnswer(BaseModel):
+    """Live inputs against the frozen statistics of the model's input BatchNorm."""
+
+    model: str
+    version: int
+    available: bool = Field(description="false: the model has no input BatchNorm to compare with")
+    reason: str | None
+    layer: str | None = Field(
+        description="the BatchNorm whose training statistics are the reference"
+    )
+    axis: Literal["feature", "channel"] | None
+    source: str | None = Field(description="ema, population or as_imported")
+    score: float | None = Field(description="null before any sample")
+    threshold: float
+    drifted: bool = Field(description="score > threshold with at least min_samples in the window")
+    samples: float = Field(description="the decayed count of samples in the window")
+    window: int
+    features: list[FeatureDriftAnswer]
+    monitored: list[str]
+    min_samples: int
+    score_definition: str

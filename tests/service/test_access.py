@@ -50,9 +50,21 @@ GUARDED: list[tuple[str, str, Any]] = [
     ("GET", "/v2/models/tiny/versions/1/stats", None),
     ("GET", "/models", None),
     ("GET", "/models/tiny", None),
+    ("GET", "/models/tiny/drift", None),
+    ("GET", "/ui/api/batch-norm", None),
     ("GET", "/openapi.json", None),
 ]
-OPEN = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"]
+# The status page and its assets load without a key; the page asks for one when its reads get 401.
+OPEN = [
+    "/healthz",
+    "/readyz",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/metrics",
+    "/",
+    "/ui/status.js",
+    "/ui/status.css",
+]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 from foldserve.demos.data import load_dataset
 from service.app import create_app
 from service.drift import DEFAULT_THRESHOLD, FOLD_EVERY_S, NO_INPUT_BN
+from service.schemas import DriftAnswer
 from service.settings import Settings
 from tests.service.conftest import Artifacts, add_version, serve
 
@@ -27,7 +28,10 @@ def send(base: str, rows: np.ndarray, per_request: int = 9) -> None:
 
 def drift(base: str, name: str = "digits-mlp", **params: Any) -> httpx.Response:
     time.sleep(FOLD_EVERY_S * 2)  # not needed (a read folds what is pending): as a client would
-    return httpx.get(f"{base}/models/{name}/drift", params=params, timeout=10)
+    answer = httpx.get(f"{base}/models/{name}/drift", params=params, timeout=10)
+    if answer.status_code == 200:
+        DriftAnswer.model_validate_json(answer.content)  # what /openapi.json documents
+    return answer
 
 
 def gauge(base: str, metric: str) -> float:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, RootModel
 
 from service import schemas
 from service.app import create_app
-from service.routes import health, metrics, models, repository, stats, v2
+from service.routes import drift, health, metrics, models, repository, stats, v2
 from service.settings import Settings
 from tests.service.conftest import SHAPE, Artifacts, add_version, serve
 
@@ -52,7 +52,7 @@ def document(base: str) -> dict[str, Any]:
 
 
 def test_every_route_is_documented(document: dict[str, Any]) -> None:
-    routers = [module.router for module in (health, metrics, models, repository, stats, v2)]
+    routers = [module.router for module in (drift, health, metrics, models, repository, stats, v2)]
     served = {
         (method.lower(), route.path)
         for router in [*routers, v2.health_router]
