@@ -85,19 +85,20 @@ CAUSES = {
     "foldserve serves one output, but this version lets a bare `TypeError` escape from "
     "`foldserve.tensors.predict` instead of refusing the model with a `FoldingError`.",
     "takes its axes at run time": "**A limitation of the ONNX-level fold** (the fallback when "
-    "torch.fx cannot trace the network): unoptimized, torch's exporter writes a mean's axes "
-    "as `Reshape(Constant, Constant)`, a constant expression that foldserve's "
-    "batch-axis check does not evaluate, so it refuses every `x.mean(dims)` (global pooling, "
-    "squeeze-and-excitation) it meets on that path.",
+    "torch.fx cannot trace the network), fixed since this run: unoptimized, torch's exporter "
+    "writes a mean's axes as `Reshape(Constant, Constant)`, which foldserve now evaluates; "
+    "rerun alone (`bench/model-zoo --only FlexibleUNet`), both FlexibleUNets pass, and "
+    "RegUNet-2d and LocalNet-2d reach the refusal below.",
     "reduces over axis 0, the batch axis": "**A false refusal of the ONNX-level fold**: MONAI's "
     "`RegistrationExtractionBlock` averages its levels with `torch.mean(torch.stack(levels, "
-    "dim=0), dim=0)`; axis 0 of that stack is the level, not the batch, but the fold's check "
-    "takes axis 0 of any tensor to be the batch axis. Tracking the batch axis through the graph "
-    "(a symbolic batch dimension in shape inference) would let these through.",
+    "dim=0), dim=0)`; axis 0 of that stack is the level, not the batch. foldserve now follows "
+    "the batch axis through ONNX shape inference (a stack of known shapes passes, tested), but "
+    "here inference loses the batch at the `Resize` before the stack, and the fold falls back "
+    "to taking axis 0 as the batch axis. Still refused after the fixes.",
     "expected scalar type Float but found Double": "GlobalNet keeps its grid as a plain "
     "float32 attribute, which `.double()` does not convert, so the float64 run that measures "
     "the network's own rounding failed; since this run, foldserve skips that measurement "
-    "(default tolerance) when the float64 copy cannot run.",
+    "(default tolerance) when the float64 copy cannot run; rerun alone, both GlobalNets pass.",
     "when it shares a batch of": "**Float32 rounding, not batch statistics**: the folded file "
     "holds no batch-statistics op (foldserve checked), but onnxruntime runs a batch of 32 with "
     "other kernel blocking than a single sample, and this deep, randomly initialized network "
