@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import onnx
 
+from foldserve.onnx_fold.batch_probe import probed_batch_axes
 from foldserve.onnx_fold.graph import _Graph
 from foldserve.onnx_fold.protos import (
     _attribute,
@@ -38,13 +39,16 @@ def _refuse_batch_statistics(model: onnx.ModelProto, graph: _Graph) -> None:
 
     Covered: BatchNormalization in training mode; BatchNormalization in a subgraph or function
     (not folded here); Reduce* ops, ArgMax/ArgMin and MeanVarianceNormalization whose axes include
-    0, or that reduce every axis, on an input of rank >= 2 or unknown rank. Rank-1 inputs are
+    the batch axis, or that reduce every axis, on an input of rank >= 2 or unknown rank. The
+    batch axis is where ONNX shape inference follows a symbolic batch, else where onnxruntime
+    finds it at three batch sizes (``batch_probe``), else axis 0. Rank-1 inputs are
     allowed: they are shape vectors far more often than per-sample scalars. A negative axis counts
     as 0 only where the rank is known. Per-sample normalizations (Instance-, Group-,
     LayerNormalization) are fine. Not covered: other ops that can mix samples (e.g. Softmax with
     axis=0, Transpose moving the batch axis); the server's batch-invariance checks catch those.
     """
     opset = _default_opset(model)
+    _probe_lost_batch_axes(model, graph)
     for node in graph.nodes:
         _refuse_sample_mixing(graph, node, graph.ranks.get(node.input[0]) if node.input else None)
         if _is_batch_norm(node):
@@ -53,6 +57,23 @@ def _refuse_batch_statistics(model: onnx.ModelProto, graph: _Graph) -> None:
             _refuse_nested(graph, subgraph.node, f"a subgraph of {node.op_type} {node.name!r}")
     for function in model.functions:
         _refuse_nested(graph, function.node, f"local function {function.name!r}")
+
+
+def _probe_lost_batch_axes(model: onnx.ModelProto, graph: _Graph) -> None:
+    """Ask onnxruntime where the batch is for the reductions whose input shape inference could
+    not follow (one session, three runs; none when inference followed them all)."""
+    lost = []
+    for node in graph.nodes:
+        if not node.input or not _default(node) or node.input[0] in graph.batch_axes:
+            continue
+        try:
+            axes = _reduced_axes(graph, node)
+        except FoldingError:
+            continue  # refused in the main pass, with its reason
+        if isinstance(axes, list):
+            lost.append(node.input[0])
+    if lost:
+        graph.batch_axes.update(probed_batch_axes(model, lost))
 
 
 def _refuse_nested(graph: _Graph, nodes: Iterable[onnx.NodeProto], where: str) -> None:
@@ -95,7 +116,7 @@ def _refuse_sample_mixing(graph: _Graph, node: onnx.NodeProto, rank: int | None)
     if axes is None:
         return
     # Axis 0 unless shape inference followed the batch elsewhere (e.g. behind a stack).
-    batch = graph.batch_axes.get(node.input[0], 0) if rank is not None else 0
+    batch = graph.batch_axes.get(node.input[0], 0)
     if axes == "all" or any(
         axis == batch or (rank is not None and axis == batch - rank) for axis in axes
     ):

@@ -538,6 +538,42 @@ def test_the_batch_axis_is_followed_through_a_stack(axis: int, mixes: bool) -> N
         fold_and_check(model, (3, 4), [("bn", "frozen_affine", None)])
 
 
+def _constant(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node(
+        "Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64))
+    )
+
+
+@pytest.mark.parametrize(("axis", "mixes"), [(0, False), (1, True)])
+def test_the_batch_axis_is_found_by_running_the_graph_where_inference_loses_it(
+    axis: int, mixes: bool
+) -> None:
+    """A Resize to sizes read from the input's Shape: shape inference loses the batch there
+    (as in MONAI's LocalNet), onnxruntime at three batch sizes finds it on axis 1 of the stack."""
+    bn, stats = batch_norm("bn", "x", "z", 3, 0)
+    nodes = [
+        bn,
+        helper.make_node("Shape", ["z"], ["shape"], name="shape"),
+        _constant("start", [0]),
+        _constant("stop", [2]),
+        _constant("hw", [8, 8]),
+        _constant("zero", [0]),
+        helper.make_node("Slice", ["shape", "start", "stop"], ["nc"], name="nc"),
+        helper.make_node("Concat", ["nc", "hw"], ["sizes"], name="sizes", axis=0),
+        helper.make_node("Resize", ["z", "", "", "sizes"], ["up"], name="up", mode="nearest"),
+        helper.make_node("Unsqueeze", ["up", "zero"], ["level0"], name="u0"),
+        helper.make_node("Unsqueeze", ["up", "zero"], ["level1"], name="u1"),
+        helper.make_node("Concat", ["level0", "level1"], ["stack"], name="stack", axis=0),
+        helper.make_node("ReduceMean", ["stack"], ["m"], name="mean", axes=[axis], keepdims=0),
+    ]
+    model = make(nodes, stats, [value("x", ["N", 3, 4, 4])], [output("m", 4)])
+    if mixes:
+        with pytest.raises(FoldingError, match=r"'mean' reduces over axis 1, the batch axis"):
+            fold_onnx_batch_norms(model)
+    else:
+        fold_and_check(model, (3, 4, 4), [("bn", "frozen_affine", None)])
+
+
 def test_statistics_that_are_not_constants_are_refused() -> None:
     bn, stats = batch_norm("the_bn", "x", "y", 3, 0)
     model = make(
