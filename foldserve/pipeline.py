@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +42,8 @@ from service.store import (
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from foldserve.input_statistics import HiddenMonitor
 
 # NOTE: torch is imported inside the functions that fold modules: `foldserve import` (ONNX files)
 # runs this module without torch.
@@ -167,13 +169,15 @@ def build_version(
     import torch
 
     from foldserve.fold import prepare_eval_copy
-    from foldserve.input_statistics import module_input_statistics
+    from foldserve.input_statistics import module_hidden_statistics, module_input_statistics
     from foldserve.tensors import float32_noise
 
     seconds = {} if seconds is None else seconds
     example = torch.from_numpy(np.ascontiguousarray(check_inputs[:2]))
     # Before folding erases them: the input BN's statistics, for drift monitoring.
     observed = module_input_statistics(model, example, provenance["bn_stats"])
+    # And of the hidden BNs whose input is an affine map of the raw input, with that map.
+    hidden = module_hidden_statistics(model, example, provenance["bn_stats"])
     with timed(seconds, "fold+export"):
         folded = fold_and_serialize(model, example)
     if stats_shifts:
@@ -194,6 +198,7 @@ def build_version(
             seconds=seconds,
             rtol=rtol_for(noise),
             input_statistics=observed,
+            hidden_statistics=hidden,
         )
     except VerificationError as exc:
         if 4 * noise <= MAX_RTOL:
@@ -231,8 +236,10 @@ def store_verified(
     seconds: dict[str, float] | None = None,
     rtol: float = RTOL,
     input_statistics: InputStatistics | None = None,
+    hidden_statistics: Sequence[HiddenMonitor] = (),
 ) -> BuildResult:
-    """Verify ``folded`` against ``expected`` and write it, with its manifest, to ``store``."""
+    """Verify ``folded`` against ``expected`` and write it, with its manifest, to ``store``
+    (with the side files of ``hidden_statistics``, the drift monitors' maps)."""
     seconds = {} if seconds is None else seconds
     cap = row_cap(card.sample_shape)
     with timed(seconds, "verify"):
@@ -240,6 +247,7 @@ def store_verified(
             folded.files, expected, check_inputs, seed=seed, bitwise_max_rows=cap, rtol=rtol
         )
     contents = {export.filename: export.content for export in folded.files}
+    contents.update({monitor.filename: monitor.content for monitor in hidden_statistics})
     golden = _golden_count(card.sample_shape, len(check_inputs))
 
     def make_manifest(version: int, digests: dict[str, str]) -> Manifest:
@@ -274,6 +282,7 @@ def store_verified(
             ),
             batching=BatchingConfig(max_batch_size=cap),
             input_statistics=input_statistics,
+            hidden_statistics=tuple(monitor.statistics for monitor in hidden_statistics),
         )
 
     with timed(seconds, "store"):

@@ -25,6 +25,13 @@ Window: every sample's weight decays by ``1 - 1 / window`` per later sample (exa
 within one fold), so ``samples`` (the sum of weights) tends to ``window`` and data ``window``
 samples old weighs e^-1. Memory is a few vectors per version, whatever the traffic.
 
+Hidden layers: a BatchNorm right after the first Linear or Conv2d (behind the input BatchNorm or
+on the raw input) normalizes an affine map of the raw input; the manifest keeps its statistics
+and the exporter the composed map (``service.store.HiddenStatistics``, ``service.monitor_maps``).
+Each fold takes the same sampled rows through it (the weighted sums of the hidden BN's input and
+its square follow from the rows' first and second moments: no (rows, C, positions) array) and
+scores them the same way, against the same threshold; the decayed sample count is shared.
+
 Cost on the request path: ``observe`` appends the request's validated array to a pending list;
 the arithmetic runs later on the event loop, for everything pending at once, at most every
 ``FOLD_EVERY_S`` (or inline when pending data passes ``MAX_PENDING_BYTES``), on the newest
@@ -37,8 +44,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +54,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.backends import Array
-from service.store import InputStatistics, Manifest
+from service.monitor_maps import MonitorMap, load_map, weighted_sums
+from service.store import HiddenStatistics, InputStatistics, Manifest
 
 log = logging.getLogger(__name__)
 Float64 = npt.NDArray[np.float64]
@@ -79,6 +88,20 @@ class FeatureDrift:
 
 
 @dataclass(frozen=True)
+class HiddenDrift:
+    """One hidden BatchNorm's input (the raw rows mapped through ``map``) against its statistics."""
+
+    layer: str
+    map: str  # linear | conv2d
+    axis: str
+    source: str
+    score: float | None
+    drifted: bool
+    samples: float
+    features: list[FeatureDrift]
+
+
+@dataclass(frozen=True)
 class DriftReport:
     available: bool
     reason: str | None
@@ -91,78 +114,72 @@ class DriftReport:
     samples: float  # the decayed count of samples in the window
     window: int
     features: list[FeatureDrift]
+    hidden: list[HiddenDrift] = field(default_factory=list)
 
 
-class DriftMonitor:
-    """Streaming moments of one model version's inputs; see the module docstring.
+class _Moments:
+    """Decayed sums of one layer's values standardized by its frozen statistics (the score's
+    arithmetic; the decayed sample count is the monitor's, shared by all its layers)."""
 
-    NOTE: call every method on the event loop's thread (or, without a loop, one thread): the
-    pending list is swapped without a lock. ``latest`` is one tuple assignment, safe to read from
-    any thread (the Prometheus collector).
-    """
-
-    def __init__(
-        self,
-        reference: InputStatistics | None,
-        *,
-        threshold: float = DEFAULT_THRESHOLD,
-        window: int = DEFAULT_WINDOW,
-        max_fold_rows: int | None = MAX_FOLD_ROWS,
-    ) -> None:
-        self.reference, self.threshold, self.window = reference, threshold, window
-        self._max_fold_rows = max_fold_rows  # None: every row counts (exact, for tests)
-        self._decay = 1.0 - 1.0 / window
-        self._pending: list[Array] = []
-        self._pending_bytes = 0
-        self._scheduled = False
-        self._weight = 0.0  # decayed sample count
-        self.latest: tuple[float | None, float] = (None, 0.0)  # (score, samples) at the last fold
-        if reference is None:
-            return
+    def __init__(self, reference: InputStatistics) -> None:
+        self.reference = reference
         self._mean = np.asarray(reference.mean, dtype=np.float64)
         self._var = np.asarray(reference.var, dtype=np.float64)
         self._floor = max(reference.eps, FLOOR_FRACTION * float(self._var.mean()), 1e-12)
         self._scale = np.sqrt(self._var + self._floor)
         self._inv_scale = (1.0 / self._scale).astype(np.float32)
         self._mean32 = self._mean.astype(np.float32)
+        self.reset()
+
+    def reset(self) -> None:
         self._sum = np.zeros_like(self._mean)  # decayed sums of z and z^2 per feature/channel
         self._sum_sq = np.zeros_like(self._mean)
 
-    @classmethod
-    def for_manifest(cls, manifest: Manifest, threshold: float = DEFAULT_THRESHOLD) -> DriftMonitor:
-        return cls(manifest.input_statistics, threshold=threshold)
+    def add(self, values: Array, weights: Float64, keep: float) -> None:
+        """``values``: (n, F) per feature, or (n, C, positions) per channel."""
+        n, features = len(values), len(self._mean)
+        if self.reference.axis == "feature":
+            z = (values.reshape(n, features) - self._mean32) * self._inv_scale
+            per_row, per_row_sq = z, z * z
+        else:  # (n, C, *spatial): every position of a channel is one more sample of it
+            z = (values.reshape(n, features, -1) - self._mean32[:, None]) * self._inv_scale[:, None]
+            per_row, per_row_sq = z.mean(2, dtype=np.float64), (z * z).mean(2, dtype=np.float64)
+        self.add_sums(weights @ per_row, weights @ per_row_sq, keep)
 
-    @property
-    def available(self) -> bool:
-        return self.reference is not None
+    def add_sums(self, sum_z: Float64, sum_z_sq: Float64, keep: float) -> None:
+        """Decay the sums by ``keep``, then add a fold's weighted sums of z and z^2."""
+        self._sum = self._sum * keep + sum_z
+        self._sum_sq = self._sum_sq * keep + sum_z_sq
 
-    def observe(self, rows: Array) -> None:
-        """Note one request's validated rows (n, *sample shape); never raises, O(1) here."""
-        if self.reference is None:
-            return
-        self._pending.append(rows)
-        self._pending_bytes += rows.nbytes
-        if self._pending_bytes > MAX_PENDING_BYTES:
-            self._fold_safely()  # bounded memory under any load; amortized over MB of inputs
-        elif not self._scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop (a script, a test): folded at the next report
-            self._scheduled = True
-            loop.call_later(FOLD_EVERY_S, self._fold_safely)
+    def add_mapped(self, layer: HiddenLayer, rows: Array, weights: Float64, keep: float) -> None:
+        """The hidden BN's input is ``layer.map`` of ``rows``: its sums come from the map's
+        moments (service.monitor_maps.weighted_sums), never the (n, C, positions) values."""
+        sums, sums_sq = weighted_sums(layer.map, rows, weights, self._mean)
+        self.add_sums(sums / self._scale, sums_sq / self._scale**2, keep)
 
-    def report(self) -> DriftReport:
-        self._fold_safely()
-        ref = self.reference
-        if ref is None:
-            return DriftReport(
-                False, NO_INPUT_BN, None, None, None, None, self.threshold, False, 0.0,
-                self.window, [],
-            )  # fmt: skip
-        score, samples = self.latest
-        shift, var_z = self._moments()
-        log_ratio, live = self._log_ratio(var_z), samples > 0
+    def moments(self, weight: float) -> tuple[Float64, Float64]:
+        """Live mean and variance of z per feature (zeros before any sample)."""
+        if weight <= 0:
+            return np.zeros_like(self._mean), np.zeros_like(self._mean)
+        shift = self._sum / weight
+        return shift, np.maximum(self._sum_sq / weight - shift**2, 0.0)
+
+    def log_ratio(self, var_z: Float64) -> Float64:
+        # (live var + floor) / (ref var + floor) = var_z + floor / (ref var + floor), with z
+        # standardized by sqrt(ref var + floor): finite even for a feature constant throughout.
+        result: Float64 = np.log(var_z + self._floor / self._scale**2)
+        return result
+
+    def score(self, weight: float) -> float | None:
+        if weight <= 0:
+            return None
+        shift, var_z = self.moments(weight)
+        score = float(np.abs(shift).mean() + np.abs(self.log_ratio(var_z)).mean())
+        return score if math.isfinite(score) else None
+
+    def features(self, weight: float) -> list[FeatureDrift]:
+        shift, var_z = self.moments(weight)
+        log_ratio, live = self.log_ratio(var_z), weight > 0
         features = []
         for i in range(len(self._mean)):
             live_var = float(var_z[i] * self._scale[i] ** 2) if live else None
@@ -178,6 +195,99 @@ class DriftMonitor:
                     log_var_ratio=float(log_ratio[i]) if live else None,
                 )
             )
+        return features
+
+
+@dataclass(frozen=True)
+class HiddenLayer:
+    """A monitored hidden BatchNorm: its statistics and the map from raw rows to its input."""
+
+    statistics: HiddenStatistics
+    map: MonitorMap
+
+
+class DriftMonitor:
+    """Streaming moments of one model version's inputs (and of the hidden BatchNorms' inputs
+    mapped from them); see the module docstring.
+
+    NOTE: call every method on the event loop's thread (or, without a loop, one thread): the
+    pending list is swapped without a lock. ``latest`` and ``latest_hidden`` are each one
+    assignment, safe to read from any thread (the Prometheus collector).
+    """
+
+    def __init__(
+        self,
+        reference: InputStatistics | None,
+        *,
+        hidden: Sequence[HiddenLayer] = (),
+        threshold: float = DEFAULT_THRESHOLD,
+        window: int = DEFAULT_WINDOW,
+        max_fold_rows: int | None = MAX_FOLD_ROWS,
+    ) -> None:
+        self.reference, self.threshold, self.window = reference, threshold, window
+        self.hidden = tuple(hidden)
+        self._max_fold_rows = max_fold_rows  # None: every row counts (exact, for tests)
+        self._decay = 1.0 - 1.0 / window
+        self._pending: list[Array] = []
+        self._pending_bytes = 0
+        self._scheduled = False
+        self._weight = 0.0  # decayed sample count
+        self.latest: tuple[float | None, float] = (None, 0.0)  # (score, samples) at the last fold
+        self.latest_hidden: tuple[tuple[str, float | None], ...] = tuple(
+            (layer.statistics.layer, None) for layer in self.hidden
+        )  # (layer, score) at the last fold; samples as in ``latest``
+        self._input = None if reference is None else _Moments(reference)
+        self._hidden = [_Moments(layer.statistics) for layer in self.hidden]
+
+    @classmethod
+    def for_manifest(
+        cls,
+        manifest: Manifest,
+        threshold: float = DEFAULT_THRESHOLD,
+        directory: Path | None = None,
+    ) -> DriftMonitor:
+        """The monitor of one version; its hidden layers' maps are read from ``directory`` (none
+        without it). Raises VerificationError for a side file that does not check out."""
+        hidden = (
+            [
+                HiddenLayer(record, load_map(directory, record, manifest))
+                for record in manifest.hidden_statistics
+            ]
+            if directory is not None
+            else []
+        )
+        return cls(manifest.input_statistics, hidden=hidden, threshold=threshold)
+
+    @property
+    def available(self) -> bool:
+        return self.reference is not None
+
+    def observe(self, rows: Array) -> None:
+        """Note one request's validated rows (n, *sample shape); never raises, O(1) here."""
+        if self._input is None and not self._hidden:
+            return
+        self._pending.append(rows)
+        self._pending_bytes += rows.nbytes
+        if self._pending_bytes > MAX_PENDING_BYTES:
+            self._fold_safely()  # bounded memory under any load; amortized over MB of inputs
+        elif not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (a script, a test): folded at the next report
+            self._scheduled = True
+            loop.call_later(FOLD_EVERY_S, self._fold_safely)
+
+    def report(self) -> DriftReport:
+        self._fold_safely()
+        hidden = self._hidden_reports()
+        ref = self.reference
+        if ref is None or self._input is None:
+            return DriftReport(
+                False, NO_INPUT_BN, None, None, None, None, self.threshold, False,
+                self._weight, self.window, [], hidden,
+            )  # fmt: skip
+        score, samples = self.latest
         return DriftReport(
             available=True,
             reason=None,
@@ -189,34 +299,62 @@ class DriftMonitor:
             drifted=self.drifted(),
             samples=samples,
             window=self.window,
-            features=features,
+            features=self._input.features(self._weight),
+            hidden=hidden,
         )
 
     def drifted(self) -> bool:
-        score, samples = self.latest
-        return score is not None and samples >= MIN_SAMPLES and score > self.threshold
+        return self._verdict(self.latest[0])
+
+    def _verdict(self, score: float | None) -> bool:
+        return score is not None and self.latest[1] >= MIN_SAMPLES and score > self.threshold
+
+    def _hidden_reports(self) -> list[HiddenDrift]:
+        reports = []
+        for layer, moments, (_, score) in zip(
+            self.hidden, self._hidden, self.latest_hidden, strict=True
+        ):
+            stats = layer.statistics
+            reports.append(
+                HiddenDrift(
+                    layer=stats.layer,
+                    map=stats.map,
+                    axis=stats.axis,
+                    source=stats.source,
+                    score=score,
+                    drifted=self._verdict(score),
+                    samples=self.latest[1],
+                    features=moments.features(self._weight),
+                )
+            )
+        return reports
 
     def fold_pending(self) -> None:
         """Add every pending row to the decayed sums, in one vectorized pass."""
         self._scheduled = False
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        if not pending or self.reference is None:
+        if not pending or (self._input is None and not self._hidden):
             return
         rows = np.concatenate(self._newest(pending))  # validated: each (n_i, *sample shape)
-        n, features = len(rows), len(self._mean)
+        n = len(rows)
         # Row j of n weighs decay^(n - 1 - j): the newest 1, as if folded one row at a time.
         weights = self._decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
-        if self.reference.axis == "feature":
-            z = (rows.reshape(n, features) - self._mean32) * self._inv_scale
-            per_row, per_row_sq = z, z * z
-        else:  # (n, C, *spatial): every position of a channel is one more sample of it
-            z = (rows.reshape(n, features, -1) - self._mean32[:, None]) * self._inv_scale[:, None]
-            per_row, per_row_sq = z.mean(2, dtype=np.float64), (z * z).mean(2, dtype=np.float64)
         keep = self._decay**n
+        # NOTE: a failure part way (caught by _fold_safely) resets every layer, so no layer's
+        # sums ever hold rows that another's lack.
+        if self._input is not None:
+            self._input.add(rows, weights, keep)
+        for layer, moments in zip(self.hidden, self._hidden, strict=True):
+            moments.add_mapped(layer, rows, weights, keep)
         self._weight = self._weight * keep + float(weights.sum())
-        self._sum = self._sum * keep + weights @ per_row
-        self._sum_sq = self._sum_sq * keep + weights @ per_row_sq
-        self.latest = (self._score(), self._weight)
+        self.latest = (
+            None if self._input is None else self._input.score(self._weight),
+            self._weight,
+        )
+        self.latest_hidden = tuple(
+            (layer.statistics.layer, moments.score(self._weight))
+            for layer, moments in zip(self.hidden, self._hidden, strict=True)
+        )
 
     def _newest(self, pending: list[Array]) -> list[Array]:
         cap = self._max_fold_rows
@@ -238,32 +376,16 @@ class DriftMonitor:
             log.exception("drift monitoring failed; its statistics are reset")
             self._pending, self._pending_bytes, self._scheduled = [], 0, False
             self._weight, self.latest = 0.0, (None, 0.0)
-            self._sum, self._sum_sq = np.zeros_like(self._mean), np.zeros_like(self._mean)
-
-    def _moments(self) -> tuple[Float64, Float64]:
-        """Live mean and variance of z per feature (zeros before any sample)."""
-        if self._weight <= 0:
-            return np.zeros_like(self._mean), np.zeros_like(self._mean)
-        shift = self._sum / self._weight
-        return shift, np.maximum(self._sum_sq / self._weight - shift**2, 0.0)
-
-    def _log_ratio(self, var_z: Float64) -> Float64:
-        # (live var + floor) / (ref var + floor) = var_z + floor / (ref var + floor), with z
-        # standardized by sqrt(ref var + floor): finite even for a feature constant throughout.
-        result: Float64 = np.log(var_z + self._floor / self._scale**2)
-        return result
-
-    def _score(self) -> float | None:
-        if self._weight <= 0:
-            return None
-        shift, var_z = self._moments()
-        score = float(np.abs(shift).mean() + np.abs(self._log_ratio(var_z)).mean())
-        return score if math.isfinite(score) else None
+            self.latest_hidden = tuple((name, None) for name, _ in self.latest_hidden)
+            for moments in (self._input, *self._hidden):
+                if moments is not None:
+                    moments.reset()
 
 
 class DriftCollector(Collector):
-    """``foldserve_input_drift_score`` and ``..._samples`` of every loaded version, read from
-    the monitors at scrape time (as of their last fold, at most ``FOLD_EVERY_S`` old).
+    """``foldserve_input_drift_score`` and ``..._samples`` of every loaded version, and
+    ``foldserve_hidden_drift_score`` and ``..._samples`` of every monitored hidden layer, read
+    from the monitors at scrape time (as of their last fold, at most ``FOLD_EVERY_S`` old).
 
     NOTE: with ``--workers`` /metrics pools the workers' files, which a collector cannot join:
     there the drift gauges are absent and ``GET /models/{name}/drift`` answers with the statistics
@@ -274,7 +396,7 @@ class DriftCollector(Collector):
         self._source = source  # (model, version, monitor) of every version loaded
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["model", "version"]
+        labels, layer_labels = ["model", "version"], ["model", "version", "layer"]
         score = GaugeMetricFamily(
             "foldserve_input_drift_score",
             "Drift of live inputs from the input BatchNorm's training statistics (docs/drift.md)",
@@ -285,10 +407,27 @@ class DriftCollector(Collector):
             "Samples in the drift window (decayed count)",
             labels=labels,
         )
+        hidden_score = GaugeMetricFamily(
+            "foldserve_hidden_drift_score",
+            "Drift of a hidden BatchNorm's input (mapped from live inputs) from its training "
+            "statistics (docs/drift.md)",
+            labels=layer_labels,
+        )
+        hidden_samples = GaugeMetricFamily(
+            "foldserve_hidden_drift_samples",
+            "Samples in the hidden layer's drift window (decayed count)",
+            labels=layer_labels,
+        )
         for name, version, monitor in self._source():
+            value, count = monitor.latest
             if monitor.available:
-                value, count = monitor.latest
                 score.add_metric([name, str(version)], math.nan if value is None else value)
                 samples.add_metric([name, str(version)], count)
+            for layer, layer_value in monitor.latest_hidden:
+                layer_score = math.nan if layer_value is None else layer_value
+                hidden_score.add_metric([name, str(version), layer], layer_score)
+                hidden_samples.add_metric([name, str(version), layer], count)
         yield score
         yield samples
+        yield hidden_score
+        yield hidden_samples

@@ -185,8 +185,12 @@ class Registry:
                     _full_batch_ms, backend, entry.manifest, plan.max_batch_size
                 )
                 entry.batcher = self._make_batcher(entry, backend, plan, batch_ms)
-                entry.drift = DriftMonitor.for_manifest(
-                    entry.manifest, self._settings.drift_threshold
+                # Off the loop: reads (and hashes) the hidden layers' monitor maps.
+                entry.drift = await asyncio.to_thread(
+                    DriftMonitor.for_manifest,
+                    entry.manifest,
+                    self._settings.drift_threshold,
+                    self._store.version_dir(entry.name, entry.version),
                 )
                 await entry.batcher.start()
                 entry.status = Status.READY
@@ -400,7 +404,7 @@ class Registry:
             have = [f.format for f in manifest.files]
             raise VerificationError(f"manifest has no {fmt} file (has {have}); set --backend")
         plan = self._plan(entry, manifest)  # a setting that cannot work fails before the checks
-        for model_file_entry in manifest.files:
+        for model_file_entry in manifest.checked_files():
             check_inside(self._settings.model_store, directory / model_file_entry.path)
         check_files(directory, manifest)
         options = BackendOptions(self._settings.device, self._settings.intra_op_threads)

@@ -243,8 +243,22 @@ class FeatureDriftAnswer(BaseModel):
     log_var_ratio: float | None = Field(description="ln((live var + floor) / (ref var + floor))")
 
 
+class HiddenDriftAnswer(BaseModel):
+    """One hidden BatchNorm's input, mapped from the live inputs, against its statistics."""
+
+    layer: str
+    map: Literal["linear", "conv2d"] = Field(description="how its input is made from the raw one")
+    axis: Literal["feature", "channel"]
+    source: str = Field(description="ema, population or as_imported")
+    score: float | None = Field(description="null before any sample")
+    drifted: bool = Field(description="score > threshold with at least min_samples in the window")
+    samples: float
+    features: list[FeatureDriftAnswer]
+
+
 class DriftAnswer(BaseModel):
-    """Live inputs against the frozen statistics of the model's input BatchNorm."""
+    """Live inputs against the frozen statistics of the model's input BatchNorm (top level) and
+    of the hidden BatchNorms cheap to observe at the input (``hidden``)."""
 
     model: str
     version: int
@@ -261,6 +275,9 @@ class DriftAnswer(BaseModel):
     samples: float = Field(description="the decayed count of samples in the window")
     window: int
     features: list[FeatureDriftAnswer]
-    monitored: list[str]
+    hidden: list[HiddenDriftAnswer] = Field(
+        description="hidden BatchNorms monitored through a map of the input (docs/drift.md)"
+    )
+    monitored: list[str] = Field(description="every monitored BatchNorm: the input's, then hidden")
     min_samples: int
     score_definition: str

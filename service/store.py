@@ -112,6 +112,33 @@ class InputStatistics(_Strict):
             raise ValueError(f"input statistics per {self.axis} ({count}) do not fit {shape}")
 
 
+class SideFile(_Strict):
+    """A file of the version that is not a model (e.g. a drift monitor's map), hashed the same."""
+
+    path: str = Field(pattern=_FILE_PATTERN.pattern, description="a file name in the version")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+
+
+class HiddenStatistics(InputStatistics):
+    """The frozen statistics of a hidden BatchNorm whose input is an affine map of the raw input
+    (``[input BN] -> Linear | Conv2d -> this BN``), and that map, composed into one and kept in a
+    side file: the server maps live inputs through it and compares with these statistics
+    (``service.drift``). Only observed, never used to change the model.
+    """
+
+    layer: str = Field(description="the monitored hidden BatchNorm")
+    map: Literal["linear", "conv2d"] = Field(
+        description="linear: rows @ weight + bias; conv2d: a 2-D convolution (groups 1, no "
+        "dilation) of the raw input padded with pad_value"
+    )
+    map_from: str = Field(description="the Linear or Conv2d the map was made from")
+    through: str | None = Field(description="the input BatchNorm composed into the map, if any")
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    file: SideFile = Field(description="the map's arrays (.npz: weight, bias[, pad_value])")
+
+
 class Verification(_Strict):
     """What the exporter proved before the version was written.
 
@@ -203,6 +230,9 @@ class Manifest(_Strict):
     input_statistics: InputStatistics | None = Field(
         None, description="the input BatchNorm's frozen statistics (None: no input BatchNorm)"
     )
+    hidden_statistics: tuple[HiddenStatistics, ...] = Field(
+        (), description="hidden BatchNorms monitored through a map of the input (see its docs)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -219,14 +249,27 @@ class Manifest(_Strict):
             raise ValueError(f"every golden input must hold {in_size} values")
         if any(len(row) != out_size for row in golden.outputs):
             raise ValueError(f"every golden output must hold {out_size} values")
-        if len({f.path for f in self.files}) != len(self.files):
-            raise ValueError("two files share one path")
+        paths = [f.path for f in self.checked_files()]
+        if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
+            raise ValueError("two files share one path (or one is named manifest.json)")
         if self.input_statistics is not None:
             self.input_statistics.check_fits(self.inputs[0].shape)
+        for hidden in self.hidden_statistics:
+            rank = {"linear": 1, "conv2d": 3}[hidden.map]
+            axis = {"linear": "feature", "conv2d": "channel"}[hidden.map]
+            if len(self.inputs[0].shape) != rank or hidden.axis != axis:
+                raise ValueError(
+                    f"hidden statistics of {hidden.layer} ({hidden.map}, per {hidden.axis}) do "
+                    f"not fit inputs shaped {self.inputs[0].shape}"
+                )
         return self
 
     def file(self, fmt: ModelFormat) -> ModelFile | None:
         return next((f for f in self.files if f.format == fmt), None)
+
+    def checked_files(self) -> tuple[ModelFile | SideFile, ...]:
+        """Every file of the version the manifest vouches for: models first, then side files."""
+        return (*self.files, *(hidden.file for hidden in self.hidden_statistics))
 
 
 def sha256_file(path: Path) -> str:

@@ -65,7 +65,7 @@ class VerificationReport:
 def check_files(directory: Path, manifest: Manifest) -> None:
     # NOTE: messages name the file inside its version (model.onnx), not the server's path: they
     # reach clients through /models and readiness.
-    for entry in manifest.files:
+    for entry in manifest.checked_files():  # the models, and side files such as monitor maps
         path = directory / entry.path
         if not path.is_file():
             raise VerificationError(f"{entry.path}: file listed in the manifest is missing")

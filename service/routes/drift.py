@@ -1,4 +1,5 @@
-"""``GET /models/{name}/drift``: live inputs against the input BatchNorm's training statistics.
+"""``GET /models/{name}/drift``: live inputs against the input BatchNorm's training statistics,
+and the hidden BatchNorms' inputs (mapped from them) against theirs, under ``hidden``.
 
 A model without an input BatchNorm answers 200 with ``available: false`` and the reason (the
 model exists; it has no reference to compare with); an unknown model 404, a version not serving
@@ -36,7 +37,8 @@ async def get_drift(
         "model": entry.name,
         "version": entry.version,
         **dataclasses.asdict(report),
-        "monitored": [report.layer] if report.layer is not None else [],
+        "monitored": [layer for layer in (report.layer,) if layer is not None]
+        + [hidden.layer for hidden in report.hidden],
         "min_samples": MIN_SAMPLES,
         "score_definition": SCORE,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -152,3 +153,40 @@ def test_the_shipped_models_carry_their_training_statistics() -> None:
     np.testing.assert_allclose(mlp.mean, train.mean(0), atol=1e-5)
     np.testing.assert_allclose(mlp.var, train.var(0), rtol=1e-4, atol=1e-5)
     assert cnn.mean[0] == pytest.approx(train.mean(), rel=1e-5)
+
+
+def test_the_shipped_models_name_their_monitored_hidden_layers() -> None:
+    """The first hidden BN of each, right after a layer reading the input BN's output."""
+    mlp = read_manifest(SHIPPED / "digits-mlp" / "1").hidden_statistics
+    cnn = read_manifest(SHIPPED / "digits-cnn" / "1").hidden_statistics
+    described = [
+        (h.layer, h.map, h.map_from, h.through, h.axis, h.source, len(h.mean), h.file.path)
+        for h in (*mlp, *cnn)
+    ]
+    assert described == [
+        ("body.1", "linear", "body.0", "input_norm", "feature", "population", 128,
+         "monitor-body.1.npz"),
+        ("stem.1", "conv2d", "stem.0", "input_norm", "channel", "population", 32,
+         "monitor-stem.1.npz"),
+    ]  # fmt: skip
+    for name, hidden in (("digits-mlp", mlp[0]), ("digits-cnn", cnn[0])):
+        path = SHIPPED / name / "1" / hidden.file.path
+        assert path.stat().st_size == hidden.file.size_bytes < 64 << 10
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == hidden.file.sha256
+
+
+def test_an_imported_onnx_file_monitors_no_hidden_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = _legacy_onnx(InputNormed().eval(), tmp_path / "theirs.onnx", (6,))
+    result = foldserve.import_onnx(path, store=tmp_path / "store", name="theirs")
+    assert result.build.manifest.hidden_statistics == ()  # documented: torch modules only
+
+
+def test_exported_modules_record_their_hidden_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    result = foldserve.export(
+        InputNormed(), (6,), store=tmp_path, name="n", calibration=_features()
+    )
+    (hidden,) = result.build.manifest.hidden_statistics
+    assert (hidden.layer, hidden.map_from, hidden.through) == ("body.1", "body.0", "scaler")
+    assert read_manifest(result.path).hidden_statistics == (hidden,)

@@ -34,9 +34,11 @@ def drift(base: str, name: str = "digits-mlp", **params: Any) -> httpx.Response:
     return answer
 
 
-def gauge(base: str, metric: str) -> float:
+def gauge(base: str, metric: str, layer: str | None = None) -> float:
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    found = re.search(rf'^{metric}\{{model="digits-mlp",version="1"\}} (\S+)$', text, re.M)
+    labels = 'model="digits-mlp",version="1"'  # the client sorts labels by name
+    labels = labels if layer is None else f'layer="{layer}",{labels}'
+    found = re.search(rf"^{metric}\{{{labels}\}} (\S+)$", text, re.M)
     assert found is not None, text
     return float(found.group(1))
 
@@ -48,7 +50,11 @@ def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Ar
     with serve(create_app(settings)) as base:
         before = drift(base).json()
         assert before["available"] and before["samples"] == 0 and before["score"] is None
-        assert before["monitored"] == ["input_norm"] and before["threshold"] == DEFAULT_THRESHOLD
+        assert before["monitored"] == ["input_norm", "body.1"]
+        assert before["threshold"] == DEFAULT_THRESHOLD
+        (hidden,) = before["hidden"]  # the first hidden BN: an affine map of the input
+        assert (hidden["layer"], hidden["map"], hidden["score"]) == ("body.1", "linear", None)
+        assert len(hidden["features"]) == 128
 
         send(base, held_out)
         calm = drift(base).json()
@@ -56,6 +62,11 @@ def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Ar
         assert calm["score"] < DEFAULT_THRESHOLD
         assert gauge(base, "foldserve_input_drift_score") == calm["score"]
         assert gauge(base, "foldserve_input_drift_samples") == calm["samples"]
+        (hidden,) = calm["hidden"]
+        assert hidden["score"] < DEFAULT_THRESHOLD and not hidden["drifted"]
+        assert hidden["samples"] == calm["samples"]
+        assert gauge(base, "foldserve_hidden_drift_score", "body.1") == hidden["score"]
+        assert gauge(base, "foldserve_hidden_drift_samples", "body.1") == calm["samples"]
         feature = calm["features"][20]
         assert feature["index"] == 20 and feature["name"] is None
         assert set(feature) >= {"live_mean", "ref_mean", "mean_shift", "live_var", "ref_var"}
@@ -64,6 +75,7 @@ def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Ar
         moved = drift(base, version=1).json()
         assert moved["drifted"] and moved["score"] > 2 * DEFAULT_THRESHOLD
         assert gauge(base, "foldserve_input_drift_score") > DEFAULT_THRESHOLD
+        assert moved["hidden"][0]["drifted"] and moved["hidden"][0]["score"] > DEFAULT_THRESHOLD
 
         plain = drift(base, "tiny")
         assert plain.status_code == 200
@@ -71,4 +83,6 @@ def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Ar
         assert 'drift_score{model="tiny"' not in httpx.get(f"{base}/metrics").text
         assert drift(base, "nope").status_code == 404
         assert drift(base, version=7).status_code == 404
-        assert drift(base, "digits-cnn").json()["axis"] == "channel"
+        cnn = drift(base, "digits-cnn").json()
+        assert cnn["axis"] == "channel" and cnn["monitored"] == ["input_norm", "stem.1"]
+        assert plain.json()["hidden"] == [] and plain.json()["monitored"] == []
