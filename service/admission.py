@@ -16,11 +16,14 @@ thousands at a time and 1,024-row requests a few.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 # NOTE: weight of the newest request in the rows-per-request average: about the last five
 # requests count, so a change of traffic shows within a few requests.
 _ROWS_WEIGHT = 0.2
+# NOTE: weight of the newest interval between answers in their average (about the last ten).
+_INTERVAL_WEIGHT = 0.1
 
 
 class Gate:
@@ -29,6 +32,12 @@ class Gate:
         self._inside = 0  # requests past the gate and not yet answered
         self._rows_per_request = 1.0
         self._waiting: deque[asyncio.Future[None]] = deque()
+        # While requests wait, the gate sees how fast the ones inside are answered: that rate
+        # counts everything a request costs (parsing, queue, batch, encoding), not the batches
+        # alone, so it tells a waiter's wait even when the event loop is the bottleneck.
+        self._interval = 0.0  # seconds between answers while saturated (0: not measured yet)
+        self._last_leave = 0.0
+        self._saturated_since = 0.0
 
     @property
     def capacity(self) -> int:
@@ -50,6 +59,11 @@ class Gate:
         """Rows of the requests waiting at the gate, and of one more, as the average says."""
         return round((len(self._waiting) + 1) * self._rows_per_request)
 
+    def expected_wait(self) -> float:
+        """Seconds until one more waiter would be answered, at the measured rate of answers
+        (0 before the gate was ever full)."""
+        return (len(self._waiting) + 1 + self._inside) * self._interval
+
     def note_rows(self, rows: int) -> None:
         self._rows_per_request += _ROWS_WEIGHT * (rows - self._rows_per_request)
 
@@ -63,6 +77,8 @@ class Gate:
     async def wait(self, timeout_s: float | None) -> bool:
         """Wait in line for a place inside; False when ``timeout_s`` passed first (no place)."""
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._waiting:
+            self._saturated_since = time.perf_counter()
         self._waiting.append(turn)
         try:
             await asyncio.wait_for(
@@ -88,6 +104,13 @@ class Gate:
 
     def leave(self) -> None:
         self._inside -= 1
+        if self._waiting:
+            now = time.perf_counter()
+            interval = now - max(self._last_leave, self._saturated_since)
+            self._interval += (
+                _INTERVAL_WEIGHT * (interval - self._interval) if self._interval else interval
+            )
+            self._last_leave = now
         while self._waiting and self._inside < self.capacity:
             turn = self._waiting.popleft()
             if not turn.done():

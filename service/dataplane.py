@@ -211,7 +211,7 @@ class DataPlane:
         if not gate.enter_now():
             left = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if left is not None:
-                wait = batcher.estimated_wait(gate.rows_waiting())
+                wait = max(batcher.estimated_wait(gate.rows_waiting()), gate.expected_wait())
                 if wait > left:
                     raise _too_late(entry, wait, left)
             if not await gate.wait(left):

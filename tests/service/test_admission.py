@@ -71,6 +71,27 @@ def test_a_waiter_cancelled_as_it_is_let_in_gives_its_place_back() -> None:
     asyncio.run(main())
 
 
+def test_the_expected_wait_follows_the_rate_of_answers_while_requests_wait() -> None:
+    async def main() -> tuple[float, float]:
+        gate = Gate(max_rows=2)
+        assert gate.enter_now() and gate.enter_now()
+        before = gate.expected_wait()  # never full before: nothing measured
+        waiters = [asyncio.ensure_future(gate.wait(None)) for _ in range(6)]
+        await asyncio.sleep(0)
+        for _ in range(4):  # one answer every 20 ms while the others wait
+            await asyncio.sleep(0.02)
+            gate.leave()
+        await asyncio.sleep(0)
+        after = gate.expected_wait()  # 2 waiting + 1 more + 2 inside, 20 ms apart
+        for task in waiters:
+            task.cancel()
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert before == 0.0
+    assert 5 * 0.02 <= after < 5 * 0.02 * 2
+
+
 # ------------------------------------------------------------------ through real HTTP
 
 
