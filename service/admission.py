@@ -106,10 +106,13 @@ class Gate:
         self._inside -= 1
         if self._waiting:
             now = time.perf_counter()
-            interval = now - max(self._last_leave, self._saturated_since)
-            self._interval += (
-                _INTERVAL_WEIGHT * (interval - self._interval) if self._interval else interval
-            )
+            # Between two answers while requests wait; the first answer after the gate filled
+            # only starts the clock (its time since then holds the parsing of a whole gateful).
+            if self._last_leave > self._saturated_since:
+                interval = now - self._last_leave
+                self._interval += (
+                    _INTERVAL_WEIGHT * (interval - self._interval) if self._interval else interval
+                )
             self._last_leave = now
         while self._waiting and self._inside < self.capacity:
             turn = self._waiting.popleft()

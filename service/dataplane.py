@@ -29,6 +29,12 @@ from service.store import Manifest, TensorSpec
 _FLOAT32_LIMIT = 2.0**128 - 2.0**103
 _NUMERIC_KINDS = "fiu"  # floats and integers; bools, strings and objects are refused
 T = TypeVar("T")
+# NOTE: a request that would wait at the gate is refused at once only when its estimated wait
+# passes twice its time left; otherwise it waits (no CPU: its body is unread) and is refused when
+# its time runs out. Estimates made while the loop is saturated run high, and closed-loop
+# clients retry a refusal at once: refusing on a pessimistic estimate starts a storm of cheap
+# but not free refusals (measured: 218 good answers/s instead of 356 at 256 connections).
+_HOPELESS = 2.0
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,7 @@ class DataPlane:
             left = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if left is not None:
                 wait = max(batcher.estimated_wait(gate.rows_waiting()), gate.expected_wait())
-                if wait > left:
+                if wait > _HOPELESS * left:
                     raise _too_late(entry, wait, left)
             if not await gate.wait(left):
                 raise _too_late(entry, batcher.estimated_wait(gate.rows_waiting()), 0.0)
