@@ -86,15 +86,16 @@ CAUSES = {
     "`foldserve.tensors.predict` instead of refusing the model with a `FoldingError`.",
     "takes its axes at run time": "**A limitation of the ONNX-level fold** (the fallback when "
     "torch.fx cannot trace the network), fixed since this run: unoptimized, torch's exporter "
-    "writes a mean's axes as `Reshape(Constant, Constant)`, which foldserve now evaluates; "
-    "rerun alone (`bench/model-zoo --only FlexibleUNet`), both FlexibleUNets pass, and "
-    "RegUNet-2d and LocalNet-2d reach the refusal below.",
-    "reduces over axis 0, the batch axis": "**A false refusal of the ONNX-level fold**: MONAI's "
-    "`RegistrationExtractionBlock` averages its levels with `torch.mean(torch.stack(levels, "
-    "dim=0), dim=0)`; axis 0 of that stack is the level, not the batch. foldserve now follows "
-    "the batch axis through ONNX shape inference (a stack of known shapes passes, tested), but "
-    "here inference loses the batch at the `Resize` before the stack, and the fold falls back "
-    "to taking axis 0 as the batch axis. Still refused after the fixes.",
+    "writes a mean's axes as `Reshape(Constant, Constant)`, which foldserve now evaluates. "
+    "Rerun alone on 2026-12-02 (`bench/model-zoo --only FlexibleUNet`, `--only RegUNet`, "
+    "`--only LocalNet`), all three pass.",
+    "reduces over axis 0, the batch axis": "**A false refusal of the ONNX-level fold**, fixed "
+    "since this run: MONAI's `RegistrationExtractionBlock` averages its levels with "
+    "`torch.mean(torch.stack(levels, dim=0), dim=0)`; axis 0 of that stack is the level, not "
+    "the batch. foldserve now follows the batch axis through ONNX shape inference and, where "
+    "inference loses it (here at a `Resize` whose sizes come from a `Shape`), runs the graph in "
+    "onnxruntime at batch sizes 1, 2 and 3 to find it. Rerun alone on 2026-12-02, RegUNet-3d "
+    "and LocalNet-3d pass.",
     "expected scalar type Float but found Double": "GlobalNet keeps its grid as a plain "
     "float32 attribute, which `.double()` does not convert, so the float64 run that measures "
     "the network's own rounding failed; since this run, foldserve skips that measurement "
