@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.dataplane import DataPlane
-from service.drift import DriftCollector
+from service.drift_metrics import DriftCollector
 from service.errors import FoldserveError, InvalidInput
 from service.logs import LogFormat, configure_root
 from service.metrics import Metrics

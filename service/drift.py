@@ -43,26 +43,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from service.backends import Array
-from service.monitor_maps import MonitorMap, load_map, weighted_sums
-from service.store import HiddenStatistics, InputStatistics, Manifest
+from service.drift_moments import FeatureDrift, HiddenLayer, Moments
+from service.monitor_maps import load_map
+from service.store import InputStatistics, Manifest
 
 log = logging.getLogger(__name__)
-Float64 = npt.NDArray[np.float64]
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_WINDOW = 2000  # samples; about one digits test set and a half
 MIN_SAMPLES = 100  # below this, sampling noise alone can push the score near the threshold
-FLOOR_FRACTION = 0.01  # of the average reference variance, added to every variance
 FOLD_EVERY_S = 0.05
 MAX_PENDING_BYTES = 4 << 20
 # NOTE: the newest rows only, at most this many per fold: a 1,024-row request costs its fold
@@ -73,18 +68,6 @@ NO_INPUT_BN = (
     "the manifest records no input BatchNorm statistics: the model has no BatchNorm on its "
     "input (or was exported before foldserve kept them), so there is no reference to compare with"
 )
-
-
-@dataclass(frozen=True)
-class FeatureDrift:
-    index: int
-    name: str | None  # manifests name no features yet
-    live_mean: float | None  # None before any sample
-    ref_mean: float
-    mean_shift: float | None  # (live mean - ref mean) / sqrt(ref var + floor)
-    live_var: float | None
-    ref_var: float
-    log_var_ratio: float | None  # ln((live var + floor) / (ref var + floor))
 
 
 @dataclass(frozen=True)
@@ -117,95 +100,6 @@ class DriftReport:
     hidden: list[HiddenDrift] = field(default_factory=list)
 
 
-class _Moments:
-    """Decayed sums of one layer's values standardized by its frozen statistics (the score's
-    arithmetic; the decayed sample count is the monitor's, shared by all its layers)."""
-
-    def __init__(self, reference: InputStatistics) -> None:
-        self.reference = reference
-        self._mean = np.asarray(reference.mean, dtype=np.float64)
-        self._var = np.asarray(reference.var, dtype=np.float64)
-        self._floor = max(reference.eps, FLOOR_FRACTION * float(self._var.mean()), 1e-12)
-        self._scale = np.sqrt(self._var + self._floor)
-        self._inv_scale = (1.0 / self._scale).astype(np.float32)
-        self._mean32 = self._mean.astype(np.float32)
-        self.reset()
-
-    def reset(self) -> None:
-        self._sum = np.zeros_like(self._mean)  # decayed sums of z and z^2 per feature/channel
-        self._sum_sq = np.zeros_like(self._mean)
-
-    def add(self, values: Array, weights: Float64, keep: float) -> None:
-        """``values``: (n, F) per feature, or (n, C, positions) per channel."""
-        n, features = len(values), len(self._mean)
-        if self.reference.axis == "feature":
-            z = (values.reshape(n, features) - self._mean32) * self._inv_scale
-            per_row, per_row_sq = z, z * z
-        else:  # (n, C, *spatial): every position of a channel is one more sample of it
-            z = (values.reshape(n, features, -1) - self._mean32[:, None]) * self._inv_scale[:, None]
-            per_row, per_row_sq = z.mean(2, dtype=np.float64), (z * z).mean(2, dtype=np.float64)
-        self.add_sums(weights @ per_row, weights @ per_row_sq, keep)
-
-    def add_sums(self, sum_z: Float64, sum_z_sq: Float64, keep: float) -> None:
-        """Decay the sums by ``keep``, then add a fold's weighted sums of z and z^2."""
-        self._sum = self._sum * keep + sum_z
-        self._sum_sq = self._sum_sq * keep + sum_z_sq
-
-    def add_mapped(self, layer: HiddenLayer, rows: Array, weights: Float64, keep: float) -> None:
-        """The hidden BN's input is ``layer.map`` of ``rows``: its sums come from the map's
-        moments (service.monitor_maps.weighted_sums), never the (n, C, positions) values."""
-        sums, sums_sq = weighted_sums(layer.map, rows, weights, self._mean)
-        self.add_sums(sums / self._scale, sums_sq / self._scale**2, keep)
-
-    def moments(self, weight: float) -> tuple[Float64, Float64]:
-        """Live mean and variance of z per feature (zeros before any sample)."""
-        if weight <= 0:
-            return np.zeros_like(self._mean), np.zeros_like(self._mean)
-        shift = self._sum / weight
-        return shift, np.maximum(self._sum_sq / weight - shift**2, 0.0)
-
-    def log_ratio(self, var_z: Float64) -> Float64:
-        # (live var + floor) / (ref var + floor) = var_z + floor / (ref var + floor), with z
-        # standardized by sqrt(ref var + floor): finite even for a feature constant throughout.
-        result: Float64 = np.log(var_z + self._floor / self._scale**2)
-        return result
-
-    def score(self, weight: float) -> float | None:
-        if weight <= 0:
-            return None
-        shift, var_z = self.moments(weight)
-        score = float(np.abs(shift).mean() + np.abs(self.log_ratio(var_z)).mean())
-        return score if math.isfinite(score) else None
-
-    def features(self, weight: float) -> list[FeatureDrift]:
-        shift, var_z = self.moments(weight)
-        log_ratio, live = self.log_ratio(var_z), weight > 0
-        features = []
-        for i in range(len(self._mean)):
-            live_var = float(var_z[i] * self._scale[i] ** 2) if live else None
-            features.append(
-                FeatureDrift(
-                    index=i,
-                    name=None,
-                    live_mean=float(self._mean[i] + shift[i] * self._scale[i]) if live else None,
-                    ref_mean=float(self._mean[i]),
-                    mean_shift=float(shift[i]) if live else None,
-                    live_var=live_var,
-                    ref_var=float(self._var[i]),
-                    log_var_ratio=float(log_ratio[i]) if live else None,
-                )
-            )
-        return features
-
-
-@dataclass(frozen=True)
-class HiddenLayer:
-    """A monitored hidden BatchNorm: its statistics and the map from raw rows to its input."""
-
-    statistics: HiddenStatistics
-    map: MonitorMap
-
-
 class DriftMonitor:
     """Streaming moments of one model version's inputs (and of the hidden BatchNorms' inputs
     mapped from them); see the module docstring.
@@ -236,8 +130,8 @@ class DriftMonitor:
         self.latest_hidden: tuple[tuple[str, float | None], ...] = tuple(
             (layer.statistics.layer, None) for layer in self.hidden
         )  # (layer, score) at the last fold; samples as in ``latest``
-        self._input = None if reference is None else _Moments(reference)
-        self._hidden = [_Moments(layer.statistics) for layer in self.hidden]
+        self._input = None if reference is None else Moments(reference)
+        self._hidden = [Moments(layer.statistics) for layer in self.hidden]
 
     @classmethod
     def for_manifest(
@@ -380,54 +274,3 @@ class DriftMonitor:
             for moments in (self._input, *self._hidden):
                 if moments is not None:
                     moments.reset()
-
-
-class DriftCollector(Collector):
-    """``foldserve_input_drift_score`` and ``..._samples`` of every loaded version, and
-    ``foldserve_hidden_drift_score`` and ``..._samples`` of every monitored hidden layer, read
-    from the monitors at scrape time (as of their last fold, at most ``FOLD_EVERY_S`` old).
-
-    NOTE: with ``--workers`` /metrics pools the workers' files, which a collector cannot join:
-    there the drift gauges are absent and ``GET /models/{name}/drift`` answers with the statistics
-    of the worker that takes the request (its share of the traffic).
-    """
-
-    def __init__(self, source: Callable[[], Iterable[tuple[str, int, DriftMonitor]]]) -> None:
-        self._source = source  # (model, version, monitor) of every version loaded
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels, layer_labels = ["model", "version"], ["model", "version", "layer"]
-        score = GaugeMetricFamily(
-            "foldserve_input_drift_score",
-            "Drift of live inputs from the input BatchNorm's training statistics (docs/drift.md)",
-            labels=labels,
-        )
-        samples = GaugeMetricFamily(
-            "foldserve_input_drift_samples",
-            "Samples in the drift window (decayed count)",
-            labels=labels,
-        )
-        hidden_score = GaugeMetricFamily(
-            "foldserve_hidden_drift_score",
-            "Drift of a hidden BatchNorm's input (mapped from live inputs) from its training "
-            "statistics (docs/drift.md)",
-            labels=layer_labels,
-        )
-        hidden_samples = GaugeMetricFamily(
-            "foldserve_hidden_drift_samples",
-            "Samples in the hidden layer's drift window (decayed count)",
-            labels=layer_labels,
-        )
-        for name, version, monitor in self._source():
-            value, count = monitor.latest
-            if monitor.available:
-                score.add_metric([name, str(version)], math.nan if value is None else value)
-                samples.add_metric([name, str(version)], count)
-            for layer, layer_value in monitor.latest_hidden:
-                layer_score = math.nan if layer_value is None else layer_value
-                hidden_score.add_metric([name, str(version), layer], layer_score)
-                hidden_samples.add_metric([name, str(version), layer], count)
-        yield score
-        yield samples
-        yield hidden_score
-        yield hidden_samples
