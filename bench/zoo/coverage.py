@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.zoo.catalogue import Network
+from bench.zoo.network import Network
 
 NO_BN_GROUPNORM = "no BatchNorm possible: GroupNorm only (norm_num_groups), no norm choice"
 TRANSFORMER = "no BatchNorm possible: a transformer with LayerNorm only"

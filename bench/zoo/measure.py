@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bench.zoo import latency, unfolded
-from bench.zoo.catalogue import Network
+from bench.zoo.network import Network
 from service.errors import FoldserveError
 from service.verify import max_relative_diff
 

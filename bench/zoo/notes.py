@@ -6,11 +6,11 @@ import math
 from collections import Counter
 from typing import Any
 
-from bench.zoo import catalogue, latency, measure
+from bench.zoo import latency, measure, network
 
 
 def method(options: dict[str, Any]) -> list[str]:
-    image, scan, pair = catalogue.IMAGE, catalogue.SCAN, catalogue.PAIR
+    image, scan, pair = network.IMAGE, network.SCAN, network.PAIR
     bitwise = options["bitwise_rows"]
     return [
         "## How each row is made",

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from bench.zoo.catalogue import LABELS, PAIR, SCAN, Network, monai_rows
+from bench.zoo.network import LABELS, PAIR, SCAN, Network, monai_rows
 
 SMALL_UNET: dict[str, Any] = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}
 BASIC_FEATURES = (16, 16, 32, 64, 128, 16)
