@@ -25,8 +25,21 @@ from service.routes.models import registry_of
 router = APIRouter(include_in_schema=False)
 
 # Every file the page may ask for, by name: no path from the URL ever reaches the filesystem.
+# The script is native ES modules (no build step): the entry status.js and the modules it imports,
+# each served as JavaScript, as module scripts must be.
+_SCRIPT = "text/javascript; charset=utf-8"
 _ASSETS = {
-    "status.js": "text/javascript; charset=utf-8",
+    "status.js": _SCRIPT,
+    "state.js": _SCRIPT,
+    "dom.js": _SCRIPT,
+    "http.js": _SCRIPT,
+    "models.js": _SCRIPT,
+    "metrics.js": _SCRIPT,
+    "charts.js": _SCRIPT,
+    "live.js": _SCRIPT,
+    "drift.js": _SCRIPT,
+    "pad.js": _SCRIPT,
+    "digits.js": _SCRIPT,
     "status.css": "text/css; charset=utf-8",
 }
 # NOTE: 'self' only: a page that loaded a script or a font from elsewhere would fail here, loudly.
