@@ -512,6 +512,13 @@ def test_serves_read_only_as_its_user_and_drains_a_request_in_flight(
         assert answer.json()["model"] == model
         np.testing.assert_allclose(answer.json()["outputs"], expected, atol=1e-4)
         assert healthcheck(image, port) == 0
+        # The status page and its modules come with the installed package (package data).
+        page = httpx.get(f"{container.base}/")
+        assert page.status_code == 200 and 'src="ui/status.js"' in page.text
+        script = httpx.get(f"{container.base}/ui/status.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith(
+            "text/javascript"
+        )
 
         # A request in flight: its headers and half its body are in when SIGTERM arrives.
         client = socket.create_connection(("127.0.0.1", port), timeout=10)
