@@ -15,6 +15,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from service.pooled_stats import Figures, PooledStats
 from service.stats import STAGE_BUCKETS, STAGES, VersionStats
 
 StageSource = Callable[[], Iterable[tuple[str, int, VersionStats]]]
@@ -102,6 +103,7 @@ class Metrics:
             if pooled_dir is not None
             else None
         )
+        self._pooled_stats = None if pooled_dir is None else PooledStats(registry, pooled_dir)
         # NOTE: labels() takes a lock and builds a tuple on every call; the hot path reuses
         # the children. Keys are bounded: only resolved models and real status codes get here.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -145,12 +147,18 @@ class Metrics:
             self.registry.register(_StageCollector(source))
 
     def mirror_stages(self, model: str, version: int, stats: VersionStats) -> None:
-        """With --workers, make ``stats`` feed the pooled stage histograms as well."""
-        if self._stage_histogram is None:
+        """With --workers, make ``stats`` feed the pooled stage histograms and Triton's other
+        figures as well."""
+        if self._stage_histogram is None or self._pooled_stats is None:
             return
         for stage in STAGES:
             child = self._stage_histogram.labels(model, str(version), stage)
             stats.stage(stage).mirror = child.observe
+        stats.pool = self._pooled_stats.pool(model, version)
+
+    def pooled_figures(self) -> dict[tuple[str, str], Figures] | None:
+        """With --workers, every worker's Triton figures by (model, version); else None."""
+        return None if self._pooled_stats is None else self._pooled_stats.read()
 
     def set_loaded(self, model: str, version: int, loaded: bool) -> None:
         self.model_loaded.labels(model, str(version)).set(1 if loaded else 0)

@@ -12,15 +12,16 @@ sum, and ``/metrics`` exposes its buckets, so the two views are the same numbers
 NOTE: plain attribute increments and one bisect on the event loop: no lock (one loop per
 process touches them), nothing allocated, well under a microsecond per stage (prometheus_client's
 Histogram.observe takes a lock and costs about 1.3 us). With ``--workers`` each worker counts its
-own requests; ``mirror`` feeds prometheus_client's pooled histograms as well.
+own requests, and ``mirror`` and ``pool`` add them to pooled metrics too (service.pooled_stats),
+from which any worker answers for the whole server.
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 _NS = 1e9
 # Upper bounds in seconds, from tens of microseconds (one row of a small model) to the timeout.
@@ -44,6 +45,23 @@ STAGE_BUCKETS = (
 )
 STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
 Mirror = Callable[[float], None]  # a pooled histogram's observe, for --workers
+# The other figures of a version's entry, by name: counts, seconds, and the last inference.
+FIELDS = (
+    "success_count",
+    "success_s",
+    "fail_count",
+    "fail_s",
+    "inference_count",
+    "execution_count",
+)
+
+
+class Pool(Protocol):
+    """Where a worker adds its figures with --workers, so that any worker can answer for all."""
+
+    def add(self, field: str, value: float) -> None: ...
+
+    def inferred(self, epoch_ms: int) -> None: ...
 
 
 class StageHistogram:
@@ -88,6 +106,7 @@ class VersionStats:
         "fail_s",
         "inference_count",
         "last_inference_ms",
+        "pool",
         "queue",
         "success",
     )
@@ -104,6 +123,7 @@ class VersionStats:
         self.inference_count = 0  # rows of successful requests
         self.execution_count = 0  # backend runs
         self.last_inference_ms = 0  # wall clock, milliseconds since the epoch
+        self.pool: Pool | None = None  # with --workers: the figures pooled across workers
 
     def stage(self, name: str) -> StageHistogram:
         histogram: StageHistogram = getattr(self, name)
@@ -116,10 +136,17 @@ class VersionStats:
         self.compute_input.observe(input_s)
         self.compute_output.observe(output_s)
         self.inference_count += rows
+        if self.pool is not None:
+            self.pool.add("success_count", 1)
+            self.pool.add("success_s", total_s)
+            self.pool.add("inference_count", rows)
 
     def failed(self, total_s: float) -> None:
         self.fail_count += 1
         self.fail_s += total_s
+        if self.pool is not None:
+            self.pool.add("fail_count", 1)
+            self.pool.add("fail_s", total_s)
 
     # -- the batcher
 
@@ -132,28 +159,49 @@ class VersionStats:
         self.execution_count += 1
         self.compute_infer.observe(seconds, requests)
         self.last_inference_ms = time.time_ns() // 1_000_000
+        if self.pool is not None:
+            self.pool.add("execution_count", 1)
+            self.pool.inferred(self.last_inference_ms)
 
-    def triton(self, name: str, version: int) -> dict[str, Any]:
-        """This version's ``model_stats`` entry, as Triton's statistics extension writes it."""
-        return {
-            "name": name,
-            "version": str(version),
-            "last_inference": self.last_inference_ms,
+    def figures(self) -> dict[str, float]:
+        """This process's figures, by the names ``triton_entry`` reads."""
+        values: dict[str, float] = {
+            "success_count": self.success.count,
+            "success_s": self.success.sum,
+            "fail_count": self.fail_count,
+            "fail_s": self.fail_s,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
-            "inference_stats": {
-                "success": _duration(self.success.count, self.success.sum),
-                "fail": _duration(self.fail_count, self.fail_s),
-                **{
-                    stage: _duration(self.stage(stage).count, self.stage(stage).sum)
-                    for stage in STAGES
-                },
-                "cache_hit": _duration(0, 0.0),
-                "cache_miss": _duration(0, 0.0),
-            },
-            "batch_stats": [],
+            "last_inference_ms": self.last_inference_ms,
         }
+        for stage in STAGES:
+            values[f"{stage}_count"] = self.stage(stage).count
+            values[f"{stage}_s"] = self.stage(stage).sum
+        return values
 
 
-def _duration(count: int, seconds: float) -> dict[str, int]:
-    return {"count": count, "ns": round(seconds * _NS)}
+def triton_entry(name: str, version: int, figures: Mapping[str, float]) -> dict[str, Any]:
+    """One version's ``model_stats`` entry, as Triton's statistics extension writes it, from
+    ``figures`` (``VersionStats.figures``' names; one process's, or every worker's pooled)."""
+
+    def get(field: str) -> float:
+        return figures.get(field, 0.0)
+
+    def duration(what: str) -> dict[str, int]:
+        return {"count": round(get(f"{what}_count")), "ns": round(get(f"{what}_s") * _NS)}
+
+    return {
+        "name": name,
+        "version": str(version),
+        "last_inference": round(get("last_inference_ms")),
+        "inference_count": round(get("inference_count")),
+        "execution_count": round(get("execution_count")),
+        "inference_stats": {
+            "success": duration("success"),
+            "fail": duration("fail"),
+            **{stage: duration(stage) for stage in STAGES},
+            "cache_hit": {"count": 0, "ns": 0},
+            "cache_miss": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [],
+    }

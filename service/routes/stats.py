@@ -17,6 +17,7 @@ from service.registry import ModelVersion, Status
 from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.schemas import ModelStatsAnswer, documented
+from service.stats import triton_entry
 
 router = APIRouter(prefix="/v2/models")
 
@@ -26,7 +27,7 @@ _COUNTED = (Status.READY, Status.STOPPED)
 
 @router.get("/stats", responses=documented(ModelStatsAnswer))
 async def all_stats(request: Request) -> Response:
-    return _answer(registry_of(request).entries())
+    return _answer(request, registry_of(request).entries())
 
 
 @router.get("/{name}/stats", responses=documented(ModelStatsAnswer, 404))
@@ -40,9 +41,19 @@ async def model_stats(request: Request, name: str, version: str | None = None) -
         versions = [e for e in versions if e.version == number]
         if not versions:
             raise ModelNotFound(f"model {name!r} has no version {number}")
-    return _answer(versions)
+    return _answer(request, versions)
 
 
-def _answer(entries: Iterable[ModelVersion]) -> Response:
-    stats = [e.stats.triton(e.name, e.version) for e in entries if e.status in _COUNTED]
+def _answer(request: Request, entries: Iterable[ModelVersion]) -> Response:
+    # With --workers, every worker's figures (pooled); alone, this process's own.
+    pooled = request.app.state.metrics.pooled_figures()
+    stats = [
+        triton_entry(
+            e.name,
+            e.version,
+            e.stats.figures() if pooled is None else pooled.get((e.name, str(e.version)), {}),
+        )
+        for e in entries
+        if e.status in _COUNTED
+    ]
     return Response(orjson.dumps({"model_stats": stats}), media_type="application/json")

@@ -93,6 +93,8 @@ def test_two_workers_share_connections_survive_a_crash_and_drain_on_ctrl_c(
         after = asyncio.run(send_all())
         # Any worker's /metrics tells about the whole server, the crashed worker's counts too.
         scrapes = [metric_samples(base, "foldserve_") for _ in range(4)]
+        # Triton's statistics too, whichever worker answers (each call a fresh connection).
+        triton = [httpx.get(f"{base}/v2/models/digits-mlp/stats").json() for _ in range(4)]
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: every worker must still drain
         code = server.wait(timeout=15)
     finally:
@@ -117,6 +119,13 @@ def test_two_workers_share_connections_survive_a_crash_and_drain_on_ctrl_c(
         for stage in ("queue", "compute_output"):
             labels = f"{{model=digits-mlp,stage={stage},version=1}}"
             assert scraped[f"foldserve_stage_duration_seconds_count{labels}"] == 2 * len(inputs)
+    rows = sum(len(x) for x in inputs)
+    for answer in triton:
+        (stat,) = answer["model_stats"]
+        assert stat["inference_count"] == 2 * rows  # both rounds, the crashed worker's too
+        assert stat["inference_stats"]["success"]["count"] == 2 * len(inputs)
+        assert stat["inference_stats"]["queue"]["count"] == 2 * len(inputs)
+        assert stat["execution_count"] >= 1 and stat["last_inference"] > 0
     assert f"(pid {crashed}) exited with code -9" in output, output
     assert output.count("Finished server process") == 2, output  # both drained, none killed
     assert "Traceback" not in output, output
