@@ -1,5 +1,6 @@
 // Input drift against the frozen BatchNorm statistics: GET models/{name}/drift per serving model,
-// a verdict and, per feature (channel), the mean shift and log variance ratio as bar pairs.
+// a verdict and, per feature (channel), the mean shift and log variance ratio as bar pairs; the
+// same for each hidden BatchNorm the manifest monitors.
 import { $, el, num } from "./dom.js";
 import { HttpError, getJson } from "./http.js";
 import { barChart } from "./charts.js";
@@ -21,6 +22,33 @@ export async function refreshDrift() {
     }
   }
   renderDrift();
+}
+
+// The two bar series of a layer's features: standardized mean shift, log variance ratio.
+function bars(features) {
+  return [
+    features.map((f) => field(f, "mean_shift", "standardized_mean_shift", "shift") ?? 0),
+    features.map((f) => field(f, "log_var_ratio", "log_variance_ratio") ?? 0),
+  ];
+}
+
+// A hidden BatchNorm watched through the map from raw inputs to its input (docs/drift.md).
+function hiddenLayer(h) {
+  const canvas = el("canvas", { height: 110, "data-layer": h.layer });
+  const verdict = h.score === null || h.score === undefined ? "collecting" : h.drifted ? "drifted" : "ok";
+  const part = el(
+    "div",
+    { class: "hidden-layer", "data-layer": h.layer, "data-hidden-drift": verdict },
+    el(
+      "p",
+      { class: "muted" },
+      `hidden layer ${h.layer} (its input is a ${h.map || "linear"} map of the model's input): ` +
+        `score ${num(h.score)}${h.drifted ? ", drifted" : ""}; per ${h.axis || "feature"}.`,
+    ),
+    canvas,
+  );
+  part._draw = () => barChart(canvas, ...bars(h.features || []));
+  return part;
 }
 
 function renderDrift() {
@@ -59,9 +87,12 @@ function renderDrift() {
         ),
         canvas,
       );
-      const shift = features.map((f) => field(f, "mean_shift", "standardized_mean_shift", "shift") ?? 0);
-      const ratio = features.map((f) => field(f, "log_var_ratio", "log_variance_ratio") ?? 0);
-      block._draw = () => barChart(canvas, shift, ratio);
+      const hidden = (d.hidden || []).map(hiddenLayer);
+      block.append(...hidden);
+      block._draw = () => {
+        barChart(canvas, ...bars(features));
+        for (const part of hidden) part._draw();
+      };
       return block;
     });
   $("drift").replaceChildren(...(blocks.length ? blocks : [el("p", { class: "muted" }, "no model serving")]));

@@ -179,6 +179,11 @@ def test_the_page_shows_the_models_live_charts_drift_and_a_drawn_digit(
             bars = shown(page, f"Number(document.querySelector('{block} canvas').dataset.bars)")
             shape = manifest(store, name)["inputs"][0]["shape"]  # [64] or [1, 8, 8]
             assert bars == shape[0]  # one bar pair per feature, or per channel
+            # Each monitored hidden BatchNorm too, one bar pair per feature (channel).
+            for hidden in manifest(store, name).get("hidden_statistics", []):
+                layer = f"{block} canvas[data-layer={json.dumps(hidden['layer'])}]"
+                count = shown(page, f"Number(document.querySelector('{layer}').dataset.bars)")
+                assert count == len(hidden["mean"])
 
     # A digit drawn with real mouse events: the label each model shows is what /predict answers
     # for the 8x8 input the page sent.
