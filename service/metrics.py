@@ -16,10 +16,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.pooled_stats import Figures, PooledStats
-from service.stats import STAGE_BUCKETS, STAGES, VersionStats
+from service.stats import STAGE_BUCKETS, STAGE_METRIC, STAGES, VersionStats
 
 StageSource = Callable[[], Iterable[tuple[str, int, VersionStats]]]
-_STAGE_METRIC = "foldserve_stage_duration_seconds"
 _STAGE_HELP = (
     "Time per request in each stage, as Triton's statistics name them: queue (waiting for a "
     "batch), compute_input (reading and validating the request), compute_infer (the backend "
@@ -94,7 +93,7 @@ class Metrics:
         # versions' own counts at scrape time (no lock, no prometheus_client on the hot path).
         self._stage_histogram = (
             Histogram(
-                _STAGE_METRIC,
+                STAGE_METRIC,
                 _STAGE_HELP,
                 ["model", "version", "stage"],
                 buckets=STAGE_BUCKETS,
@@ -189,7 +188,7 @@ class _StageCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(
-            _STAGE_METRIC, _STAGE_HELP, labels=["model", "version", "stage"]
+            STAGE_METRIC, _STAGE_HELP, labels=["model", "version", "stage"]
         )
         for model, version, stats in self._source():
             for stage in STAGES:

@@ -16,11 +16,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.stats import FIELDS, STAGES
+from service.stats import FIELDS, STAGE_METRIC, STAGES
 
 _FIELDS_METRIC = "foldserve_version_stats"
 _LAST_METRIC = "foldserve_last_inference_ms"
-_STAGE_METRIC = "foldserve_stage_duration_seconds"
 Figures = dict[str, float]  # service.stats.VersionStats.figures' names
 
 
@@ -72,7 +71,7 @@ class PooledStats:
                     figures[key][sample.labels["field"]] = sample.value
                 elif family.name == _LAST_METRIC:
                     figures[key]["last_inference_ms"] = sample.value
-                elif family.name == _STAGE_METRIC and sample.labels.get("stage") in STAGES:
+                elif family.name == STAGE_METRIC and sample.labels.get("stage") in STAGES:
                     stage = sample.labels["stage"]
                     if sample.name.endswith("_count"):
                         figures[key][f"{stage}_count"] = sample.value

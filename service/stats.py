@@ -44,6 +44,7 @@ STAGE_BUCKETS = (
     10.0,
 )
 STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+STAGE_METRIC = "foldserve_stage_duration_seconds"  # their histograms in /metrics
 Mirror = Callable[[float], None]  # a pooled histogram's observe, for --workers
 # The other figures of a version's entry, by name: counts, seconds, and the last inference.
 FIELDS = (
