@@ -24,7 +24,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -35,7 +34,6 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
-import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the service package is beside it
@@ -44,6 +42,7 @@ from service.app import create_app  # noqa: E402
 from service.backends import BackendOptions  # noqa: E402
 from service.backends.onnx import OnnxBackend, choose_providers  # noqa: E402
 from service.errors import VerificationError  # noqa: E402
+from service.server import run_in_thread  # noqa: E402
 from service.settings import Device, Settings  # noqa: E402
 from service.store import read_manifest  # noqa: E402
 from service.verify import (  # noqa: E402
@@ -198,11 +197,9 @@ def server(store: Path, device: Device) -> Iterator[str]:
     """foldserve on ``device`` on a free loopback port, in this process; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
     settings = Settings(model_store=store, device=device, log_level="warning")
-    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
-    running = uvicorn.Server(config)
-    thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    running, thread = run_in_thread(create_app(settings), settings, sock)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         deadline = time.monotonic() + 120
@@ -215,7 +212,7 @@ def server(store: Path, device: Device) -> Iterator[str]:
             time.sleep(0.05)
         yield base
     finally:
-        running.should_exit = True
+        running.request_stop()
         thread.join(30)
         sock.close()
 

@@ -1,4 +1,10 @@
-"""The app factory: wires settings, metrics, registry and dataplane; renders every error once."""
+"""The application: settings, telemetry, registry, the request path and the FastAPI routes, wired
+once by ``create_app``, and run by the server (``service.http.server``).
+
+Inference requests go straight to the dataplane (``service.routes.inference``); every other
+route (health, models, metrics, docs, the status page) is a FastAPI route, run through a small
+ASGI bridge. Models load in the background at startup, so liveness answers meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -7,121 +13,173 @@ import contextlib
 import gc
 import logging
 import os
+import random
 import signal
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
+from fastapi import Response as FastApiResponse
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.dataplane import DataPlane
 from service.drift_metrics import DriftCollector
-from service.errors import FoldserveError, InvalidInput
+from service.errors import FoldserveError, InvalidInput, Overloaded
+from service.http.asgi import AsgiBridge
+from service.http.request import Request as HttpRequest
+from service.http.response import Response, error_body, failure
 from service.logs import LogFormat, configure_root
-from service.metrics import Metrics
+from service.metrics import TelemetryCollector
 from service.registry import Registry
-from service.request_context import RequestLog
+from service.request_context import write_access_line
 from service.routes import drift, health, metrics, models, repository, stats, status_page, v2
 from service.routes.access import Keys, inference_key
-from service.routes.asgi import RawRoutes
 from service.routes.docs import docs_router, openapi_document
-from service.routes.predict import PredictRoutes
-from service.routes.responses import error_body, unexpected
-from service.routes.v2 import V2Routes
-from service.settings import Settings, unknown_env_message, unknown_env_names
+from service.routes.inference import InferenceRoutes
+from service.routes.responses import unexpected
+from service.settings import Settings, setting_ref, unknown_env_message, unknown_env_names
+from service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# Health probes: answered even past max_connections, so that a busy server is not restarted.
+PROBES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
-class FoldserveApp(FastAPI):
-    """FastAPI with the inference routes answered before its middleware stack.
 
-    NOTE: every FastAPI request passes its error, telemetry and body-limit middleware and its
-    dependency solver; for a model answering in microseconds those cost more than the model.
-    The inference routes (``/predict``, V2 ``infer``) skip them and render errors the same way.
-    """
+class Service:
+    """What the server runs (``service.http.server.Application``)."""
 
     def __init__(
-        self, raw_routes: Sequence[RawRoutes], request_log: RequestLog | None = None, **kwargs: Any
+        self,
+        settings: Settings,
+        api: FastAPI,
+        registry: Registry,
+        telemetry: Telemetry,
+        inference: InferenceRoutes,
+        inference_keys: Keys,
     ) -> None:
-        super().__init__(**kwargs)
-        self.raw_routes = tuple(raw_routes)
-        self.request_log = request_log  # X-Request-ID and the access log; None: neither
+        self.settings = settings
+        self.api = api
+        self.registry = registry
+        self.telemetry = telemetry
+        self.inference = inference
+        self.inference_keys = inference_keys
+        self._bridge = AsgiBridge(api)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.access_log = (
+            AccessLog(settings.access_log_sample, settings.proxy_headers)
+            if settings.access_log and settings.access_log_sample > 0
+            else None
+        )
+
+    @property
+    def state(self) -> State:
+        return self.api.state
 
     def openapi(self) -> dict[str, Any]:
-        return openapi_document(self)  # FastAPI's routes and the raw ones, with the keys
+        return self.api.openapi()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.request_log is not None:
-            await self.request_log(self._route, scope, receive, send)
-        else:
-            await self._route(scope, receive, send)
+    # -- serving
 
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        for routes in self.raw_routes:
-            if await routes.handle(scope, receive, send):
-                return
-        await super().__call__(scope, receive, send)
+    async def handle(self, request: HttpRequest, over_limit: bool = False) -> Response:
+        if over_limit and request.path not in PROBES:
+            self.telemetry.unresolved.refused(503, 0.0, "connections")
+            return failure(self._too_many_connections())
+        target = self.inference.match(request.path)
+        if target is not None:
+            return await self.inference.handle(request, target)
+        return await self._bridge(request)
+
+    def _too_many_connections(self) -> FoldserveError:
+        limit = setting_ref("max_connections", self.settings.max_connections)
+        return Overloaded(
+            f"too many open connections to this server process ({limit}): retry shortly, or "
+            "reuse connections (keep-alive)",
+            reason="connections",
+        )
+
+    # -- life
+
+    async def startup(self) -> None:
+        self.telemetry.share()  # with --workers: where the other workers read this one's
+        self.registry.scan()
+        loading = asyncio.create_task(_load_models(self.registry), name="foldserve-load")
+        loading.add_done_callback(_log_crash)
+        self._tasks.append(loading)
+        if self.settings.load_before_serving:
+            # Connections wait in the socket's queue until the models are verified, rather
+            # than get 503 "loading".
+            await asyncio.shield(loading)
+        watching = asyncio.create_task(
+            _watch_store(
+                self.registry, loading, self.settings.poll_interval_s, self.inference_keys
+            ),
+            name="foldserve-watch",
+        )
+        watching.add_done_callback(_log_crash)
+        self._tasks.append(watching)
+
+    def start_draining(self) -> None:
+        """The server is shutting down: readiness turns 503 so that no new traffic is sent."""
+        self.api.state.draining = True
+
+    async def shutdown(self) -> None:
+        _stop_listening_for_sighup()
+        for task in reversed(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.registry.stop()  # drains: every accepted request is answered
+        gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
 
 
-def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FoldserveApp:
-    """Build an app; models load in the background at startup so liveness answers meanwhile.
+class AccessLog:
+    """One line per answered request, for a ``sample`` fraction of them (drawn at random)."""
+
+    def __init__(self, sample: float, proxy_headers: bool) -> None:
+        self.sample = sample
+        self.proxy_headers = proxy_headers
+
+    def __call__(self, request: HttpRequest, status: int) -> None:
+        if self.sample < 1.0 and random.random() >= self.sample:
+            return
+        client = request.client[0] if request.client else None
+        forwarded = request.head.forwarded_for
+        if self.proxy_headers and forwarded:
+            # The address the nearest proxy saw: the last entry it appended.
+            client = forwarded.rsplit(b",", 1)[-1].strip().decode("latin-1")[:64]
+        write_access_line(request, status, client)
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> Service:
+    """Build the application; nothing runs until the server starts it.
 
     Raises ConfigError when ``api_key_file`` cannot be read or holds no key.
     """
     inference_keys = Keys("api_key", settings.api_key, settings.api_key_file)
     management_keys = Keys("management_api_key", settings.management_api_key)
-    app_metrics = Metrics(
-        registry if registry is not None else CollectorRegistry(), settings.metrics_dir
-    )
-    model_registry = Registry(settings, app_metrics)
-    app_metrics.watch_stages(
-        lambda: ((e.name, e.version, e.stats) for e in model_registry.entries() if e.batcher)
-    )
-    app_metrics.registry.register(
-        DriftCollector(lambda: ((e.name, e.version, e.drift) for e in model_registry.entries()))
-    )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        model_registry.scan()
-        loading = asyncio.create_task(_load_models(model_registry), name="foldserve-load")
-        loading.add_done_callback(_log_crash)
-        if settings.load_before_serving:
-            # uvicorn accepts connections only once startup is over: until then they wait in
-            # the socket's queue rather than get 503 "loading".
-            await asyncio.shield(loading)
-        watching = asyncio.create_task(
-            _watch_store(model_registry, loading, settings.poll_interval_s, inference_keys),
-            name="foldserve-watch",
+    telemetry = Telemetry(settings.metrics_dir)
+    model_registry = Registry(settings, telemetry)
+    prometheus = registry if registry is not None else CollectorRegistry()
+    prometheus.register(TelemetryCollector(telemetry))
+    prometheus.register(
+        DriftCollector(
+            lambda: ((r.name, r.version, r.drift) for r in model_registry.ready_versions())
         )
-        watching.add_done_callback(_log_crash)
-        try:
-            yield
-        finally:
-            _stop_listening_for_sighup()
-            for task in (watching, loading):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await model_registry.stop()  # drains: every accepted request is answered
-            gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
-
-    dataplane = DataPlane(model_registry, app_metrics, request_timeout_s=settings.request_timeout_s)
-    raw_keys = inference_keys if inference_keys.required else None  # None: not even a check
-    app = FoldserveApp(
-        (
-            PredictRoutes(dataplane, settings.max_body_bytes, raw_keys),
-            V2Routes(dataplane, settings.max_body_bytes, raw_keys),
-        ),
-        RequestLog(settings.access_log, settings.access_log_sample),
+    )
+    dataplane = DataPlane(
+        model_registry,
+        telemetry.unresolved,
+        keys=inference_keys if inference_keys.required else None,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    api = FastAPI(
         title="foldserve",
         version=__version__,
-        lifespan=lifespan,
         # Served by routes/docs.py: /openapi.json behind the key, the pages only with `docs`.
         openapi_url=None,
         docs_url=None,
@@ -130,48 +188,37 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # no client needs it (/v2/, as the protocol's document writes it, is served as such).
         redirect_slashes=False,
     )
-    app.state.settings = settings
-    app.state.draining = False  # set at SIGTERM/SIGINT: readiness answers 503 from then on
-    app.state.metrics = app_metrics
-    app.state.model_registry = model_registry
-    app.state.dataplane = dataplane
-    app.state.inference_keys = inference_keys
-    app.state.management_keys = management_keys
+    api.openapi = lambda: openapi_document(api)  # type: ignore[method-assign]
+    api.state.settings = settings
+    api.state.draining = False  # set at SIGTERM/SIGINT: readiness answers 503 from then on
+    api.state.prometheus = prometheus
+    api.state.telemetry = telemetry
+    api.state.model_registry = model_registry
+    api.state.dataplane = dataplane
+    api.state.inference_keys = inference_keys
+    api.state.management_keys = management_keys
     guarded = [Depends(inference_key)]
-    app.include_router(health.router)
-    app.include_router(v2.health_router)
-    app.include_router(metrics.router)
-    app.include_router(drift.router, dependencies=guarded)  # before /models/{name}
-    app.include_router(models.router, dependencies=guarded)
+    api.include_router(health.router)
+    api.include_router(v2.health_router)
+    api.include_router(metrics.router)
+    api.include_router(drift.router, dependencies=guarded)  # before /models/{name}
+    api.include_router(models.router, dependencies=guarded)
     # Before the V2 router: /v2/models/stats must not be taken for a model named "stats".
-    app.include_router(stats.router, dependencies=guarded)
-    app.include_router(v2.router, dependencies=guarded)
-    app.include_router(repository.router)  # the management keys, checked by each route
-    app.include_router(docs_router(settings))
-    app.include_router(status_page.router)  # open: the page asks for the key its reads need
-    app.add_exception_handler(FoldserveError, _foldserve_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
-    return app
-
-
-def mark_draining(app: FastAPI) -> None:
-    """The server is shutting down: readiness turns 503 so that no new traffic is sent here."""
-    app.state.draining = True
-
-
-def app_from_env() -> FoldserveApp:
-    """Factory for ``uvicorn --factory`` worker processes: settings come from FOLDSERVE_* vars."""
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
-    warn_unknown_env(os.environ)
-    return create_app(settings)
+    api.include_router(stats.router, dependencies=guarded)
+    api.include_router(v2.router, dependencies=guarded)
+    api.include_router(repository.router)  # the management keys, checked by each route
+    api.include_router(docs_router(settings))
+    api.include_router(status_page.router)  # open: the page asks for the key its reads need
+    api.add_exception_handler(FoldserveError, _foldserve_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(HTTPException, _http_error)
+    api.add_exception_handler(Exception, _unexpected_error)
+    inference = InferenceRoutes(dataplane, settings)
+    return Service(settings, api, model_registry, telemetry, inference, inference_keys)
 
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
-    """foldserve's lines on stderr at ``level``, as text or one JSON object per line (uvicorn's
-    follow the same format through ``service.server.uvicorn_options``)."""
+    """foldserve's lines on stderr at ``level``, as text or one JSON object per line."""
     configure_root(level, log_format)
 
 
@@ -183,32 +230,43 @@ def warn_unknown_env(environ: Mapping[str, str]) -> list[str]:
     return unknown
 
 
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    body = error_body(message)
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
+def app_from_env() -> Service:
+    """A worker process's application: settings come from FOLDSERVE_* variables."""
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    warn_unknown_env(os.environ)
+    return create_app(settings)
 
 
-async def _foldserve_error(_: Request, exc: Exception) -> Response:
+def _api_error(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> FastApiResponse:
+    return FastApiResponse(
+        error_body(message), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+async def _foldserve_error(_: Request, exc: Exception) -> FastApiResponse:
     assert isinstance(exc, FoldserveError)
     if exc.status >= 500:
         log.warning("%s (%d): %s", type(exc).__name__, exc.status, exc.logged())
-    return error_response(exc.status, exc.message, exc.headers())
+    return _api_error(exc.status, exc.message, exc.headers())
 
 
-async def _validation_error(request: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> FastApiResponse:
     assert isinstance(exc, RequestValidationError)
     # Framework validation (e.g. a non-integer version in the path) is invalid input like ours.
     parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
     return await _foldserve_error(request, InvalidInput("; ".join(parts) or "invalid request"))
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+async def _http_error(_: Request, exc: Exception) -> FastApiResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), exc.headers)
+    return _api_error(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, unexpected(exc, f"{request.method} {request.url.path}"))
+async def _unexpected_error(request: Request, exc: Exception) -> FastApiResponse:
+    return _api_error(500, unexpected(exc, f"{request.method} {request.url.path}"))
 
 
 async def _load_models(registry: Registry) -> None:
@@ -226,8 +284,10 @@ async def _watch_store(
 ) -> None:
     """Rescan the store on SIGHUP, and every ``every_s`` seconds if set, once loading is done;
     read the key file again each time (keys rotated in place)."""
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.shield(loading)  # a crash there is logged by its own callback
+    # NOTE: asyncio.wait, not an await of the task: a crash there is logged by its own
+    # callback, and a cancellation of this watcher (shutdown) must still end it, even while
+    # the models load (it was swallowed here, and the server never exited).
+    await asyncio.wait([loading])
     hangup = asyncio.Event()
     _listen_for_sighup(hangup)
     while True:

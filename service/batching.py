@@ -1,7 +1,8 @@
 """Dynamic batching for one model version: numpy rows in, numpy rows out, no protocol.
 
 Requests queue FIFO; a batch leaves when it holds ``max_batch_size`` rows or when the oldest
-waiting request has waited ``max_delay_ms``. Requests larger than the cap are split into chunks
+waiting request has waited ``max_delay_ms``. What enters was admitted (service.admission): the
+batcher never refuses for room or time. Requests larger than the cap are split into chunks
 that may share batches with their neighbours and are reassembled in order. A batch that fails
 is re-run one request at a time, so a request only ever fails for its own rows. A request
 not answered within ``timeout_s`` (or by its own earlier deadline) fails with a timeout and its
@@ -22,7 +23,6 @@ from typing import Protocol
 
 import numpy as np
 
-from service.admission import Gate
 from service.backends import Array
 from service.errors import (
     BackendError,
@@ -31,20 +31,20 @@ from service.errors import (
     InferenceTimeout,
     InvalidInput,
     ModelNotReady,
-    Overloaded,
-    PayloadTooLarge,
 )
-from service.stats import VersionStats
 
 log = logging.getLogger(__name__)
 
 
-class BatchObserver(Protocol):
-    """Hooks for the metrics layer; called on the event loop, so they must be cheap."""
+class BatchStats(Protocol):
+    """Where the batcher counts (service.telemetry.VersionFigures): plain arithmetic on the
+    event loop, read at scrape time."""
 
-    def on_batch(self, rows: int, seconds: float) -> None: ...
+    def waited(self, seconds: float) -> None: ...
 
-    def on_queue_depth(self, rows: int) -> None: ...
+    def ran(self, requests: int, rows: int, seconds: float) -> None: ...
+
+    def gauge(self, queue_rows: int, estimated_wait_s: float) -> None: ...
 
 
 @dataclass(eq=False)  # identity equality: deque.remove must find this request, not an equal one
@@ -105,37 +105,30 @@ class Batcher:
         *,
         max_batch_size: int,
         max_delay_ms: float,
-        max_queue_rows: int,
         executor: concurrent.futures.Executor | None = None,
-        observer: BatchObserver | None = None,
         adaptive_delay: bool = False,
         inline: bool = False,
         inline_limit_ms: float = 2.0,
         timeout_s: float | None = None,
         initial_batch_s: float = 0.0,
-        stats: VersionStats | None = None,
+        stats: BatchStats | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
         if max_delay_ms < 0:
             raise ConfigError(f"max_delay_ms={max_delay_ms}: must be 0 (no wait) or more")
-        if max_queue_rows < 1:
-            raise ConfigError(f"max_queue_rows={max_queue_rows}: must be at least 1")
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigError(f"timeout_s={timeout_s}: must be None (no limit) or more than 0")
         self._run = run
         self._cap = max_batch_size
         self._delay_s = max_delay_ms / 1000.0
-        self._max_queue_rows = max_queue_rows
-        self.gate = Gate(max_queue_rows)  # requests wait there, unread, while the queue is full
         # NOTE: one worker thread by default: the loop never blocks on inference, and one model
         # version never runs two batches at once (the loop awaits each run before the next).
         self._owns_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="foldserve-batch"
         )
-        self._observer = observer
-        self._stats = stats  # Triton's statistics: each request's wait, each run's time
+        self._stats = stats  # each request's wait, each run's rows and time
         self._adaptive = adaptive_delay
         # NOTE: inline runs the model on the event loop itself. For a model that answers in tens
         # of microseconds the hop to a worker thread (~100 us, and a second thread fighting for
@@ -151,6 +144,7 @@ class Batcher:
         self._running: list[_Part] = []  # the batch in the executor: stop() may have to fail it
         self._stopping = False
         self._last_alone = True  # adaptive mode: did the previous batch hold a single request?
+        self._ran_now = False  # a lone request ran in its own task in this turn of the loop
         self._last_done = 0.0
         # Seconds per backend call, averaged; starts from a time measured at load, if any.
         self._batch_s = max(0.0, initial_batch_s)
@@ -232,17 +226,9 @@ class Batcher:
         n = len(rows)
         if n == 0:
             raise InvalidInput("request has no rows: send at least one")
-        self.gate.note_rows(n)
-        if n > self._max_queue_rows:
-            # 413, not 503: this request can never fit, so a client retrying on 503 would loop.
-            raise PayloadTooLarge(
-                f"request has {n} rows but at most {self._max_queue_rows} can queue: send fewer "
-                "rows per request or raise max_queue_rows"
-            )
-        if self._queue_rows + n > self._max_queue_rows:
-            # Retry-After 1 s, the header's smallest step: a full queue drains well within it.
-            raise Overloaded(f"queue full: {self._queue_rows} of {self._max_queue_rows} rows wait")
         loop = asyncio.get_running_loop()
+        if self._alone_now(n):
+            return self._run_now(rows, loop, time.perf_counter())
         # NOTE: perf_counter, not loop.time(): uvloop's clock moves in milliseconds.
         req = _Request(rows, loop.create_future(), loop.time(), time.perf_counter())
         was_empty = not self._queue
@@ -250,7 +236,7 @@ class Batcher:
         self._queue_rows += n
         if was_empty or self._queue_rows >= self._cap:
             self._wake.set()  # only these change what the loop waits for; skip needless wake-ups
-        self._observe()
+        self._report_queue()
         # NOTE: a timer handle, not asyncio.timeout around the await: that costs a tenth of a
         # one-sample request's whole time on the server.
         expires = None if self._timeout_s is None else req.arrived + self._timeout_s
@@ -269,11 +255,52 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
 
+    def _alone_now(self, rows: int) -> bool:
+        """Whether this request would be a batch of its own, run at once: an inline model,
+        nothing queued or running, and (adaptive delay) no batch mates seen lately, so the
+        batch task would not wait for any."""
+        return (
+            self._inline
+            and self._adaptive
+            and self._last_alone
+            and not self._ran_now
+            and not self._queue
+            and not self._running
+            and rows <= self._cap
+            and not self._stopping
+        )
+
+    def _run_now(self, rows: Array, loop: asyncio.AbstractEventLoop, submitted: float) -> Array:
+        """Run a lone request in the caller's task: exactly what the batch task would do with
+        it (one inline run, the same checks and figures), without the hand-over to that task
+        and back, which cost more than a small model's run (issue 17: ~150 us per batch)."""
+        if self._stats is not None:
+            self._stats.waited(time.perf_counter() - submitted)  # no queue: next to nothing
+        # NOTE: requests read in the same turn of the loop (a burst from many connections)
+        # arrive one after the other in it: only the first runs alone; the rest queue behind
+        # it and leave as one batch, as before.
+        self._ran_now = True
+        loop.call_soon(self._new_turn)
+        outcome = self._infer_inline(rows, 1)
+        self._last_done = loop.time()
+        self._report_queue()  # the batch time moved: so did a new row's estimated wait
+        if isinstance(outcome, _Failed):
+            error = BackendError(outcome.message, detail=_detail(outcome.cause))
+            error.__cause__ = outcome.cause
+            raise error
+        return outcome
+
+    def _new_turn(self) -> None:
+        self._ran_now = False
+
     def _expire(self, req: _Request, own_deadline: bool = False) -> None:
         if req.future.done():
             return
         message = (
-            "no result within the request's own deadline"
+            "no result within the request's own deadline (its time budget, at most "
+            f"{self._timeout_s:g} s: request_timeout_s)"
+            if own_deadline and self._timeout_s is not None
+            else "no result within the request's own deadline"
             if own_deadline
             else f"no result within {self._timeout_s:g} s (request_timeout_s)"
         )
@@ -281,24 +308,12 @@ class Batcher:
         self._discard(req)  # its rows still queued are never computed
         self._wake.set()
 
-    def _observe(self, batch_rows: int | None = None, seconds: float = 0.0) -> None:
-        """Report queue depth, or a finished batch; a metrics bug must never strand a request."""
-        if self._observer is None:
-            return
-        try:
-            if batch_rows is None:
-                self._observer.on_queue_depth(self._queue_rows)
-            else:
-                self._observer.on_batch(batch_rows, seconds)
-        except Exception:
-            log.exception("batch observer failed; serving goes on")
-
     def _discard(self, req: _Request) -> None:
         if req.taken < len(req.rows):
             self._queue.remove(req)
             self._queue_rows -= len(req.rows) - req.taken
             req.taken = len(req.rows)
-            self._observe()
+            self._report_queue()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -377,8 +392,13 @@ class Batcher:
             for req, start, _ in parts:
                 if start == 0:  # a request's wait ends when its first rows leave the queue
                     self._stats.waited(now - req.queued_at)
-        self._observe()
+        self._report_queue()
         return parts
+
+    def _report_queue(self) -> None:
+        """The queue's gauges (rows waiting, a new row's estimated wait): two slot writes."""
+        if self._stats is not None:
+            self._stats.gauge(self._queue_rows, self.estimated_wait(1))
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> None:
         self._running = parts
@@ -450,12 +470,11 @@ class Batcher:
 
     def _measured(self, rows: int, seconds: float, requests: int) -> None:
         if self._stats is not None:
-            self._stats.ran(requests, seconds)
+            self._stats.ran(requests, rows, seconds)
         if self._batch_s == 0.0:
             self._batch_s = seconds
         else:
             self._batch_s += _BATCH_TIME_WEIGHT * (seconds - self._batch_s)
-        self._observe(rows, seconds)
 
     def _check_inline_cost(self, seconds: float) -> None:
         """A model fast at load may turn slow (contention, big inputs): stop blocking the loop.

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from service.app import configure_logging, create_app, mark_draining, warn_unknown_env
+    from service.app import configure_logging, create_app, warn_unknown_env
     from service.server import serve
 
     configure_logging(settings.log_level, settings.log_format)
@@ -98,8 +98,7 @@ def _serve(settings: Settings) -> int:
         log.critical("foldserve cannot start: %s", exc.message)
         return 2
     if settings.workers == 1:
-        app = create_app(settings)
-        serve(app, settings, lambda: mark_draining(app))
+        serve(create_app(settings), settings)
         return 0
     # NOTE: worker processes rebuild the app from FOLDSERVE_* variables, so the resolved settings
     # travel that way: each worker reads exactly what this process decided. Unknown ones were
@@ -134,8 +133,6 @@ def _serve(settings: Settings) -> int:
             update={"metrics_dir": Path(metrics_dir), "load_before_serving": True}
         )
         os.environ.update(to_environ(settings))
-        # prometheus_client reads this when each worker imports it, and keeps values in files.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         # Each worker drains within shutdown_grace_s, then its batchers (bounded by the
         # request timeout): allow for both before killing one.
         stop_timeout_s = settings.shutdown_grace_s + settings.request_timeout_s + 10

@@ -1,58 +1,81 @@
-"""The protocol-free dataplane: resolve a model version, validate rows, batch, time out, count.
+"""The request path: one inference request from its head to its answer, each step once, cheapest
+refusal first.
 
-Every protocol (``/predict`` today, KServe V2 next) parses its own body into a numpy array and
-calls ``DataPlane.infer``; nothing here knows HTTP beyond the status code each error carries.
+    key (401) -> body form (415) -> time budget (400) -> resolve the version, once (404, 503)
+    -> admission before the body (503; or wait, body unread) -> read the body within its limits
+    (413, 408, 503) -> parse (400) -> validate rows (400) -> admit the rows (413, 503)
+    -> batch (504, 500) -> outputs finite (400) -> encode -> count, once
+
+Protocols differ only in their ``Codec`` (service.routes.predict, service.routes.v2): how the
+body is read and parsed, and how the answer is written. Nothing here knows HTTP beyond the status
+code each error carries and the Request the server hands over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
-from service.admission import Gate
+from service.admission import Ticket
 from service.backends import Array
-from service.errors import FoldserveError, InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge
-from service.metrics import Metrics
-from service.registry import ModelVersion, Registry
-from service.request_context import note_request
-from service.shedding import ShedLog
-from service.store import Manifest, TensorSpec
+from service.errors import FoldserveError, InvalidInput, Overloaded
+from service.http.request import Request
+from service.http.response import Response, failure
+from service.registry import Registry
+from service.routes.access import Keys
+from service.routes.content import BodyLimit, body_decoder, read_body
+from service.shedding import ShedLog, requested_timeout
+from service.store import TensorSpec
+from service.telemetry import Figures
+from service.versions import ReadyVersion
 
+log = logging.getLogger(__name__)
 # float64 values below this round to a finite float32 (at most float32's max); at or above it, to
 # infinity. float32's max itself, as numpy prints it (3.4028235e38), lies a bit above that max.
 _FLOAT32_LIMIT = 2.0**128 - 2.0**103
 _NUMERIC_KINDS = "fiu"  # floats and integers; bools, strings and objects are refused
-T = TypeVar("T")
-# NOTE: a request that would wait at the gate is refused at once only when its estimated wait
-# passes twice its time left; otherwise it waits (no CPU: its body is unread) and is refused when
-# its time runs out. Estimates made while the loop is saturated run high, and closed-loop
-# clients retry a refusal at once: refusing on a pessimistic estimate starts a storm of cheap
-# but not free refusals (measured: 218 good answers/s instead of 356 at 256 connections).
-_HOPELESS = 2.0
 
 
-@dataclass(frozen=True)
-class InferenceResult:
-    model: str
-    version: int
-    outputs: Array  # (n, *output shape), one row per input row
-    manifest: Manifest
+@dataclass
+class Parsed:
+    """A body as its protocol read it, before the version it runs on is final."""
 
-    def predictions(self) -> list[str] | list[int] | None:
-        """For classifiers: the label (or index, without labels) of each row's arg-max."""
-        if self.manifest.task != "classification" or not len(self.outputs):
-            return None
-        best = np.argmax(self.outputs.reshape(len(self.outputs), -1), axis=1)
-        labels = self.manifest.labels
-        if labels:
-            return [labels[i] for i in best.tolist()]
-        return [int(i) for i in best.tolist()]
+    payload: Any  # the protocol's own (the JSON object, the binary part)
+    model: str | None = None  # named in the body (None: as the path, or the default model)
+    version: int | None = None
+    timeout_s: float | None = None  # a time budget named in the body (V2's parameters.timeout)
+
+
+class Codec(Protocol):
+    """One protocol's side of the path."""
+
+    binary: bool  # reads application/octet-stream bodies too
+    route: str  # for the log
+
+    def version(self, name: str | None, text: str | None) -> int | None:
+        """The version a URL path names (400 or 404 for a malformed one)."""
+        ...
+
+    def limit(self, request: Request, ready: ReadyVersion | None) -> BodyLimit:
+        """The body this request may send, checked from its headers first (413)."""
+        ...
+
+    def parse(self, body: bytes, request: Request, name: str | None, number: int | None) -> Parsed:
+        """The body read; ``name`` and ``number``: what the path named, which the body's own
+        names must agree with (400)."""
+        ...
+
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
+        """The input array, in its wire dtype, as the version's input spec reads it."""
+        ...
+
+    def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response: ...
 
 
 def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
@@ -113,55 +136,15 @@ def check_finite_outputs(outputs: Array) -> None:
         )
 
 
-def admit(entry: ModelVersion, rows: int, deadline: float | None = None) -> None:
-    """Refuse a request the queue can never hold (413), cannot hold now (503, Retry-After), or
-    could not answer before ``deadline`` (the loop's clock; 503, Retry-After).
-
-    NOTE: the batcher enforces the same bound; checked here first so that the message names the
-    setting that sets it, which the batcher does not know. Nothing awaits between this check and
-    the batcher's, so the queue cannot change in between.
-    """
-    if entry.batching is None or entry.batcher is None:
-        raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
-    limit, why = entry.batching.max_queue_rows, entry.batching.queue_limit
-    if rows > limit:
-        # 413, not 503: this request can never fit, so a client retrying on 503 would loop.
-        raise PayloadTooLarge(
-            f"request has {rows} rows but at most {limit} can queue for model {entry.name!r} "
-            f"v{entry.version} ({why}): send fewer rows per request or raise the limit"
-        )
-    waiting = entry.batcher.queue_rows
-    if waiting + rows > limit:
-        raise Overloaded(
-            f"queue full for model {entry.name!r} v{entry.version}: {waiting} of {limit} rows "
-            f"wait ({why}); retry shortly",
-            model=entry.name,
-            version=entry.version,
-        )
-    if deadline is not None:
-        check_deadline(entry, rows, deadline)
-
-
-def check_deadline(entry: ModelVersion, rows: int, deadline: float) -> None:
-    """503 now for a request whose answer would come after its deadline: better than 504 later,
-    and the batches it would have taken go to requests that can still be answered in time."""
-    assert entry.batcher is not None
-    wait = entry.batcher.estimated_wait(rows)
-    left = deadline - asyncio.get_running_loop().time()
-    if wait > left:
-        raise _too_late(entry, wait, left)
-
-
-def _too_late(entry: ModelVersion, wait: float, left: float) -> Overloaded:
-    return Overloaded(
-        f"model {entry.name!r} v{entry.version} would answer in about {wait * 1000:.0f} ms, "
-        f"after the request's deadline ({max(left, 0.0) * 1000:.0f} ms left): refused now "
-        "rather than answered too late; retry later or allow more time (X-Request-Timeout)",
-        retry_after_s=max(1, math.ceil(wait)),
-        reason="deadline",
-        model=entry.name,
-        version=entry.version,
-    )
+def predictions(ready: ReadyVersion, outputs: Array) -> list[str] | list[int] | None:
+    """For classifiers: the label (or index, without labels) of each row's arg-max."""
+    manifest = ready.manifest
+    if manifest.task != "classification" or not len(outputs):
+        return None
+    best = np.argmax(outputs.reshape(len(outputs), -1), axis=1)
+    if manifest.labels:
+        return [manifest.labels[i] for i in best.tolist()]
+    return [int(i) for i in best.tolist()]
 
 
 def _kind(rows: np.ndarray) -> str:
@@ -174,125 +157,113 @@ class DataPlane:
     def __init__(
         self,
         registry: Registry,
-        metrics: Metrics,
+        unresolved: Figures,
         *,
+        keys: Keys | None = None,
         request_timeout_s: float | None = None,
         shed_log: ShedLog | None = None,
     ) -> None:
         self.registry = registry
-        self.metrics = metrics
+        self.unresolved = unresolved  # where requests that resolved to no version are counted
+        self.keys = keys  # None when no key is required: no check at all
         self.request_timeout_s = request_timeout_s
         self.shed_log = shed_log or ShedLog()
 
-    def deadline(self, requested_s: float | None, arrived: float | None = None) -> float | None:
+    def deadline(self, arrived: float, requested_s: float | None) -> float | None:
         """The loop-clock time a request's answer is due: its own budget, capped by the server's,
-        counted from ``arrived`` (the loop's clock; default now)."""
-        budgets = [b for b in (requested_s, self.request_timeout_s) if b is not None]
-        if not budgets:
-            return None
-        start = asyncio.get_running_loop().time() if arrived is None else arrived
-        return start + min(budgets)
+        counted from its arrival."""
+        cap = self.request_timeout_s
+        budget = (
+            cap if requested_s is None else requested_s if cap is None else min(requested_s, cap)
+        )
+        return None if budget is None else arrived + budget
 
-    async def enter(
-        self, name: str | None, version: int | None, deadline: float | None
-    ) -> Gate | None:
-        """Pass the model version's gate before the body is read (see service.admission):
-        at once while the queue has room, else in line with the body unread. Refused now (503)
-        when not even one row could be answered before ``deadline``: reading and parsing a body
-        costs more than the refusal, and under overload that work would take the CPU the
-        admitted requests need.
-
-        Returns the gate to ``leave()`` once the request is answered, or None when there is
-        nothing to gate: an unknown model, or one not serving, is left to the full path, which
-        reports it with the body's context.
-        """
+    async def serve(
+        self, request: Request, codec: Codec, name: str | None, version_text: str | None
+    ) -> Response:
+        ready: ReadyVersion | None = None
+        ticket: Ticket | None = None
         try:
-            entry = self.registry.resolve(name, version)
-        except FoldserveError:
-            return None
-        batcher = entry.batcher
-        if batcher is None:
-            return None
-        gate = batcher.gate
-        if not gate.enter_now():
-            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            if left is not None:
-                wait = max(batcher.estimated_wait(gate.rows_waiting()), gate.expected_wait())
-                if wait > _HOPELESS * left:
-                    raise _too_late(entry, wait, left)
-            if not await gate.wait(left):
-                raise _too_late(entry, batcher.estimated_wait(gate.rows_waiting()), 0.0)
-        if deadline is not None:
+            if self.keys is not None:
+                self.keys.check(request.head)  # first: a caller without the key learns nothing
+            decoder = body_decoder(request.head, binary=codec.binary)
+            deadline = self.deadline(request.arrived, requested_timeout(request.head.timeout))
+            number = codec.version(name, version_text)
             try:
-                check_deadline(entry, 1, deadline)
-            except Overloaded:
-                gate.leave()
-                raise
-        return gate
-
-    async def infer(
-        self,
-        name: str | None,
-        version: int | None,
-        rows: np.ndarray,
-        encode: Callable[[InferenceResult], T],
-        *,
-        started: float | None = None,
-        deadline: float | None = None,
-    ) -> T:
-        """Run one request and ``encode`` its result; ``started`` (perf_counter) lets the caller
-        include its parsing time. Counted once, with the status the client will get: an
-        encoding failure is a 500 like any other bug."""
-        started = time.perf_counter() if started is None else started
-        model, label = "", ""  # stay "" until resolved: unknown names must not become labels
-        entry = None
-        try:
-            entry = self.registry.resolve(name, version)
-            model, label = entry.name, str(entry.version)
-            note_request(model, entry.version, rows)  # for the access log
-            if entry.batcher is None or entry.manifest is None:
-                raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
-            valid = validate_rows(rows, entry.manifest.inputs[0])
-            self.metrics.observe_wait(entry.name, entry.version, entry.batcher.estimated_wait(1))
-            admit(entry, len(valid), deadline)
+                ready = self.registry.resolve(name, number)
+            except FoldserveError:
+                if name is not None:
+                    raise
+                # A path naming no model: the body may name one; the default's absence or
+                # state is reported only if it does not.
+            if ready is not None:
+                request.served(ready.name, ready.version)
+                ticket = await ready.admission.enter(deadline)
+            body = await read_body(request, codec.limit(request, ready), decoder)
+            parsed = codec.parse(body, request, name, number)
+            if parsed.timeout_s is not None:  # the body's budget beats the header's
+                deadline = self.deadline(request.arrived, parsed.timeout_s)
+            target = self._final(ready, name, number, parsed)
+            if target is not ready:
+                if ticket is not None:
+                    ticket.leave()
+                    ticket = None
+                ready = target
+                request.served(ready.name, ready.version)
+                ticket = ready.admission.enter_now()
+            assert ticket is not None and ready is not None
+            rows = validate_rows(codec.rows(parsed, ready), ready.input)
+            request.rows = rows
+            ticket.admit(len(rows), deadline)
             submitted = time.perf_counter()
-            outputs = await entry.batcher.submit(valid, deadline)  # bounded by request_timeout_s
+            outputs = await ready.batcher.submit(rows, deadline)
             returned = time.perf_counter()
             check_finite_outputs(outputs)
-            answer = encode(InferenceResult(entry.name, entry.version, outputs, entry.manifest))
-        except Exception as exc:
-            status = exc.status if isinstance(exc, FoldserveError) else 500
-            seconds = time.perf_counter() - started
-            self.metrics.observe_request(model, label, status, seconds)
-            if entry is not None:
-                entry.stats.failed(seconds)
-            if isinstance(exc, Overloaded):
-                self._shed(exc, model, label)
+            response = codec.encode(ready, outputs, parsed)
+        except FoldserveError as exc:
+            self._refused(ready, exc, request.started)
+            return failure(exc)
+        except asyncio.CancelledError:
+            # The connection closed: nobody reads an answer (its rows left the queue).
+            self._count(ready, 499, request.started)
             raise
+        except Exception:
+            self._count(ready, 500, request.started)
+            raise  # the server answers 500 with an id to find it in the log
+        finally:
+            if ticket is not None:
+                ticket.leave()
         finished = time.perf_counter()
-        self.metrics.observe_request(model, label, 200, finished - started)
-        entry.stats.succeeded(
-            len(valid), finished - started, submitted - started, finished - returned
+        ready.figures.answered(
+            len(rows), finished - request.started, submitted - request.started, finished - returned
         )
-        entry.drift.observe(valid)  # answered rows only; folded in later, off this path
-        return answer
+        ready.drift.observe(rows)  # answered rows only; folded in later, off the event loop
+        return response
 
-    def reject(
-        self, error: FoldserveError, started: float, entry: ModelVersion | None = None
-    ) -> None:
-        """Count a request refused before it reached ``infer`` (unreadable body, too large, or
-        not what the resolved ``entry`` takes: then it is counted for that model version)."""
-        model, label = ("", "") if entry is None else (entry.name, str(entry.version))
-        if isinstance(error, Overloaded) and error.model is not None:
-            model, label = error.model, str(error.version)
-        note_request(model, label)  # for the access log
-        seconds = time.perf_counter() - started
-        self.metrics.observe_request(model, label, error.status, seconds)
-        if entry is not None:
-            entry.stats.failed(seconds)
+    def _final(
+        self, ready: ReadyVersion | None, name: str | None, number: int | None, parsed: Parsed
+    ) -> ReadyVersion:
+        """The version the request runs on once its body is read: the one resolved from the
+        path, unless the body named another (which must agree with the path)."""
+        same_model = parsed.model is None or (ready is not None and parsed.model == ready.name)
+        if ready is not None and same_model and parsed.version in (None, ready.version):
+            return ready
+        model = parsed.model if parsed.model is not None else name
+        version = parsed.version if parsed.version is not None else number
+        return self.registry.resolve(model, version)
+
+    def _refused(self, ready: ReadyVersion | None, error: FoldserveError, started: float) -> None:
+        shed = error.reason if isinstance(error, Overloaded) else None
+        self._count(ready, error.status, started, shed)
         if isinstance(error, Overloaded):
-            self._shed(error, model, label)
+            # Refusals under overload come in thousands: one line, then a summary per interval.
+            name = ready.name if ready is not None else ""
+            self.shed_log.note(name, error.reason, error.message)
+        elif error.status >= 500:
+            log.warning("%s (%d): %s", type(error).__name__, error.status, error.logged())
 
-    def _shed(self, error: Overloaded, model: str, version: str) -> None:
-        self.metrics.observe_shed(model, version, error.reason)
-        self.shed_log.note(model, error.reason, error.message)
+    def _count(
+        self, ready: ReadyVersion | None, status: int, started: float, shed: str | None = None
+    ) -> None:
+        figures = self.unresolved if ready is None else ready.figures
+        figures.refused(status, time.perf_counter() - started, shed)

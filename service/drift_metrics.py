@@ -18,7 +18,8 @@ from service.drift import DriftMonitor
 class DriftCollector(Collector):
     """``foldserve_input_drift_score`` and ``..._samples`` of every loaded version, and
     ``foldserve_hidden_drift_score`` and ``..._samples`` of every monitored hidden layer, read
-    from the monitors at scrape time (as of their last fold, at most ``FOLD_EVERY_S`` old).
+    from the monitors at scrape time (as of their last fold, made in the fold thread at most
+    ``FOLD_EVERY_S`` and one fold after a request).
 
     NOTE: with ``--workers`` /metrics pools the workers' files, which a collector cannot join:
     there the drift gauges are absent and ``GET /models/{name}/drift`` answers with the statistics
@@ -48,7 +49,8 @@ class DriftCollector(Collector):
         )
         hidden_samples = GaugeMetricFamily(
             "foldserve_hidden_drift_samples",
-            "Samples in the hidden layer's drift window (decayed count)",
+            "Samples in the hidden layer's drift window (decayed count; each layer samples rows "
+            "within its own CPU budget)",
             labels=layer_labels,
         )
         for name, version, monitor in self._source():
@@ -56,10 +58,10 @@ class DriftCollector(Collector):
             if monitor.available:
                 score.add_metric([name, str(version)], math.nan if value is None else value)
                 samples.add_metric([name, str(version)], count)
-            for layer, layer_value in monitor.latest_hidden:
+            for layer, layer_value, layer_count in monitor.latest_hidden:
                 layer_score = math.nan if layer_value is None else layer_value
                 hidden_score.add_metric([name, str(version), layer], layer_score)
-                hidden_samples.add_metric([name, str(version), layer], count)
+                hidden_samples.add_metric([name, str(version), layer], layer_count)
         yield score
         yield samples
         yield hidden_score

@@ -6,6 +6,8 @@ text. ``detail`` is what only the log shows (the path, onnxruntime's message).
 
 from __future__ import annotations
 
+import os
+
 
 class FoldserveError(Exception):
     """Base of every error foldserve raises on purpose."""
@@ -37,6 +39,18 @@ class ClientDisconnected(FoldserveError):
     """The client went away mid-request; 499 (nginx's "client closed request") in the metrics."""
 
     status = 499
+
+
+class RequestTimeout(FoldserveError):
+    """The client took too long to send a request's headers or body: 408, connection closed."""
+
+    status = 408
+
+
+class HeaderFieldsTooLarge(FoldserveError):
+    """The request's headers pass ``max_header_bytes`` or ``max_headers``: 431."""
+
+    status = 431
 
 
 class Unauthorized(FoldserveError):
@@ -137,3 +151,19 @@ class FoldingError(FoldserveError):
     """A network cannot be folded safely (e.g. a BN without running statistics)."""
 
     status = 500
+
+
+def public_message(exc: BaseException) -> str:
+    """A failure as a client may read it (/models, readiness): our errors' messages, which name
+    no server path; for anything else only its kind, since its text may name paths or library
+    internals. The log gets ``logged_message``."""
+    if isinstance(exc, FoldserveError):
+        return exc.message
+    if isinstance(exc, OSError):
+        name = os.path.basename(os.fsdecode(exc.filename)) if exc.filename else "a file"
+        return f"cannot read {name}: {exc.strerror or type(exc).__name__}"
+    return "unexpected error (details in the server log)"
+
+
+def logged_message(exc: BaseException) -> str:
+    return exc.logged() if isinstance(exc, FoldserveError) else f"{type(exc).__name__}: {exc}"

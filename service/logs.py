@@ -1,9 +1,9 @@
 """Log formats: ``text`` for a person at a terminal, ``json`` (one object per line) for a collector.
 
 Both put the request id on every line written while a request is being answered (an error's
-line, a warning, the access line), so one request's lines can be found together. The same
-formatter serves foldserve's loggers (through the root logger) and uvicorn's (through the log
-config handed to uvicorn), so with ``json`` every line the server writes is one JSON object.
+line, a warning, the access line), so one request's lines can be found together. Every logger of
+the process writes through the root logger's handler, so with ``json`` every line the server
+writes is one JSON object.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import time
 from typing import Any, Literal
 
 import orjson
-from uvicorn.config import LOGGING_CONFIG
 
 from service.request_context import ACCESS_LOGGER, current_request_id
 
@@ -83,28 +82,6 @@ def configure_root(level: str, log_format: LogFormat) -> None:
         root.addHandler(handler)
     # The access log is switched by its own setting (access_log), not hidden by log_level.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
-
-
-def uvicorn_log_config(log_format: LogFormat) -> dict[str, Any]:
-    """uvicorn's ``log_config`` for the format: for text, uvicorn's own.
-
-    NOTE: uvicorn's access log stays off (foldserve writes its own, with the request id); its
-    logger is routed here too so that nothing it might write is left as text.
-    """
-    if log_format != "json":
-        return LOGGING_CONFIG
-    handler = {"formatter": "json", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
-        "handlers": {"default": handler},
-        "loggers": {
-            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
-            "uvicorn.error": {"level": "INFO"},
-            "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
-        },
-    }
 
 
 def _utc(created: float) -> str:

@@ -4,9 +4,9 @@ A hidden BatchNorm right after the first Linear or Conv2d (behind the input Batc
 raw input) normalizes an affine map of the raw input. The exporter composes the input BN's eval
 affine with that layer's weight and bias into one map and writes it to a side file of the
 version (``monitor-<layer>.npz``, listed in the manifest with its sha256,
-``service.store.HiddenStatistics``); the server maps the sampled rows through it and compares
-with the hidden BN's frozen statistics (``service.drift``). This module is the file's one
-definition, for both sides.
+``service.store.HiddenStatistics``); the server maps the sampled rows through it (``apply``, in
+the fold thread, chunked by ``values_per_row``) and compares with the hidden BN's frozen
+statistics (``service.drift``). This module is the file's one definition, for both sides.
 
 Arrays (float32):
 - linear: ``weight`` (F, H) and ``bias`` (H,): ``rows @ weight + bias``.
@@ -24,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 from service.backends import Array
 from service.errors import VerificationError
 from service.store import HiddenStatistics, Manifest
 
-MAX_WEIGHTS = 65_536  # per map: 256 KiB of float32, a few µs per row; larger maps are skipped
+# NOTE: a bound on the side file (256 KiB of float32), not on the cost: what a map costs per row
+# grows with its output positions (ResNet-50's 7x7 stem: 9,408 weights, 118 M multiply-adds an
+# image), and the monitor bounds that by sampling rows within its CPU budget (service.drift).
+MAX_WEIGHTS = 65_536
 MAX_FILE_BYTES = 1 << 20
 _ARRAYS = {"linear": ("weight", "bias"), "conv2d": ("weight", "bias", "pad_value")}
 
@@ -52,14 +54,16 @@ def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-Float64 = npt.NDArray[np.float64]
-
-
 @dataclass(frozen=True)
 class LinearMap:
     weight: Array  # (F, H)
     bias: Array  # (H,)
     positions = 1  # values of each feature per row
+
+    @property
+    def values_per_row(self) -> int:
+        """Floats one row takes through the map (its input and its output): sizes chunks."""
+        return int(self.weight.shape[0] + self.weight.shape[1])
 
     def columns(self, rows: Array) -> Array:
         """(n, F) -> (n, F): the rows the weight multiplies."""
@@ -89,6 +93,11 @@ class Conv2dMap:
             (width + 2 * pw - self.kernel[1]) // sw + 1
         )
 
+    @property
+    def values_per_row(self) -> int:
+        """Floats one row takes through the map (its columns and its output): sizes chunks."""
+        return self.positions * int(self.weight.shape[0] + self.weight.shape[1])
+
     def columns(self, rows: Array) -> Array:
         """(n, C_in, H, W) -> (n * positions, C_in * kh * kw): im2col, rows in sample order."""
         n = len(rows)
@@ -112,37 +121,6 @@ class Conv2dMap:
 
 
 MonitorMap = LinearMap | Conv2dMap
-
-
-def weighted_sums(
-    monitor_map: MonitorMap, rows: Array, weights: Float64, center: Float64
-) -> tuple[Float64, Float64]:
-    """Per hidden feature (channel), ``sum_j weights_j * mean over positions of (h - center)``
-    and the same of ``(h - center)^2``, where h is the hidden BN's input for row j.
-
-    NOTE: h is affine in the columns x, so both follow from the weighted first and second
-    moments of x: ``sum w (h - c) = m @ W + (b - c) * sum w`` and ``sum w (h - c)^2 =
-    diag(W' G W) + 2 (b - c) (m @ W) + (b - c)^2 sum w`` with ``m = sum w x``, ``G = sum w x x'``.
-    That costs (n * positions) K^2 for K columns instead of (n * positions) K C and no
-    (n, positions, C) array: taken when K <= C (digits-cnn: 9 vs 32; digits-mlp: 64 vs 128).
-    Centering on the reference mean keeps the float64 sums away from cancellation.
-    """
-    columns = monitor_map.columns(rows)  # (m, K), m = n * positions
-    per_column = np.repeat(weights / monitor_map.positions, monitor_map.positions)
-    weight, offset = monitor_map.weight, monitor_map.bias.astype(np.float64) - center
-    total = float(weights.sum())
-    if weight.shape[0] <= weight.shape[1]:
-        x = columns.astype(np.float64)
-        first = per_column @ x  # (K,)
-        gram = (x * per_column[:, None]).T @ x  # (K, K)
-        w64 = weight.astype(np.float64)
-        mapped = first @ w64  # (C,)
-        squares = ((gram @ w64) * w64).sum(0)  # diag(W' G W); einsum is 15x slower here
-        return mapped + offset * total, squares + 2 * offset * mapped + offset**2 * total
-    h = columns @ weight + (monitor_map.bias - center.astype(np.float32))  # (m, C)
-    sums: Float64 = per_column @ h
-    sums_sq: Float64 = per_column @ (h * h)
-    return sums, sums_sq
 
 
 def load_map(directory: Path, record: HiddenStatistics, manifest: Manifest) -> MonitorMap:

@@ -252,8 +252,20 @@ class HiddenDriftAnswer(BaseModel):
     source: str = Field(description="ema, population or as_imported")
     score: float | None = Field(description="null before any sample")
     drifted: bool = Field(description="score > threshold with at least min_samples in the window")
-    samples: float
+    samples: float = Field(description="this layer's decayed count of samples in its window")
+    samples_folded: int = Field(
+        description="rows this layer folded in since load (or its last reset): a layer dear "
+        "per row samples within its CPU budget"
+    )
     features: list[FeatureDriftAnswer]
+
+
+class DriftResetAnswer(BaseModel):
+    """The last time a layer's statistics were reset (non-finite sums, a failure)."""
+
+    layer: str
+    reason: str
+    at: float = Field(description="Unix time, seconds")
 
 
 class DriftAnswer(BaseModel):
@@ -281,3 +293,13 @@ class DriftAnswer(BaseModel):
     monitored: list[str] = Field(description="every monitored BatchNorm: the input's, then hidden")
     min_samples: int
     score_definition: str
+    samples_observed: int = Field(description="rows of answered requests seen since load")
+    samples_folded: int = Field(
+        description="of them, rows the input BatchNorm's statistics took in (since load or "
+        "its last reset); the others were left out to keep within cpu_budget or memory"
+    )
+    cpu_budget: float | None = Field(
+        description="the share of one core the monitor may spend, all its layers together"
+    )
+    resets: int = Field(description="times a layer's statistics were reset since load")
+    last_reset: DriftResetAnswer | None = Field(description="null: never reset")

@@ -1,97 +1,90 @@
-"""One server process: uvicorn with our connection policy and a drain that exits 0.
+"""One server process: foldserve's HTTP server on its socket, with uvloop when installed.
 
-On SIGTERM or SIGINT: readiness turns 503 at once (a load balancer stops sending), the listening
-socket closes (new connections are refused), every request already received is answered, idle
-keep-alive connections get a short grace for requests already on their way, then the batchers
-drain and the process exits 0 within ``shutdown_grace_s``. A second SIGINT quits at once.
+The drain (SIGTERM, SIGINT) is the server's (service.http.server): readiness turns 503 at once,
+the listening socket closes, every request already received is answered, then the batchers drain
+and the process exits 0 within ``shutdown_grace_s``. A second signal quits at once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Generator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
-import uvicorn
-
-from service.http_protocol import protocol_factory
-from service.logs import uvicorn_log_config
+from service.app import Service
+from service.http.limits import HttpLimits
+from service.http.server import HttpServer
 from service.settings import Settings
+from service.threads import unfinished
 
 log = logging.getLogger(__name__)
 
-_HANDLED = (signal.SIGINT, signal.SIGTERM)
+BACKLOG = 2048
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's options from the settings; the same for one process and for each worker."""
-    options: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        # NOTE: foldserve writes its own access log (service.request_context: with the request
-        # id, model and latency, never the query string); uvicorn's stays off.
-        "access_log": False,
-        "log_config": uvicorn_log_config(settings.log_format),
-        "proxy_headers": settings.proxy_headers,
-        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "timeout_keep_alive": settings.keep_alive_timeout_s,
-        "timeout_graceful_shutdown": settings.shutdown_grace_s,
-        "limit_concurrency": settings.max_connections,
-    }
-    if importlib.util.find_spec("httptools"):
-        options["http"] = protocol_factory(settings.header_timeout_s, settings.body_timeout_s)
-    else:  # uvicorn's pure-Python parser: no header or body timeouts, so say so
-        log.warning(
-            "httptools is not installed: header_timeout_s and body_timeout_s are not enforced"
-        )
-        options["http"] = "h11"
-    return options
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    return sock
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server that reports the drain at the signal and exits normally after it.
-
-    NOTE: uvicorn re-raises the signal once it has drained, so the process dies "killed by
-    SIGTERM" (exit -15) even after a clean drain; an orchestrator reads that as a crash.
-    """
-
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_drain = on_drain
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            self._on_drain()
-            log.info("signal %s: draining (readiness is now 503)", signal.Signals(sig).name)
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+def http_server(app: Service, settings: Settings) -> HttpServer:
+    """The server exactly as ``foldserve serve`` runs it (tests run this one too)."""
+    return HttpServer(app, HttpLimits.of(settings), access_log=app.access_log)
 
 
-def serve(
-    app: Any, settings: Settings, on_drain: Callable[[], None], sock: socket.socket | None = None
-) -> None:
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if importlib.util.find_spec("uvloop") is None:
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def serve(app: Service, settings: Settings, sock: socket.socket | None = None) -> None:
     """Run ``app`` until a signal, then drain; on ``sock`` if given (a worker's own socket)."""
-    config = uvicorn.Config(app, **uvicorn_options(settings))
+    own = sock is None
+    sock = listening_socket(settings.host, settings.port) if sock is None else sock
     if threading.current_thread() is threading.main_thread():
         # SIGHUP means "rescan the store" once the models are loaded; until the app listens for
         # it, its default action (end the process) must not apply.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    DrainingServer(config, on_drain).run(sockets=None if sock is None else [sock])
+    server = http_server(app, settings)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(server.serve([sock]))
+    finally:
+        if own:
+            sock.close()
+    left = unfinished()
+    if left:
+        # NOTE: a model still being loaded runs native code (onnxruntime) in its thread; letting
+        # the interpreter finalize around it can abort the process (SIGABRT). Everything that
+        # was accepted has been answered: end the process here.
+        log.info("exiting with %d model loads unfinished (%s)", len(left), ", ".join(left))
+        logging.shutdown()
+        os._exit(0)
+
+
+def run_in_thread(app: Service, settings: Settings, sock: socket.socket) -> tuple[HttpServer, Any]:
+    """Start the server in a thread (tests): returns it and the thread; stop with
+    ``server.request_stop()`` and join the thread."""
+    server = http_server(app, settings)
+
+    def main() -> None:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(server.serve([sock]))
+
+    thread = threading.Thread(target=main, name="foldserve-server", daemon=True)
+    thread.start()
+    return server, thread

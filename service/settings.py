@@ -78,7 +78,12 @@ class Settings(BaseSettings):
         "auto",
         description="auto: CUDA when present, else CPU (logged); cuda: missing GPU is an error",
     )
-    intra_op_threads: int = Field(1, ge=1, description="threads per inference session")
+    intra_op_threads: int | None = Field(
+        None,
+        ge=1,
+        description="threads per inference session (unset: every usable CPU for a model whose "
+        "one row takes 1 ms or more, else one; said in the log at load)",
+    )
     max_batch_size: int | None = Field(None, ge=1, description="override every manifest's row cap")
     max_delay_ms: float | None = Field(None, ge=0, description="override every manifest's delay")
     # NOTE: a dict field: pydantic-settings reads FOLDSERVE_MODEL_BATCHING as JSON, e.g.
@@ -103,10 +108,8 @@ class Settings(BaseSettings):
     access_log_sample: float = Field(
         1.0, ge=0, le=1, description="fraction of requests the access log writes (drawn at random)"
     )
-    # NOTE: off by default: uvicorn's middleware for it wraps every request (6% of the event
-    # loop's samples at 13k req/s) and foldserve itself never looks at client addresses.
     proxy_headers: bool = Field(
-        False, description="take client address and scheme from a proxy's X-Forwarded-* headers"
+        False, description="the access log's client address from a proxy's X-Forwarded-For"
     )
     max_queue_rows: int = Field(4096, ge=1, description="rows waiting per model before 503")
     # NOTE: rows alone do not bound memory: 4096 queued 3x224x224 images are 2.4 GB. The
@@ -114,11 +117,31 @@ class Settings(BaseSettings):
     max_queue_bytes: int = Field(
         256 << 20, ge=1024, description="input bytes waiting per model before 503"
     )
-    # NOTE: 64 MiB: JSON spends ~20 bytes of text per float32 value, so one 3x224x224 image is
-    # ~3 MB as JSON (0.6 MB as V2 binary): room for ~20 images as JSON, ~100 as binary.
+    # NOTE: 64 MiB of binary tensors: ~100 images of 3x224x224 as V2 binary (0.6 MB each).
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest accepted request body (413 above)"
     )
+    # NOTE: a JSON body is parsed on the event loop, at ~5 ms per MB of typical floats (and up to
+    # ~40 ms per MB of one-digit numbers), while nothing else is served: these two bound that
+    # pause. Larger tensors go as V2 binary tensors, which are not parsed at all.
+    max_json_bytes: int = Field(
+        8 << 20, ge=1024, description="largest JSON body (or V2 JSON header), as decoded (413)"
+    )
+    max_json_items: int = Field(
+        1 << 19,
+        ge=1,
+        description="numbers and lists a JSON body may hold: what its parsing costs (413)",
+    )
+    max_body_memory_bytes: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        description="request bodies held at once in this process, all requests together "
+        "(503 past it)",
+    )
+    max_header_bytes: int = Field(
+        65_536, ge=1024, description="request line and headers of one request (431 past it)"
+    )
+    max_headers: int = Field(100, ge=8, description="header fields of one request (431 past it)")
     require_bitwise_invariance: bool = Field(
         False, description="serve only models measured bit for bit the same in any batch"
     )
@@ -142,7 +165,9 @@ class Settings(BaseSettings):
         description="an idle connection (before or between requests) is closed after this",
     )
     max_connections: int = Field(
-        2048, ge=1, description="open connections (and requests) per process; past it 503"
+        2048,
+        ge=1,
+        description="open connections per process; past it 503 (health probes still answered)",
     )
     poll_interval_s: float | None = Field(
         None, gt=0, description="rescan the store this often for new, changed or removed versions"
@@ -187,7 +212,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field(
-        "text", description="text, or json: every line (foldserve's and uvicorn's) one JSON object"
+        "text", description="text, or json: every line one JSON object"
     )
     metrics_dir: Path | None = Field(
         None, description="where --workers processes pool their metrics (the supervisor sets it)"

@@ -280,6 +280,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_model_name(name: str) -> bool:
+    return _NAME_PATTERN.fullmatch(name) is not None
+
+
 def check_model_name(name: str) -> str:
     if not _NAME_PATTERN.fullmatch(name):
         raise StoreError(

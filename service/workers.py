@@ -26,8 +26,6 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from prometheus_client.multiprocess import mark_process_dead
-
 from service.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -159,17 +157,11 @@ class Supervisor:
                     worker.process.exitcode,
                     uptime,
                 )
-                self._forget_metrics(worker)
                 if failed_starts >= _MAX_FAILED_STARTS:
                     log.error("workers keep failing at start; stopping (see the log above)")
                     return False
                 self._workers[slot] = self._spawn(worker.index)
         return True
-
-    def _forget_metrics(self, worker: _Worker) -> None:
-        # Its counts stay in the totals; its gauges leave the live ones.
-        if self._metrics_dir is not None and worker.process.pid is not None:
-            mark_process_dead(worker.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._stopping = True
@@ -232,18 +224,18 @@ def run_worker(sock: socket.socket, parent_pid: int) -> None:
     """
     # NOTE: out of the terminal's process group: Ctrl-C reaches the supervisor alone, which
     # sends each worker one SIGTERM. A worker seeing both would take the second signal for
-    # uvicorn's "quit now, no drain". The supervisor dying is covered by _die_with_parent.
+    # the server's "quit now, no drain". The supervisor dying is covered by _die_with_parent.
     os.setpgrp()
     # A signal arriving before the server listens for it ends the worker quietly (nothing to
     # drain yet), sparing a traceback.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _exit_quietly)
     _die_with_parent(parent_pid)
-    from service.app import app_from_env, mark_draining
+    from service.app import app_from_env
     from service.server import serve
 
     app = app_from_env()
-    serve(app, app.state.settings, lambda: mark_draining(app), sock)
+    serve(app, app.settings, sock)
 
 
 def _exit_quietly(sig: int, frame: FrameType | None) -> None:

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.requests import HTTPConnection
-from starlette.types import Scope
 
 from service.errors import ConfigError, Unauthorized
+from service.http.request import Head
 from service.settings import setting_ref
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,15 @@ def read_key_file(path: Path) -> list[bytes]:
         # An empty file must not turn authentication off without a word.
         raise ConfigError(f"{named} holds no key: write one key per line")
     return found
+
+
+def head_key(head: Head) -> bytes | None:
+    """The key a request carries, from its parsed head (the first of each header)."""
+    if head.authorization is not None:
+        scheme, _, token = head.authorization.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+    return head.api_key or None
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -80,9 +89,16 @@ class Keys:
     def required(self) -> bool:
         return bool(self._keys)
 
-    def check(self, scope: Scope) -> None:
+    def check(self, head: Head) -> None:
         """Raise 401 unless the request carries one of the keys (nothing to do without keys)."""
-        if self._keys and not key_matches(presented_key(scope["headers"]), self._keys):
+        self.check_key(head_key(head))
+
+    def check_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """As ``check``, for an ASGI request's headers (the FastAPI routes)."""
+        self.check_key(presented_key(headers))
+
+    def check_key(self, presented: bytes | None) -> None:
+        if self._keys and not key_matches(presented, self._keys):
             raise Unauthorized(
                 f"a valid key is required ({self.name}): send Authorization: Bearer <key> or "
                 "X-API-Key: <key>"
@@ -106,7 +122,7 @@ class Keys:
 def inference_key(connection: HTTPConnection) -> None:
     """FastAPI dependency of the routes behind the inference key."""
     keys: Keys = connection.app.state.inference_keys
-    keys.check(connection.scope)
+    keys.check_headers(connection.scope["headers"])
 
 
 def metrics_key(connection: HTTPConnection) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from service.metrics import Metrics
 from service.routes.access import metrics_key
 
 router = APIRouter()
@@ -20,5 +19,5 @@ router = APIRouter()
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
 async def metrics(request: Request) -> Response:
-    app_metrics: Metrics = request.app.state.metrics
-    return Response(app_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    prometheus: CollectorRegistry = request.app.state.prometheus
+    return Response(generate_latest(prometheus), media_type=CONTENT_TYPE_LATEST)

@@ -9,9 +9,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.errors import ModelNotFound
-from service.registry import ModelVersion, Registry, Status
+from service.registry import Registry
 from service.schemas import ModelsAnswer, ModelVersions, documented
 from service.verify import TOLERANCE_BASIS
+from service.versions import Status, VersionRecord
 
 router = APIRouter()
 
@@ -21,16 +22,17 @@ def registry_of(request: Request) -> Registry:
     return registry
 
 
-def describe(entry: ModelVersion) -> dict[str, Any]:
+def describe(entry: VersionRecord) -> dict[str, Any]:
     info: dict[str, Any] = {
         "name": entry.name,
         "version": entry.version,
         "status": entry.status.value,
         "reason": entry.reason,
     }
-    if entry.backend is not None:
-        info.update(backend=entry.backend.format, device=entry.backend.device)
-    report = entry.report
+    learned = entry.learned
+    if learned.backend is not None:
+        info.update(backend=learned.backend.format, device=learned.backend.device)
+    report = learned.report
     if report is not None:
         info.update(
             golden_max_abs_diff=report.golden_max_abs_diff,
@@ -44,13 +46,15 @@ def describe(entry: ModelVersion) -> dict[str, Any]:
                 "basis": TOLERANCE_BASIS,
             },
         )
-    if entry.batching is not None and entry.batcher is not None:
-        info["batching"] = {**dataclasses.asdict(entry.batching), "inline": entry.batcher.inline}
-    if entry.manifest is not None:
-        spec = entry.manifest.inputs[0]
-        info.update(task=entry.manifest.task, input_shape=spec.shape, labels=entry.manifest.labels)
-        claim = entry.manifest.verification
-        bits = entry.bitwise
+    ready = entry.ready
+    if ready is not None:
+        info["batching"] = {**dataclasses.asdict(ready.batching), "inline": ready.batcher.inline}
+    manifest = learned.manifest
+    if manifest is not None:
+        spec = manifest.inputs[0]
+        info.update(task=manifest.task, input_shape=spec.shape, labels=manifest.labels)
+        claim = manifest.verification
+        bits = learned.bitwise
         info["bitwise_batch_invariance"] = {
             # What the exporter measured on its runtime, then what this server measured on its
             # own: another runtime, version or device may sum in another order.
@@ -65,7 +69,7 @@ def describe(entry: ModelVersion) -> dict[str, Any]:
     return info
 
 
-def _unmeasured(entry: ModelVersion) -> str:
+def _unmeasured(entry: VersionRecord) -> str:
     return "not measured yet" if entry.status is Status.LOADING else "not measured"
 
 
@@ -86,7 +90,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request, name: str) -> Response:
     versions = [describe(e) for e in registry_of(request).entries() if e.name == name]
     if not versions:
-        raise ModelNotFound(f"model {name!r} not found")
+        raise ModelNotFound(f"model {name[:64]!r} not found")
     return Response(
         orjson.dumps({"name": name, "versions": versions}), media_type="application/json"
     )

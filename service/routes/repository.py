@@ -24,7 +24,7 @@ def _enabled(request: Request) -> Registry:
         # As if the route did not exist: nothing tells a prober the API is there but off.
         raise ModelNotFound("not found: the management API is off (FOLDSERVE_MANAGEMENT_API)")
     keys: Keys = request.app.state.management_keys
-    keys.check(request.scope)
+    keys.check_headers(request.scope["headers"])
     registry: Registry = request.app.state.model_registry
     return registry
 

@@ -13,11 +13,12 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.errors import ModelNotFound
-from service.registry import ModelVersion, Status
 from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.schemas import ModelStatsAnswer, documented
 from service.stats import triton_entry
+from service.telemetry import Telemetry
+from service.versions import Status, VersionRecord
 
 router = APIRouter(prefix="/v2/models")
 
@@ -44,15 +45,12 @@ async def model_stats(request: Request, name: str, version: str | None = None) -
     return _answer(request, versions)
 
 
-def _answer(request: Request, entries: Iterable[ModelVersion]) -> Response:
+def _answer(request: Request, entries: Iterable[VersionRecord]) -> Response:
     # With --workers, every worker's figures (pooled); alone, this process's own.
-    pooled = request.app.state.metrics.pooled_figures()
+    telemetry: Telemetry = request.app.state.telemetry
+    readings = telemetry.read()
     stats = [
-        triton_entry(
-            e.name,
-            e.version,
-            e.stats.figures() if pooled is None else pooled.get((e.name, str(e.version)), {}),
-        )
+        triton_entry(e.name, e.version, readings.get((e.name, str(e.version))))
         for e in entries
         if e.status in _COUNTED
     ]

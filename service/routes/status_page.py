@@ -18,9 +18,9 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.errors import FoldserveError
-from service.registry import ModelVersion
 from service.routes.access import inference_key
 from service.routes.models import registry_of
+from service.versions import VersionRecord
 
 router = APIRouter(include_in_schema=False)
 
@@ -82,9 +82,9 @@ async def batch_norm_report(request: Request) -> Response:
     return Response(orjson.dumps({"versions": versions}), media_type="application/json")
 
 
-def _report(entry: ModelVersion) -> dict[str, Any]:
+def _report(entry: VersionRecord) -> dict[str, Any]:
     info: dict[str, Any] = {"name": entry.name, "version": entry.version}
-    manifest = entry.manifest
+    manifest = entry.learned.manifest
     if manifest is None:  # not loaded (yet), or its manifest could not be read
         return info
     provenance = manifest.provenance

@@ -1,8 +1,8 @@
 """The KServe V2 / Open Inference Protocol, with Triton's binary tensor and config extensions.
 
-Parsing and encoding live here and only here; inference goes through ``DataPlane.infer``, so V2
-requests join the same batches as ``/predict`` ones. ``infer`` is served in raw ASGI ahead of
-FastAPI (like ``/predict``); metadata, health and config are ordinary FastAPI routes.
+Parsing and encoding live here and only here; inference goes through service.dataplane (the
+``V2Codec`` below), so V2 requests join the same batches as ``/predict`` ones. Metadata, health
+and config are ordinary FastAPI routes.
 
 Binary tensors: with the header ``Inference-Header-Content-Length: n`` the body is ``n`` bytes of
 JSON, then the raw little-endian bytes of every input whose ``parameters.binary_data_size`` is
@@ -11,31 +11,21 @@ set, in input order. Outputs asked for as binary come back the same way.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import re
-import time
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
-from starlette.types import Receive, Scope, Send
 
 from service import __version__
-from service.dataplane import DataPlane, InferenceResult
-from service.errors import FoldserveError, InvalidInput, ModelNotReady
-from service.registry import BatchingChoice, ModelVersion
-from service.routes.access import Keys
-from service.routes.asgi import (
-    byte_count,
-    header,
-    method_not_allowed,
-    read_body,
-    respond,
-    respond_error,
-)
-from service.routes.content import body_decoder
+from service.backends import Array
+from service.dataplane import Parsed
+from service.errors import FoldserveError, InvalidInput, ModelNotReady, PayloadTooLarge
+from service.http.request import Request as HttpRequest
+from service.http.response import JSON
+from service.http.response import Response as HttpResponse
+from service.routes.content import BodyLimit, byte_count, check_items, json_limit, megabytes
 from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.routes.responses import error_body, quoted
@@ -49,93 +39,101 @@ from service.schemas import (
     ServerMetadata,
     documented,
 )
-from service.shedding import TIMEOUT_HEADER, requested_timeout, timeout_parameter
-from service.store import Manifest, TensorSpec
+from service.settings import Settings, setting_ref
+from service.shedding import timeout_parameter
+from service.store import TensorSpec
+from service.versions import ReadyVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 HEADER_LENGTH = b"inference-header-content-length"
 # V2 datatype -> little-endian wire dtype; every one is cast to float32 by the dataplane.
 DATATYPES = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")  # fullmatch
 
 # NOTE: the routes behind the inference key, and the health probes, which are always open.
 router = APIRouter(prefix="/v2")
 health_router = APIRouter(prefix="/v2")
 
 
-# ---------------------------------------------------------------- infer (raw ASGI)
+# ---------------------------------------------------------------- infer (service.dataplane)
 
 
-class V2Routes:
-    """Answers ``POST /v2/models/{name}[/versions/{v}]/infer`` in raw ASGI."""
+class V2Codec:
+    """``POST /v2/models/{name}[/versions/{v}]/infer``: JSON tensors, or Triton's binary ones."""
 
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int, keys: Keys | None = None) -> None:
-        self.dataplane = dataplane
-        self.max_body_bytes = max_body_bytes
-        self.keys = keys  # None when no key is required: no check at all
+    binary = True
+    route = "/v2 infer"
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Serve the request if it is ours; ``False`` leaves it to the framework."""
-        if scope["type"] != "http":
-            return False
-        match = _INFER_PATH.fullmatch(scope["path"])
-        if match is None:
-            return False
-        if scope["method"] != "POST":
-            await method_not_allowed(send, scope["method"])
-            return True
-        try:
-            body, headers, content_type = await self._infer(scope, receive, *match.groups())
-        except Exception as exc:
-            await respond_error(send, exc, "/v2 infer")
-            return True
-        await respond(send, 200, body, headers, content_type)
-        return True
+    def __init__(self, settings: Settings) -> None:
+        self._json = json_limit(settings)
+        self._binary = BodyLimit(
+            settings.max_body_bytes, setting_ref("max_body_bytes", settings.max_body_bytes)
+        )
 
-    async def _infer(
-        self, scope: Scope, receive: Receive, name: str, version: str | None
-    ) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
-        started = time.perf_counter()
-        plane = self.dataplane
-        entry = None
-        gate = None
-        try:
-            arrived = asyncio.get_running_loop().time()
-            try:
-                if self.keys is not None:
-                    self.keys.check(scope)  # first: a caller without the key learns nothing
-                decoder = body_decoder(scope, binary=True)
-                requested = requested_timeout(header(scope, TIMEOUT_HEADER))
-                number = v2_path_version(name, version)
-                gate = await plane.enter(name, number, plane.deadline(requested, arrived))
-                body = await read_body(scope, receive, self.max_body_bytes, decoder)
-                text, payload, binary = _split(body, header(scope, HEADER_LENGTH))
-                number = _named_model(payload, name, number)
-                # Triton's per-request timeout (microseconds) beats the header if both are sent.
-                requested = timeout_parameter(payload.get("parameters")) or requested
-                deadline = plane.deadline(requested, arrived)
-                # The manifest names the input and its per-sample shape; the request is checked
-                # against the version it resolves to, and exactly that version then runs it.
-                entry = plane.registry.resolve(name, number)
-                manifest = _manifest(entry)
-                rows = _input_rows(payload, text, binary, manifest.inputs[0])
-                binary_out = _binary_output(payload, manifest.outputs[0])
-            except FoldserveError as exc:
-                plane.reject(exc, started, entry)
-                raise
-            request_id = payload.get("id")
-            return await plane.infer(
-                entry.name,
-                entry.version,
-                rows,
-                lambda result: _encode(result, request_id, binary_out),
-                started=started,
-                deadline=deadline,
+    def version(self, name: str | None, text: str | None) -> int | None:
+        assert name is not None  # the path always names the model
+        return v2_path_version(name, text)
+
+    def limit(self, request: HttpRequest, ready: ReadyVersion | None) -> BodyLimit:
+        declared = request.head.inference_header_length
+        if declared is None:
+            return self._json
+        header = byte_count(declared)
+        if header is not None and header > self._json.max_bytes:
+            raise PayloadTooLarge(
+                f"JSON header of {megabytes(header)} exceeds {self._json.bytes_setting}"
             )
-        finally:
-            if gate is not None:  # answered (or the client went away): the next may come in
-                gate.leave()
+        length = request.head.content_length
+        total = None if length is None else byte_count(length)
+        if ready is not None and header is not None and total is not None and total > header:
+            # At 8 bytes a value at most (FP64, INT64), the binary part holds at least this
+            # many rows: refused before it is read when the queue could never hold them.
+            values = math.prod(ready.input.shape)
+            rows = (total - header) // (8 * values)
+            limit = ready.admission.max_queue_rows
+            if rows > limit:
+                raise PayloadTooLarge(
+                    f"request holds at least {rows} rows of binary tensor data but at most "
+                    f"{limit} can queue for model {ready.name!r} v{ready.version} "
+                    f"({ready.admission.queue_limit}): send fewer rows per request"
+                )
+        return self._binary
+
+    def parse(
+        self, body: bytes, request: HttpRequest, name: str | None, number: int | None
+    ) -> Parsed:
+        assert name is not None
+        text, payload, binary = _split(body, request.head.inference_header_length)
+        check_items(text, self._json)
+        version = _named_model(payload, name, number)
+        timeout = timeout_parameter(payload.get("parameters"))
+        request_id = payload.get("id")
+        return Parsed(_Body(payload, text, binary, request_id), None, version, timeout)
+
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
+        wire: _Body = parsed.payload
+        rows = _input_rows(wire.payload, wire.text, wire.binary, ready.input)
+        wire.binary_out = _binary_output(wire.payload, ready.manifest.outputs[0])
+        return rows
+
+    def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> HttpResponse:
+        wire: _Body = parsed.payload
+        return _encode(ready, outputs, wire.request_id, wire.binary_out)
+
+
+class _Body:
+    """A V2 body as parsed: the JSON object, its text, the binary part after it."""
+
+    __slots__ = ("binary", "binary_out", "payload", "request_id", "text")
+
+    def __init__(
+        self, payload: dict[str, Any], text: bytes, binary: memoryview, request_id: str | None
+    ) -> None:
+        self.payload = payload
+        self.text = text
+        self.binary = binary
+        self.request_id = request_id
+        self.binary_out = False
 
 
 def _split(body: bytes, declared: bytes | None) -> tuple[bytes, dict[str, Any], memoryview]:
@@ -189,18 +187,6 @@ def _named_model(payload: dict[str, Any], name: str, version: int | None) -> int
             f'"model_version" is {quoted(asked)} in the body but {str(version)!r} in the path'
         )
     return number
-
-
-def _batching(entry: ModelVersion) -> BatchingChoice:
-    if entry.batching is None:
-        raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
-    return entry.batching
-
-
-def _manifest(entry: ModelVersion) -> Manifest:
-    if entry.manifest is None:
-        raise ModelNotReady(f"model {entry.name!r} v{entry.version} is not serving")
-    return entry.manifest
 
 
 def _input_rows(
@@ -311,25 +297,25 @@ def _binary_output(payload: dict[str, Any], spec: TensorSpec) -> bool:
 
 
 def _encode(
-    result: InferenceResult, request_id: str | None, binary: bool
-) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
-    spec = result.manifest.outputs[0]
-    outputs = np.ascontiguousarray(result.outputs, dtype="<f4")  # orjson: C order only
+    ready: ReadyVersion, result: Array, request_id: str | None, binary: bool
+) -> HttpResponse:
+    spec = ready.manifest.outputs[0]
+    outputs = np.ascontiguousarray(result, dtype="<f4")  # orjson: C order only
     tensor: dict[str, Any] = {"name": spec.name, "datatype": "FP32", "shape": outputs.shape}
     raw = outputs.tobytes() if binary else b""
     if binary:
         tensor["parameters"] = {"binary_data_size": len(raw)}
     else:
         tensor["data"] = outputs.reshape(-1)
-    answer: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
+    answer: dict[str, Any] = {"model_name": ready.name, "model_version": str(ready.version)}
     if request_id is not None:
         answer["id"] = request_id
     answer["outputs"] = [tensor]
     body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
-        return body, [], b"application/json"
+        return HttpResponse(200, body, JSON)
     headers = [(HEADER_LENGTH, str(len(body)).encode())]
-    return body + raw, headers, b"application/octet-stream"
+    return HttpResponse(200, body + raw, b"application/octet-stream", headers)
 
 
 # ---------------------------------------------------------------- metadata, health, config
@@ -343,7 +329,7 @@ def _error(exc: FoldserveError) -> Response:
     return Response(error_body(exc.message), exc.status, exc.headers(), "application/json")
 
 
-def _resolve(request: Request, name: str, version: str | None) -> ModelVersion:
+def _resolve(request: Request, name: str, version: str | None) -> ReadyVersion:
     return registry_of(request).resolve(name, v2_path_version(name, version))
 
 
@@ -377,9 +363,9 @@ async def ready(request: Request) -> Response:
 @router.get("/models/{name}/versions/{version}", responses=documented(ModelMetadata, 404, 503))
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     entry = _resolve(request, name, version)
-    manifest = _manifest(entry)
+    manifest = entry.manifest
     versions = [str(e.version) for e in registry_of(request).entries() if e.name == name]
-    fmt = entry.backend.format if entry.backend is not None else "onnx"
+    fmt = entry.backend.format
     return _json(
         {
             "name": entry.name,
@@ -406,8 +392,8 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """Triton's model configuration, enough for perf_analyzer and tritonclient."""
     entry = _resolve(request, name, version)
-    manifest = _manifest(entry)
-    fmt = entry.backend.format if entry.backend is not None else "onnx"
+    manifest = entry.manifest
+    fmt = entry.backend.format
 
     def dims(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
         return [{"name": s.name, "data_type": "TYPE_FP32", "dims": list(s.shape)} for s in specs]
@@ -419,7 +405,7 @@ async def model_config(request: Request, name: str, version: str | None = None) 
             # NOTE: the batcher splits a large request into batches of the manifest's row cap,
             # so the largest batch one request may carry is the queue's bound, not that cap:
             # max_queue_rows, or fewer for large inputs (max_queue_bytes).
-            "max_batch_size": _batching(entry).max_queue_rows,
+            "max_batch_size": entry.batching.max_queue_rows,
             "input": dims(manifest.inputs),
             "output": dims(manifest.outputs),
             "dynamic_batching": {},

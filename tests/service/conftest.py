@@ -3,10 +3,10 @@ store, and a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -18,8 +18,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import uvicorn
 
+from service.app import Service
+from service.http.request import KNOWN, Body, Head, Request
+from service.http.server import HttpServer
+from service.server import run_in_thread
 from service.store import (
     BatchingConfig,
     Golden,
@@ -262,20 +265,20 @@ def reference(store_root: Path, x: np.ndarray, name: str = "tiny", version: int 
 
 @contextlib.contextmanager
 def running(
-    app: Any, *, wait_loaded: bool = True, key: str | None = None
-) -> Iterator[tuple[str, uvicorn.Server]]:
-    """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL and server.
+    app: Service, *, wait_loaded: bool = True, key: str | None = None
+) -> Iterator[tuple[str, HttpServer]]:
+    """Run ``app`` on the production server (``foldserve serve``'s, with the app's settings) on
+    a free loopback port; yield its base URL and the server.
 
-    Setting ``server.should_exit`` starts the graceful shutdown a SIGTERM would. ``key``: the
-    inference key, when the app requires one (waiting for the models reads /models).
+    ``server.request_stop()`` starts the drain a SIGTERM would. ``key``: the inference key, when
+    the app requires one (waiting for the models reads /models).
     """
     sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    server, thread = run_in_thread(app, app.settings, sock)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -286,14 +289,14 @@ def running(
             until_loaded(base, key=key)
         yield base, server
     finally:
-        server.should_exit = True
+        server.request_stop()
         thread.join(timeout=20)
         sock.close()
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, wait_loaded: bool = True) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn on a free loopback port; yield its base URL."""
+def serve(app: Service, *, wait_loaded: bool = True) -> Iterator[str]:
+    """Run ``app`` on the production server on a free loopback port; yield its base URL."""
     with running(app, wait_loaded=wait_loaded) as (base, _):
         yield base
 
@@ -316,3 +319,54 @@ def until_loaded(base: str, timeout: float = 20.0, key: str | None = None) -> No
             return
         time.sleep(0.02)
     raise AssertionError("models still loading")
+
+
+class _Flow:
+    def want_body(self, body: Body) -> None:
+        pass
+
+    def body_waiting(self, body: Body) -> None:
+        pass
+
+
+def http_request(
+    path: str,
+    body: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    method: str = "POST",
+    arrived: float | None = None,
+) -> Request:
+    """A request as the server hands it to the application, its body already received: for
+    testing the request path without a socket. ``headers``: names in lower case."""
+    headers = [(b"content-type", b"application/json"), *(headers or [])]
+    if body:
+        headers.append((b"content-length", str(len(body)).encode()))
+    head = Head()
+    for name, value in headers:
+        known = KNOWN.get(name)
+        if known is not None and getattr(head, known) is None:
+            setattr(head, known, value)
+    stream = Body(_Flow() if body else None)
+    if body:
+        stream.feed(body)
+        stream.end()
+    loop_time = asyncio.get_running_loop().time() if arrived is None else arrived
+    return Request(
+        method,
+        path.encode(),
+        path,
+        b"",
+        headers,
+        head,
+        request_id=b"test",
+        started=time.perf_counter(),
+        arrived=loop_time,
+        body=stream,
+    )
+
+
+def sample_value(app: Service, name: str, labels: dict[str, str]) -> float | None:
+    """One sample of the app's /metrics, as Prometheus would read it."""
+    value: float | None = app.state.prometheus.get_sample_value(name, labels)
+    return value

@@ -127,8 +127,9 @@ def test_a_full_queue_holds_requests_unread_then_answers_them(store: Path) -> No
         with httpx.Client(base_url=base) as client:
             for _ in range(20):  # the gate learns that requests bring 8 rows: one at a time
                 assert client.post("/predict", json={"inputs": x.tolist()}).status_code == 200
-        batcher = app.state.model_registry.resolve("tiny", None).batcher
-        assert batcher.gate.capacity == 1
+        ready = app.state.model_registry.resolve("tiny", None)
+        batcher, gate = ready.batcher, ready.admission.gate
+        assert gate.capacity == 1
         release = threading.Event()
         run = batcher._run
         batcher._run = lambda batch: (release.wait(10), run(batch))[1]
@@ -140,7 +141,7 @@ def test_a_full_queue_holds_requests_unread_then_answers_them(store: Path) -> No
         )
         results: list[httpx.Response] = []
         holder.start()
-        while batcher.gate.inside == 0:
+        while gate.inside == 0:
             threading.Event().wait(0.01)
         body = orjson.dumps({"inputs": x.tolist()})
         host, port = base.removeprefix("http://").split(":")
@@ -155,7 +156,7 @@ def test_a_full_queue_holds_requests_unread_then_answers_them(store: Path) -> No
             for conn in waiting:
                 with pytest.raises(TimeoutError):  # held: neither refused nor answered
                     conn.recv(1)
-            assert batcher.gate.waiting == 2 and batcher.queue_rows == 0  # unread, not queued
+            assert gate.waiting == 2 and batcher.queue_rows == 0  # unread, not queued
             # Meanwhile a request that could not be answered in time is refused at once,
             # before its body (never sent) is read.
             batcher._batch_s = 5.0
@@ -174,4 +175,4 @@ def test_a_full_queue_holds_requests_unread_then_answers_them(store: Path) -> No
         finally:
             for conn in waiting:
                 conn.close()
-        assert batcher.gate.inside == 0 and batcher.gate.waiting == 0
+        assert gate.inside == 0 and gate.waiting == 0

@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 
-import service.registry as registry_module
+import service.loader as loader_module
 from service import verify
 from service.app import create_app
 from service.backends.onnx import OnnxBackend
-from service.dataplane import InferenceResult
+from service.routes import predict
 from service.store import version_dir
 from tests.service.conftest import Artifacts, add_version, reference, serve, until_loaded
 from tests.service.test_app_e2e import metric_samples, outputs, samples, settings
@@ -246,11 +246,11 @@ def test_bodies_over_the_limit_get_413(store: Path) -> None:
 def test_an_unexpected_error_is_a_json_500_and_serving_goes_on(
     store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(self: InferenceResult) -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
     with serve(create_app(settings(store))) as base:
-        monkeypatch.setattr(InferenceResult, "predictions", broken)
+        monkeypatch.setattr(predict, "predictions", broken)
         failed = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
         monkeypatch.undo()
         after = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
@@ -274,7 +274,7 @@ def test_liveness_answers_while_models_load_and_readiness_waits(
         assert release.wait(10)
         return real_verify(*args)
 
-    monkeypatch.setattr(registry_module, "verify_loaded_model", held)
+    monkeypatch.setattr(loader_module, "verify_loaded_model", held)
     with serve(create_app(settings(store)), wait_loaded=False) as base:
         live = httpx.get(f"{base}/healthz")
         loading = httpx.get(f"{base}/readyz")

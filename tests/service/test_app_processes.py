@@ -127,7 +127,7 @@ def test_two_workers_share_connections_survive_a_crash_and_drain_on_ctrl_c(
         assert stat["inference_stats"]["queue"]["count"] == 2 * len(inputs)
         assert stat["execution_count"] >= 1 and stat["last_inference"] > 0
     assert f"(pid {crashed}) exited with code -9" in output, output
-    assert output.count("Finished server process") == 2, output  # both drained, none killed
+    assert output.count("drained and stopped") == 2, output  # both drained, none killed
     assert "Traceback" not in output, output
     # The pooled-metrics folder (named after the supervisor) went with it.
     assert not list(Path(tempfile.gettempdir()).glob(f"foldserve-metrics-{server.pid}-*"))

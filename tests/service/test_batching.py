@@ -21,8 +21,6 @@ from service.errors import (
     InferenceTimeout,
     InvalidInput,
     ModelNotReady,
-    Overloaded,
-    PayloadTooLarge,
 )
 
 
@@ -59,17 +57,21 @@ class Recorder:
 
 
 class Obs:
-    """A batch observer that records what it is told."""
+    """Batch statistics (service.batching.BatchStats) that record what they are told."""
 
     def __init__(self) -> None:
         self.batches: list[tuple[int, float]] = []
         self.depths: list[int] = []
+        self.waits: list[float] = []
 
-    def on_batch(self, rows: int, seconds: float) -> None:
+    def waited(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def ran(self, requests: int, rows: int, seconds: float) -> None:
         self.batches.append((rows, seconds))
 
-    def on_queue_depth(self, rows: int) -> None:
-        self.depths.append(rows)
+    def gauge(self, queue_rows: int, estimated_wait_s: float) -> None:
+        self.depths.append(queue_rows)
 
 
 POISON = -7.0  # no rows() output holds it unless a test puts it there
@@ -100,7 +102,7 @@ async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def started(run: Callable[[Array], Array], **kw: Any) -> Batcher:
-    opts: dict[str, Any] = {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_rows": 1024}
+    opts: dict[str, Any] = {"max_batch_size": 64, "max_delay_ms": 2.0}
     b = Batcher(run, **(opts | kw))
     await b.start()
     return b
@@ -208,7 +210,7 @@ def test_a_failing_request_never_fails_its_batch_mates() -> None:
     async def main() -> None:
         obs, run = Obs(), Recorder(poisoned)
         # A full cap and a 60 s deadline: the four requests leave together, as one batch.
-        b = await started(run, max_batch_size=6, max_delay_ms=60_000, observer=obs)
+        b = await started(run, max_batch_size=6, max_delay_ms=60_000, stats=obs)
         xs = [rows(3), poison(1), rows(1, 50), poison(1)]
         results = await asyncio.gather(*(b.submit(x) for x in xs), return_exceptions=True)
         np.testing.assert_array_equal(results[0], f(xs[0]))
@@ -344,27 +346,6 @@ def test_a_backend_wrong_only_on_batches_still_answers_single_rows_via_re_runs()
     arun(main())
 
 
-def test_queue_bound_raises_overloaded_with_retry_after() -> None:
-    async def main() -> None:
-        run = Recorder(hold=True)
-        b = await started(run, max_batch_size=4, max_delay_ms=0, max_queue_rows=10)
-        running = asyncio.ensure_future(b.submit(rows(4)))
-        await until(run.entered.is_set)  # the first batch holds the backend; the queue is empty
-        queued = [asyncio.ensure_future(b.submit(rows(5, 10 * i))) for i in range(2)]
-        await until(lambda: b.queue_rows == 10)
-        with pytest.raises(Overloaded) as info:
-            await b.submit(rows(1))
-        assert info.value.status == 503 and info.value.headers() == {"Retry-After": "1"}
-        with pytest.raises(PayloadTooLarge, match="max_queue_rows"):
-            await b.submit(rows(11))
-        run.release.set()
-        await asyncio.gather(running, *queued)
-        assert b.queue_rows == 0
-        await b.stop()
-
-    arun(main())
-
-
 @pytest.mark.parametrize("timeout_s", [None, 30.0])
 def test_stop_drains_every_accepted_request_then_refuses(timeout_s: float | None) -> None:
     async def main() -> None:
@@ -449,7 +430,11 @@ def test_stop_rejects_a_negative_timeout() -> None:
 
 def test_submit_before_start_is_refused() -> None:
     async def main() -> None:
-        b = Batcher(f, max_batch_size=4, max_delay_ms=0, max_queue_rows=8)
+        b = Batcher(
+            f,
+            max_batch_size=4,
+            max_delay_ms=0,
+        )
         with pytest.raises(ModelNotReady):
             await b.submit(rows(1))
         await b.stop()
@@ -527,13 +512,14 @@ def test_adaptive_delay_skips_the_wait_when_nothing_overlaps() -> None:
     arun(main())
 
 
-def test_observer_sees_batches_and_queue_depth() -> None:
+def test_statistics_see_batches_waits_and_queue_depth() -> None:
     async def main() -> None:
         obs = Obs()
-        b = await started(Recorder(), max_batch_size=4, max_delay_ms=0, observer=obs)
+        b = await started(Recorder(), max_batch_size=4, max_delay_ms=0, stats=obs)
         await b.submit(rows(6))
         assert [r for r, _ in obs.batches] == [4, 2] and all(s >= 0 for _, s in obs.batches)
         assert obs.depths[0] == 6 and obs.depths[-1] == 0
+        assert len(obs.waits) == 1  # one request: one wait, up to its first batch
         await b.stop()
 
     arun(main())
@@ -541,10 +527,10 @@ def test_observer_sees_batches_and_queue_depth() -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [{"max_batch_size": 0}, {"max_delay_ms": -1.0}, {"max_queue_rows": 0}],
+    [{"max_batch_size": 0}, {"max_delay_ms": -1.0}, {"timeout_s": 0}],
 )
 def test_bad_configuration_names_the_value(kw: dict[str, Any]) -> None:
-    opts: dict[str, Any] = {"max_batch_size": 4, "max_delay_ms": 1.0, "max_queue_rows": 8}
+    opts: dict[str, Any] = {"max_batch_size": 4, "max_delay_ms": 1.0}
     with pytest.raises(ConfigError, match=next(iter(kw))):
         Batcher(f, **(opts | kw))
 
@@ -557,23 +543,6 @@ def test_empty_request_is_invalid() -> None:
         await b.stop()
 
     arun(main())
-
-
-def test_a_failing_observer_never_strands_a_request(caplog: pytest.LogCaptureFixture) -> None:
-    class Broken:
-        def on_batch(self, rows: int, seconds: float) -> None:
-            raise RuntimeError("metrics bug")
-
-        def on_queue_depth(self, rows: int) -> None:
-            raise RuntimeError("metrics bug")
-
-    async def main() -> None:
-        b = await started(Recorder(), max_batch_size=4, max_delay_ms=0, observer=Broken())
-        np.testing.assert_array_equal(await b.submit(rows(6)), f(rows(6)))
-        await b.stop()
-
-    arun(main())
-    assert "batch observer failed" in caplog.text
 
 
 def test_inline_mode_runs_on_the_loop_thread_and_keeps_every_guarantee() -> None:
@@ -716,6 +685,35 @@ def test_a_request_past_its_timeout_fails_and_its_rows_are_never_run() -> None:
         assert b.queue_rows == 0
         np.testing.assert_array_equal(await b.submit(rows(8, 1)), f(rows(8, 1)))
         assert run.sizes == [8]
+        await b.stop()
+
+    arun(main())
+
+
+def test_a_lone_request_runs_in_its_own_task_and_concurrent_ones_still_share_batches() -> None:
+    """An idle inline batcher runs a lone request at once in the caller's task (no hand-over to
+    the batch task); requests arriving together still leave as one batch."""
+
+    async def main() -> None:
+        tasks: list[asyncio.Task[Any] | None] = []
+
+        def run(x: Array) -> Array:
+            tasks.append(asyncio.current_task())
+            return f(x)
+
+        recorder = Recorder(run)
+        b = await started(
+            recorder, max_batch_size=8, max_delay_ms=50, inline=True, adaptive_delay=True
+        )
+        out = await b.submit(rows(1))
+        np.testing.assert_array_equal(out, f(rows(1)))
+        assert tasks == [asyncio.current_task()]  # run right here, in this task
+        together = [rows(1, 10 * i) for i in range(4)]
+        results = await asyncio.gather(*(b.submit(x) for x in together))
+        for x, result in zip(together, results, strict=True):
+            np.testing.assert_array_equal(result, f(x))
+        # The first of them ran alone at once; the three behind it waited for one batch.
+        assert recorder.sizes == [1, 1, 3]
         await b.stop()
 
     arun(main())

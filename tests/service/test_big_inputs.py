@@ -1,5 +1,6 @@
 """Image-sized inputs (3x224x224 float32: 0.6 MB a sample, ~3 MB as JSON) with default settings:
-requests of a few images pass, limits name their setting, and loading stays cheap."""
+requests of a few images pass (as V2 binary; one as JSON), limits name their setting, and loading
+stays cheap."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import httpx
 import numpy as np
@@ -19,23 +19,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from prometheus_client import CollectorRegistry
 
-import service.registry as registry_module
+import service.batching_policy as policy
+from service.admission import Admission
 from service.app import create_app
 from service.backends import Backend
-from service.batching import Batcher
-from service.dataplane import admit
 from service.errors import Overloaded, PayloadTooLarge
-from service.metrics import Metrics
-from service.registry import BatchingChoice, ModelVersion, Registry, Status
+from service.registry import Registry
 from service.settings import Settings
 from service.store import read_manifest
+from service.telemetry import Telemetry
 from service.verify import (
     INVARIANCE_BATCH_SIZES,
     INVARIANCE_BUDGET_VALUES,
     invariance_batch_sizes,
 )
+from service.versions import Status, VersionRecord
 from tests.service.conftest import add_onnx_version, onnx_reference, running
 
 IMAGE = (3, 224, 224)
@@ -111,20 +110,24 @@ def binary_outputs(response: httpx.Response) -> np.ndarray:
     return np.frombuffer(response.content[length:], dtype="<f4").reshape(output["shape"])
 
 
-def test_four_images_as_json_and_as_v2_binary_with_default_settings(
+def test_one_image_as_json_four_as_v2_binary_with_default_settings(
     default_server: str, image_store: Path
 ) -> None:
     x = images(4, seed=1)
-    as_json = orjson.dumps({"inputs": x.tolist()})
-    assert len(as_json) > 8 << 20  # the premise: over the old 8 MiB default body limit
+    one_as_json = orjson.dumps({"inputs": x[:1].tolist()})
+    four_as_json = orjson.dumps({"inputs": x.tolist()})
+    assert len(four_as_json) > Settings().max_json_bytes  # the premise: JSON this big is refused
     content, headers = binary_request(x)
     with httpx.Client(base_url=default_server, timeout=30) as client:
-        by_json = client.post("/predict", content=as_json)
+        by_json = client.post("/predict", content=one_as_json)
+        too_big = client.post("/predict", content=four_as_json)
         by_binary = client.post(INFER, content=content, headers=headers)
     expected = onnx_reference(image_store / "image" / "1", x)
     assert by_json.status_code == 200, by_json.text
-    np.testing.assert_array_equal(np.asarray(by_json.json()["outputs"], np.float32), expected)
-    assert by_json.json()["predictions"] == [CLASSES[i] for i in expected.argmax(axis=1)]
+    np.testing.assert_array_equal(np.asarray(by_json.json()["outputs"], np.float32), expected[:1])
+    assert by_json.json()["predictions"] == [CLASSES[i] for i in expected[:1].argmax(axis=1)]
+    assert too_big.status_code == 413
+    assert "exceeds max_json_bytes" in too_big.json()["error"]
     np.testing.assert_array_equal(binary_outputs(by_binary), expected)
 
 
@@ -150,12 +153,12 @@ def test_the_queue_is_bounded_in_bytes_and_loading_stays_cheap(default_server: s
 
 
 def test_limits_name_their_setting_and_value(image_store: Path) -> None:
-    old_body_limit = 8 << 20
+    old_body_limit = 4 << 20
     queue_bytes = 3 * SAMPLE_BYTES + 1  # room for 3 images
     config = Settings(
         model_store=image_store,
         default_model="image",
-        max_body_bytes=old_body_limit,
+        max_json_bytes=old_body_limit,
         max_queue_bytes=queue_bytes,
     )
     x = images(4, seed=2)
@@ -168,8 +171,8 @@ def test_limits_name_their_setting_and_value(image_store: Path) -> None:
         fits = client.post(INFER, content=three, headers=headers_three)
     assert too_big.status_code == 413
     assert too_big.json()["error"] == (
-        f"request body of {len(as_json) / 1e6:.1f} MB exceeds max_body_bytes "
-        f"(FOLDSERVE_MAX_BODY_BYTES={old_body_limit}, {old_body_limit / 1e6:.1f} MB)"
+        f"request body of {len(as_json) / 1e6:.1f} MB exceeds max_json_bytes "
+        f"(FOLDSERVE_MAX_JSON_BYTES={old_body_limit})"
     )
     assert too_many.status_code == 413
     message = too_many.json()["error"]
@@ -183,35 +186,48 @@ def test_limits_name_their_setting_and_value(image_store: Path) -> None:
 def test_a_queue_too_small_for_one_sample_fails_the_load_and_says_why(image_store: Path) -> None:
     config = Settings(model_store=image_store, default_model="image", max_queue_bytes=1024)
 
-    async def main() -> ModelVersion:
-        registry = Registry(config, Metrics(CollectorRegistry()))
+    async def main() -> VersionRecord:
+        registry = Registry(config, Telemetry())
         await registry.load_all()
         (entry,) = registry.entries()
         return entry
 
     entry = asyncio.run(main())
     assert entry.status is Status.FAILED
-    assert entry.report is None and entry.backend is None  # refused before any verification
+    # Refused before any verification, before the runtime was even opened.
+    assert entry.learned.report is None and entry.learned.backend is None
     assert entry.reason == (
         "max_queue_bytes (FOLDSERVE_MAX_QUEUE_BYTES=1024) cannot hold one sample of this model "
         f"({SAMPLE_BYTES} bytes of float32 input): raise it to at least {SAMPLE_BYTES}"
     )
 
 
+class _Queue:
+    def __init__(self, rows: int) -> None:
+        self.queue_rows = rows
+
+    def estimated_wait(self, rows: int) -> float:
+        return 0.0
+
+
 def test_a_full_queue_answers_503_naming_the_limit() -> None:
     limit = "max_queue_bytes (FOLDSERVE_MAX_QUEUE_BYTES=2000000), 602112 bytes per sample"
-    choice = BatchingChoice(64, 2.0, True, 1.0, max_queue_rows=3, queue_limit=limit)
-    waiting: Any = SimpleNamespace(queue_rows=2)
-    entry = ModelVersion("image", 1, batching=choice, batcher=cast(Batcher, waiting))
-    admit(entry, 1)  # 2 + 1 rows fit
-    with pytest.raises(Overloaded) as full:
-        admit(entry, 2)
-    assert full.value.message == (
-        f"queue full for model 'image' v1: 2 of 3 rows wait ({limit}); retry shortly"
-    )
-    assert full.value.headers() == {"Retry-After": "1"}
-    with pytest.raises(PayloadTooLarge, match=r"at most 3 can queue .*FOLDSERVE_MAX_QUEUE_BYTES"):
-        admit(entry, 4)
+    admission = Admission("image", 1, _Queue(2), 3, limit)
+
+    async def main() -> None:
+        ticket = await admission.enter(None)
+        ticket.admit(1, None)  # 2 + 1 rows fit
+        with pytest.raises(Overloaded) as full:
+            ticket.admit(2, None)
+        assert full.value.message == (
+            f"queue full for model 'image' v1: 2 of 3 rows wait ({limit}); retry shortly"
+        )
+        assert full.value.headers() == {"Retry-After": "1"}
+        with pytest.raises(PayloadTooLarge, match=r"at most 3 can queue .*MAX_QUEUE_BYTES"):
+            ticket.admit(4, None)
+        ticket.leave()
+
+    asyncio.run(main())
 
 
 @settings(max_examples=200, deadline=None)
@@ -241,9 +257,9 @@ def test_timing_a_slow_full_batch_stops_at_its_budget(
             time.sleep(0.02)
             return np.zeros((len(batch), len(CLASSES)), dtype=np.float32)
 
-    monkeypatch.setattr(registry_module, "_TIMING_BUDGET_S", 0.05)
+    monkeypatch.setattr(policy, "_TIMING_BUDGET_S", 0.05)
     slow = Slow()
-    milliseconds = registry_module._full_batch_ms(
+    milliseconds = policy.full_batch_ms(
         cast(Backend, slow), read_manifest(image_store / "image" / "1"), 2
     )
     assert milliseconds >= 20

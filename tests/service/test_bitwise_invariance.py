@@ -12,15 +12,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from prometheus_client import CollectorRegistry
 
-import service.registry as registry_module
+import service.loader as loader_module
 from service.app import create_app
 from service.backends import Array
 from service.errors import BackendError
-from service.metrics import Metrics
 from service.registry import Registry, Status
 from service.settings import BackendName, Settings
+from service.telemetry import Telemetry
 from service.verify import (
     BITWISE_BUDGET_VALUES,
     INVARIANCE_ATOL,
@@ -85,7 +84,7 @@ def bitwise_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def registry_for(root: Path, **overrides: object) -> Registry:
     config = Settings(model_store=root, default_model="exact", **overrides)  # type: ignore[arg-type]
-    return Registry(config, Metrics(CollectorRegistry()))
+    return Registry(config, Telemetry())
 
 
 def test_the_leaky_model_is_within_tolerance_but_not_bit_for_bit(bitwise_store: Path) -> None:
@@ -112,9 +111,9 @@ def test_require_bitwise_invariance_refuses_only_a_model_that_is_not(
 
     exact, leaky = asyncio.run(main()).entries()
     assert exact.status is Status.STOPPED  # was ready, then stopped
-    assert exact.bitwise is not None and exact.bitwise.invariant is True
-    assert leaky.bitwise is not None and leaky.bitwise.invariant is False
-    assert leaky.bitwise.first_difference == 2
+    assert exact.learned.bitwise is not None and exact.learned.bitwise.invariant is True
+    assert leaky.learned.bitwise is not None and leaky.learned.bitwise.invariant is False
+    assert leaky.learned.bitwise.first_difference == 2
     if not required:
         assert leaky.status is Status.STOPPED and leaky.reason is None
         return
@@ -134,7 +133,7 @@ def test_a_measurement_that_fails_refuses_only_when_required(
     def broken(*args: object, **kwargs: object) -> None:
         raise BackendError("the runtime fell over")
 
-    monkeypatch.setattr(registry_module, "measure_bitwise", broken)
+    monkeypatch.setattr(loader_module, "measure_bitwise", broken)
 
     async def main() -> Registry:
         registry = registry_for(bitwise_store, require_bitwise_invariance=required)
@@ -143,8 +142,8 @@ def test_a_measurement_that_fails_refuses_only_when_required(
         return registry
 
     exact, _ = asyncio.run(main()).entries()
-    assert exact.bitwise is not None and exact.bitwise.invariant is None
-    assert exact.bitwise.note == "measurement failed: the runtime fell over"
+    assert exact.learned.bitwise is not None and exact.learned.bitwise.invariant is None
+    assert exact.learned.bitwise.note == "measurement failed: the runtime fell over"
     assert (exact.status is Status.FAILED) == required
     if required:
         assert "measurement failed: the runtime fell over" in (exact.reason or "")

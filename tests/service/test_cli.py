@@ -43,12 +43,12 @@ def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture
-def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
-    """What one server process would run: the app and uvicorn's options, instead of running."""
-    calls: list[tuple[Any, dict[str, Any]]] = []
+def serve_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Settings]]:
+    """What one server process would run: the app and its settings, instead of running."""
+    calls: list[tuple[Any, Settings]] = []
 
     def fake_serve(app: Any, settings: Settings, *_: Any, **__: Any) -> None:
-        calls.append((app, server.uvicorn_options(settings)))
+        calls.append((app, settings))
 
     monkeypatch.setattr(server, "serve", fake_serve)
     return calls
@@ -56,7 +56,7 @@ def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, 
 
 def test_serve_warns_about_unknown_foldserve_variables(
     environ: dict[str, str],
-    uvicorn_calls: list[tuple[Any, dict[str, Any]]],
+    serve_calls: list[tuple[Any, Settings]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     environ.update(FOLDSERVE_MAX_BATCHSIZE="32", FOLDSERVE_PORT="9001")
@@ -65,28 +65,29 @@ def test_serve_warns_about_unknown_foldserve_variables(
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "service.app"]
     assert "FOLDSERVE_MAX_BATCHSIZE (did you mean FOLDSERVE_MAX_BATCH_SIZE?)" in warning
     assert "valid names: FOLDSERVE_HOST, FOLDSERVE_PORT" in warning
-    ((_, options),) = uvicorn_calls
-    assert options["port"] == 9001
+    ((_, settings),) = serve_calls
+    assert settings.port == 9001
 
 
-def test_uvicorn_reads_proxy_headers_only_when_asked(
-    environ: dict[str, str], uvicorn_calls: list[tuple[Any, dict[str, Any]]]
+def test_the_access_log_reads_proxy_headers_only_when_asked(
+    environ: dict[str, str], serve_calls: list[tuple[Any, Settings]]
 ) -> None:
+    environ["FOLDSERVE_ACCESS_LOG"] = "true"
     assert main(["serve"]) == 0  # the shipped store: it passes the checks at start
     environ["FOLDSERVE_PROXY_HEADERS"] = "true"
     assert main(["serve"]) == 0  # the shipped store: it passes the checks at start
-    assert [options["proxy_headers"] for _, options in uvicorn_calls] == [False, True]
+    assert [app.access_log.proxy_headers for app, _ in serve_calls] == [False, True]
 
 
 @pytest.fixture
-def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[socket.socket], dict[str, Any]]]:
+def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[socket.socket], Settings]]:
     """Records what the supervisor would start the workers with, instead of starting them:
-    the sockets, and uvicorn's options as each worker derives them from the environment."""
-    calls: list[tuple[list[socket.socket], dict[str, Any]]] = []
+    the sockets, and the settings each worker derives from the environment."""
+    calls: list[tuple[list[socket.socket], Settings]] = []
 
     class FakeSupervisor:
         def __init__(self, sockets: list[socket.socket], **_: Any):
-            calls.append((sockets, server.uvicorn_options(Settings())))
+            calls.append((sockets, Settings()))
 
         def run(self) -> int:
             for sock in calls[-1][0]:
@@ -99,7 +100,7 @@ def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[socket.socket
 
 def test_workers_get_the_resolved_settings_and_not_the_typos(
     environ: dict[str, str],
-    supervised: list[tuple[list[socket.socket], dict[str, Any]]],
+    supervised: list[tuple[list[socket.socket], Settings]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     environ.update(
@@ -109,7 +110,7 @@ def test_workers_get_the_resolved_settings_and_not_the_typos(
     with caplog.at_level(logging.WARNING, logger="service.app"):
         assert main(["serve", "--workers", "2", "--port", "0"]) == 0
         ((sockets, options),) = supervised
-        assert len(sockets) == 2 and options["log_level"] == "info"
+        assert len(sockets) == 2 and options.log_level == "info"
         assert "FOLDSERVE_MAX_BATCHSIZE" not in environ  # reported once here, not per worker
         assert environ["FOLDSERVE_PORT"] == "0"
         app_from_env()  # what each worker does

@@ -5,18 +5,61 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
-from typing import Any
 
 import pytest
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.routes.asgi import byte_count, read_body
-from service.routes.content import Decoder, body_decoder
+from service.errors import (
+    ClientDisconnected,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from service.http.limits import BodyBudget
+from service.http.request import KNOWN, Body, Head, Request
+from service.routes.content import BodyLimit, Decoder, body_decoder, byte_count, read_body
 from service.routes.paths import check_version, path_version
 
 
-def scope(**headers: str) -> dict[str, Any]:
-    return {"headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+def scope(**headers: str) -> Head:
+    """A request head holding ``headers`` (keyword names, with _ for -)."""
+    head = Head()
+    for name, value in headers.items():
+        setattr(head, KNOWN[name.replace("_", "-").encode()], value.encode())
+    return head
+
+
+class Feeder:
+    """A connection that hands the body over one chunk each time the route asks for more."""
+
+    def __init__(self, chunks: list[bytes], gone_after: int | None = None) -> None:
+        self.chunks = chunks
+        self.taken = 0
+        self.gone_after = gone_after
+
+    def want_body(self, body: Body) -> None:
+        if self.taken == self.gone_after:
+            body.fail(ClientDisconnected("client disconnected before sending the whole body"))
+            return
+        body.feed(self.chunks[self.taken])
+        self.taken += 1
+        if self.taken == len(self.chunks):
+            body.end()
+
+    def body_waiting(self, body: Body) -> None:
+        pass
+
+
+def streamed(
+    feeder: Feeder, content_length: bytes | None = None, budget: BodyBudget | None = None
+) -> Request:
+    head = Head()
+    head.content_length = content_length
+    return Request("POST", b"/", "/", b"", [], head, body=Body(feeder, budget))
+
+
+def limited(most: int, setting: str = "max_body_bytes") -> BodyLimit:
+    return BodyLimit(most, f"{setting} (FOLDSERVE_{setting.upper()}={most})")
 
 
 @pytest.mark.parametrize(
@@ -60,21 +103,6 @@ def test_refused_with_415(headers: dict[str, str], binary: bool, message: str) -
     assert ("Accept-Encoding" in refused.value.headers()) is encoding_refused
 
 
-def receiver(chunks: list[bytes]) -> tuple[Any, list[int]]:
-    """A receive() sending ``chunks``; the list counts the messages taken."""
-    taken = [0]
-
-    async def receive() -> dict[str, Any]:
-        taken[0] += 1
-        return {
-            "type": "http.request",
-            "body": chunks[taken[0] - 1],
-            "more_body": taken[0] < len(chunks),
-        }
-
-    return receive, taken
-
-
 def split(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
 
@@ -83,20 +111,20 @@ def split(data: bytes, size: int) -> list[bytes]:
 def test_a_body_is_decoded_as_it_arrives(encoding: bytes) -> None:
     plain = b'{"inputs": [[' + b"0.5," * 5000 + b"1]]}"
     packed = gzip.compress(plain) if encoding == b"gzip" else zlib.compress(plain)
-    receive, _ = receiver(split(packed, 100))
-    body = asyncio.run(read_body({"headers": []}, receive, len(plain), Decoder(encoding)))
+    request = streamed(Feeder(split(packed, 100)))
+    body = asyncio.run(read_body(request, limited(len(plain)), Decoder(encoding)))
     assert body == plain
 
 
 def test_a_zip_bomb_stops_at_the_limit_not_at_its_end() -> None:
     packed = gzip.compress(bytes(50_000_000))  # ~49 kB that inflate to 50 MB
     chunks = split(packed, 1000)
-    receive, taken = receiver(chunks)
+    feeder = Feeder(chunks)
     with pytest.raises(PayloadTooLarge) as refused:
-        asyncio.run(read_body({"headers": []}, receive, 1_000_000, Decoder(b"gzip")))
+        asyncio.run(read_body(streamed(feeder), limited(1_000_000), Decoder(b"gzip")))
     assert "exceeds max_body_bytes (FOLDSERVE_MAX_BODY_BYTES=1000000" in refused.value.message
     assert "once decoded (gzip;" in refused.value.message
-    assert taken[0] < len(chunks) // 10  # refused early: never more than ~1 MB inflated
+    assert feeder.taken < len(chunks) // 10  # refused early: never more than ~1 MB inflated
 
 
 def test_a_broken_stream_is_400() -> None:
@@ -106,17 +134,63 @@ def test_a_broken_stream_is_400() -> None:
         (packed[:-1], "truncated"),
         (packed + b"!", "1 bytes follow the end"),
     ]:
-        receive, _ = receiver([data])
+        request = streamed(Feeder([data]))
         with pytest.raises(InvalidInput, match=message):
-            asyncio.run(read_body({"headers": []}, receive, 100, Decoder(b"gzip")))
+            asyncio.run(read_body(request, limited(100), Decoder(b"gzip")))
 
 
 def test_a_declared_length_of_5000_digits_is_413_at_once() -> None:
-    receive, taken = receiver([b"{}"])
-    headers = {"headers": [(b"content-length", b"9" * 5000)]}
+    feeder = Feeder([b"{}"])
     with pytest.raises(PayloadTooLarge, match="5000-digit"):
-        asyncio.run(read_body(headers, receive, 100))
-    assert taken[0] == 0
+        asyncio.run(read_body(streamed(feeder, b"9" * 5000), limited(100), None))
+    assert feeder.taken == 0
+
+
+def test_a_declared_length_over_the_limit_is_413_before_a_byte_is_read() -> None:
+    feeder = Feeder([b"x" * 200])
+    with pytest.raises(PayloadTooLarge, match="200 bytes exceeds max_json_bytes"):
+        asyncio.run(read_body(streamed(feeder, b"200"), limited(100, "max_json_bytes"), None))
+    assert feeder.taken == 0
+
+
+def test_a_chunked_body_is_joined_and_refused_as_it_passes_the_limit() -> None:
+    request = streamed(Feeder([b'{"a":', b"1}"]))
+    assert asyncio.run(read_body(request, limited(100), None)) == b'{"a":1}'
+    feeder = Feeder([b"x" * 60] * 5)
+    with pytest.raises(PayloadTooLarge, match="120 bytes received"):
+        asyncio.run(read_body(streamed(feeder), limited(100), None))
+    assert feeder.taken == 2
+
+
+def test_a_client_gone_mid_body_is_a_499_not_a_bad_request() -> None:
+    request = streamed(Feeder([b'{"a":', b"1}"], gone_after=1))
+    with pytest.raises(ClientDisconnected) as caught:
+        asyncio.run(read_body(request, limited(100), None))
+    assert caught.value.status == 499
+
+
+def test_json_holding_more_items_than_the_limit_is_refused_before_parsing() -> None:
+    few = b'{"inputs": [' + b",".join([b"[1,2,3]"] * 10) + b"]}"  # 10 lists, 30 numbers
+    limit = BodyLimit(1000, "max_json_bytes", max_items=45, items_setting="max_json_items (45)")
+    assert asyncio.run(read_body(streamed(Feeder([few])), limit, None)) == few
+    many = b'{"inputs": [' + b",".join([b"[1,2,3]"] * 12) + b"]}"  # 12 lists, 36 numbers
+    with pytest.raises(
+        PayloadTooLarge, match=r"about 48 numbers and lists, more than max_json_items"
+    ):
+        asyncio.run(read_body(streamed(Feeder([many])), limit, None))
+
+
+def test_bodies_held_at_once_are_bounded_by_the_budget_and_given_back() -> None:
+    budget = BodyBudget(100)
+    first = streamed(Feeder([b"x" * 80]), budget=budget)
+    assert asyncio.run(read_body(first, limited(1000), None)) == b"x" * 80
+    second = streamed(Feeder([b"y" * 80]), budget=budget)
+    with pytest.raises(Overloaded, match="max_body_memory_bytes") as refused:
+        asyncio.run(read_body(second, limited(1000), None))
+    assert refused.value.status == 503 and "Retry-After" in refused.value.headers()
+    first.body.release()
+    second.body.release()
+    assert budget.held == 0
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Validation of a request's array against the model's input spec, and the dataplane's timeout."""
+"""The request path without a socket: validation of a request's array against the model's input
+spec, timeouts, versions named in the body, and what is counted."""
 
 from __future__ import annotations
 
@@ -8,23 +9,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
+from service.app import Service, create_app
 from service.backends.onnx import OnnxBackend
-from service.dataplane import DataPlane, InferenceResult, check_finite_outputs, validate_rows
-from service.errors import InferenceTimeout, InvalidInput
-from service.metrics import Metrics
-from service.registry import Registry
+from service.dataplane import check_finite_outputs, validate_rows
+from service.errors import InvalidInput
+from service.http.response import Response
+from service.routes.predict import PredictCodec
 from service.settings import Settings
 from service.store import TensorSpec
-from tests.service.conftest import reference
+from tests.service.conftest import Artifacts, add_version, http_request, reference, sample_value
 
 SPEC = TensorSpec(name="x", shape=(2, 3))
-
-
-def outputs_of(result: InferenceResult) -> np.ndarray:
-    return result.outputs
 
 
 @pytest.mark.parametrize(
@@ -70,6 +68,14 @@ def test_invalid_rows_are_refused_naming_the_problem(rows: np.ndarray, message: 
         validate_rows(rows, SPEC)
 
 
+def _app(store: Path, **overrides: object) -> Service:
+    return create_app(Settings(model_store=store, default_model="tiny", **overrides))
+
+
+def _predict(x: np.ndarray, **extra: object) -> bytes:
+    return orjson.dumps({"inputs": x.tolist(), **extra})
+
+
 def test_a_slow_inference_times_out_and_is_counted(
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,27 +89,20 @@ def test_a_slow_inference_times_out_and_is_counted(
 
     monkeypatch.setattr(OnnxBackend, "run", run)
     # A model run inline on the loop cannot be timed out mid-run: this one runs in a thread.
-    config = Settings(
-        model_store=store, default_model="tiny", request_timeout_s=0.05, inline_max_ms=0.0
-    )
-    metrics = Metrics(CollectorRegistry())
-    registry = Registry(config, metrics)
-    plane = DataPlane(registry, metrics)
+    app = _app(store, request_timeout_s=0.05, inline_max_ms=0.0)
 
-    async def main() -> None:
-        await registry.load_all()
+    async def main() -> Response:
+        await app.registry.load_all()
         slow_now.set()
         try:
-            with pytest.raises(InferenceTimeout, match="request_timeout_s"):
-                await plane.infer(None, None, np.zeros((1, 16)), outputs_of)
+            return await app.handle(http_request("/predict", _predict(np.zeros((1, 16)))))
         finally:
-            await registry.stop()
+            await app.registry.stop()
 
-    asyncio.run(main())
-    count = metrics.registry.get_sample_value(
-        "foldserve_requests_total", {"model": "tiny", "version": "1", "code": "504"}
-    )
-    assert count == 1
+    response = asyncio.run(main())
+    assert response.status == 504 and b"request_timeout_s" in response.body
+    labels = {"model": "tiny", "version": "1", "code": "504"}
+    assert sample_value(app, "foldserve_requests_total", labels) == 1
 
 
 def test_outputs_that_are_not_finite_are_refused_naming_the_samples() -> None:
@@ -128,54 +127,80 @@ def test_float64_values_that_round_to_a_finite_float32_are_accepted() -> None:
         validate_rows(beyond, SPEC)
 
 
-def _plane(store: Path) -> tuple[DataPlane, Registry, Metrics]:
-    """A dataplane on the tiny model: batches of 4 rows, run inline on the event loop."""
-    config = Settings(model_store=store, default_model="tiny", max_batch_size=4, inline_max_ms=50)
-    metrics = Metrics(CollectorRegistry())
-    registry = Registry(config, metrics)
-    return DataPlane(registry, metrics), registry, metrics
-
-
-def _batches(metrics: Metrics) -> tuple[float | None, float | None]:
+def _batches(app: Service) -> tuple[float | None, float | None]:
     labels = {"model": "tiny", "version": "1"}
-    sample = metrics.registry.get_sample_value
-    return sample("foldserve_batch_size_count", labels), sample("foldserve_batch_size_sum", labels)
+    return (
+        sample_value(app, "foldserve_batch_size_count", labels),
+        sample_value(app, "foldserve_batch_size_sum", labels),
+    )
 
 
 def test_a_request_that_fills_a_batch_alone_equals_onnxruntime_and_is_counted(
     store: Path,
 ) -> None:
-    plane, registry, metrics = _plane(store)
+    """The whole request path without a socket: a batch of 4 rows, run inline."""
+    app = _app(store, max_batch_size=4, inline_max_ms=50)
     x = np.random.default_rng(0).normal(size=(4, 2, 8)).astype(np.float32)
 
-    async def main() -> np.ndarray:
-        await registry.load_all()
+    async def main() -> Response:
+        await app.registry.load_all()
         try:
-            return await plane.infer(None, None, x, outputs_of)
+            return await app.handle(http_request("/predict", _predict(x)))
         finally:
-            await registry.stop()
+            await app.registry.stop()
 
-    outputs = asyncio.run(main())
+    response = asyncio.run(main())
+    assert response.status == 200, response.body
+    outputs = np.asarray(orjson.loads(response.body)["outputs"])
     np.testing.assert_allclose(outputs, reference(store, x), rtol=0, atol=1e-6)
-    assert _batches(metrics) == (1, 4)  # one backend run of 4 rows
+    assert _batches(app) == (1, 4)  # one backend run of 4 rows
 
 
-def test_a_failure_to_encode_the_answer_is_counted_as_the_500_it_becomes(store: Path) -> None:
-    plane, registry, metrics = _plane(store)
+def test_a_failure_to_encode_the_answer_is_counted_as_the_500_it_becomes(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = _app(store, max_batch_size=4, inline_max_ms=50)
 
-    def unencodable(result: InferenceResult) -> bytes:
+    def unencodable(*args: object) -> Response:
         raise TypeError("cannot encode")
 
+    monkeypatch.setattr(PredictCodec, "encode", unencodable)
+
     async def main() -> None:
-        await registry.load_all()
+        await app.registry.load_all()
         try:
             with pytest.raises(TypeError, match="cannot encode"):
-                await plane.infer(None, None, np.zeros((1, 16)), unencodable)
+                await app.handle(http_request("/predict", _predict(np.zeros((1, 16)))))
         finally:
-            await registry.stop()
+            await app.registry.stop()
 
     asyncio.run(main())
-    count = metrics.registry.get_sample_value
     labels = {"model": "tiny", "version": "1"}
-    assert count("foldserve_requests_total", {**labels, "code": "500"}) == 1
-    assert count("foldserve_requests_total", {**labels, "code": "200"}) is None
+    assert sample_value(app, "foldserve_requests_total", {**labels, "code": "500"}) == 1
+    assert sample_value(app, "foldserve_requests_total", {**labels, "code": "200"}) is None
+
+
+def test_a_body_naming_another_version_runs_there_and_agrees_with_the_path(
+    store: Path, artifacts: Artifacts
+) -> None:
+    add_version(store, artifacts)  # tiny v2
+    app = _app(store, inline_max_ms=50)
+    x = np.zeros((1, 16))
+
+    async def main() -> list[Response]:
+        await app.registry.load_all()
+        try:
+            return [
+                await app.handle(http_request("/predict", _predict(x, version=1))),
+                await app.handle(http_request("/predict", _predict(x))),
+                await app.handle(
+                    http_request("/models/tiny/versions/2/predict", _predict(x, version=1))
+                ),
+            ]
+        finally:
+            await app.registry.stop()
+
+    named, latest, conflict = asyncio.run(main())
+    assert orjson.loads(named.body)["version"] == 1
+    assert orjson.loads(latest.body)["version"] == 2
+    assert conflict.status == 400 and b"in the body but 2 in the path" in conflict.body

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,13 @@ from torch import nn
 
 import foldserve
 from foldserve.demos.data import load_dataset
-from service.drift import DEFAULT_THRESHOLD, DriftMonitor
+from service.drift import CPU_BUDGET, DEFAULT_THRESHOLD, DriftMonitor
+from service.drift_budget import BURST_S
+from service.drift_layer import HiddenLayer
+from service.drift_thread import FoldThread
 from service.errors import VerificationError
-from service.monitor_maps import MAX_WEIGHTS
-from service.store import Manifest, read_manifest
+from service.monitor_maps import MAX_WEIGHTS, Conv2dMap
+from service.store import HiddenStatistics, InputStatistics, Manifest, SideFile, read_manifest
 from service.verify import check_files
 
 SHIPPED = Path(__file__).resolve().parents[2] / "model_store"
@@ -98,9 +102,10 @@ def test_the_hidden_monitor_sees_what_torch_feeds_the_bn(tmp_path: Path, case: s
     loaded = DriftMonitor.for_manifest(manifest, directory=result.path)  # maps read from files
     # No decay to speak of and every row folded: the moments are the plain ones.
     exact = DriftMonitor(
-        manifest.input_statistics, hidden=loaded.hidden, window=10**12, max_fold_rows=None
+        manifest.input_statistics, hidden=loaded.hidden, window=10**12, budget=None
     )
     exact.observe(live)
+    assert exact.flush()
     (report,) = exact.report().hidden
     assert report.samples == pytest.approx(len(live), rel=1e-6)
     np.testing.assert_allclose(
@@ -154,12 +159,14 @@ def test_the_shipped_models_watch_their_first_hidden_bn(
     for start in range(0, len(held_out), 7):
         calm.observe(held_out[start : start + 7].reshape(shape))
         moved.observe((held_out[start : start + 7] * 1.5 + 1.0).reshape(shape))
+    assert calm.flush() and moved.flush()
     (quiet,) = calm.report().hidden
     (loud,) = moved.report().hidden
     assert (quiet.layer, quiet.map) == (layer, kind)
     assert quiet.score is not None and quiet.score < DEFAULT_THRESHOLD / 3 and not quiet.drifted
     assert loud.score is not None and loud.score > 2 * DEFAULT_THRESHOLD and loud.drifted
-    assert calm.latest_hidden == ((layer, quiet.score),)
+    assert calm.latest_hidden == ((layer, quiet.score, quiet.samples),)
+    assert quiet.samples_folded == len(held_out)  # a cheap map: every row
 
 
 def test_a_tampered_side_file_fails_verification(tmp_path: Path) -> None:
@@ -198,3 +205,59 @@ def test_a_side_file_must_fit_the_manifest() -> None:
     raw["hidden_statistics"][0]["map"] = "conv2d"
     with pytest.raises(ValueError, match="do not fit inputs"):
         Manifest.model_validate(raw)
+
+
+def _resnet50_stem() -> tuple[InputStatistics, HiddenLayer]:
+    """ResNet-50's first layers at 3 x 224 x 224: an input BN, then a 7 x 7 stride-2 convolution
+    to 64 channels over 112 x 112 positions (9,408 weights, "cheap" by MAX_WEIGHTS; 118 M
+    multiply-adds an image), then the BN it feeds."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0.0, 0.05, (64, 3, 7, 7)).astype(np.float32)
+    stem = Conv2dMap(
+        weight=np.ascontiguousarray(weight.reshape(64, -1).T),
+        bias=np.zeros(64, np.float32),
+        pad_value=np.zeros(3, np.float32),
+        kernel=(7, 7),
+        stride=(2, 2),
+        padding=(3, 3),
+        input_shape=(3, 224, 224),
+    )
+    channels = {"axis": "channel", "source": "ema", "eps": 1e-5}
+    statistics = HiddenStatistics(
+        layer="bn1", map="conv2d", map_from="conv1", through="input_norm", stride=(2, 2),
+        padding=(3, 3), file=SideFile(path="monitor-bn1.npz", sha256="0" * 64, size_bytes=1),
+        mean=(0.0,) * 64, var=(0.5,) * 64, **channels,
+    )  # fmt: skip
+    inputs = InputStatistics(layer="input_norm", mean=(0.0,) * 3, var=(1.0,) * 3, **channels)
+    return inputs, HiddenLayer(statistics, stem)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_an_expensive_map_is_sampled_within_the_cpu_budget() -> None:
+    """Issue 17: the monitor ran ResNet-50's stem on every image, on the event loop, and halved
+    the server's images/s. Now its cost is bounded by the budget, whatever the traffic."""
+    inputs, stem = _resnet50_stem()
+    thread = FoldThread("test-resnet-stem")  # its own: its CPU clock is this monitor's alone
+    monitor = DriftMonitor(inputs, hidden=[stem], thread=thread)
+    images = np.random.default_rng(1).normal(size=(4, 1, 3, 224, 224)).astype(np.float32)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:  # 50 images/s, as a server would observe them
+        for image in images:
+            monitor.observe(image)
+            time.sleep(0.02)
+    assert monitor.flush()
+    elapsed = time.monotonic() - started
+    cpu = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0]) / 1e9
+    report = monitor.report()
+    (hidden,) = report.hidden
+    observed = report.samples_observed
+    assert observed >= 80 and report.samples_folded <= observed
+    # Sampled, and said: the stem holds a few images, the input BN (cheaper) more.
+    assert 1 <= hidden.samples_folded < report.samples_folded
+    assert hidden.samples == pytest.approx(
+        sum((1 - 1 / 2000) ** k for k in range(hidden.samples_folded))
+    )
+    assert hidden.score is not None and report.cpu_budget == CPU_BUDGET
+    # At most the budget, the credit saved at the start, and a row or two past the credit
+    # (a stem image costs about 10 ms here); every image would have cost ten times that.
+    assert cpu < CPU_BUDGET * (elapsed + BURST_S) + 0.06, (cpu, hidden.samples_folded)

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from foldserve.demos.data import load_dataset
 from service.app import create_app
@@ -27,11 +28,20 @@ def send(base: str, rows: np.ndarray, per_request: int = 9) -> None:
 
 
 def drift(base: str, name: str = "digits-mlp", **params: Any) -> httpx.Response:
-    time.sleep(FOLD_EVERY_S * 2)  # not needed (a read folds what is pending): as a client would
-    answer = httpx.get(f"{base}/models/{name}/drift", params=params, timeout=10)
-    if answer.status_code == 200:
+    """The answer once the fold thread has folded every row sent (a cheap model's monitor takes
+    them all): a read answers as of the last fold, at most FOLD_EVERY_S after a request."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = httpx.get(f"{base}/models/{name}/drift", params=params, timeout=10)
+        if answer.status_code != 200:
+            return answer
         DriftAnswer.model_validate_json(answer.content)  # what /openapi.json documents
-    return answer
+        body = answer.json()
+        folded = [body, *body["hidden"]] if body["available"] else body["hidden"]
+        if all(layer["samples_folded"] == body["samples_observed"] for layer in folded):
+            return answer
+        assert time.monotonic() < deadline, body
+        time.sleep(FOLD_EVERY_S)
 
 
 def gauge(base: str, metric: str, layer: str | None = None) -> float:
@@ -64,9 +74,9 @@ def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Ar
         assert gauge(base, "foldserve_input_drift_samples") == calm["samples"]
         (hidden,) = calm["hidden"]
         assert hidden["score"] < DEFAULT_THRESHOLD and not hidden["drifted"]
-        assert hidden["samples"] == calm["samples"]
+        assert hidden["samples"] == pytest.approx(calm["samples"])  # each its own, same rows
         assert gauge(base, "foldserve_hidden_drift_score", "body.1") == hidden["score"]
-        assert gauge(base, "foldserve_hidden_drift_samples", "body.1") == calm["samples"]
+        assert gauge(base, "foldserve_hidden_drift_samples", "body.1") == hidden["samples"]
         feature = calm["features"][20]
         assert feature["index"] == 20 and feature["name"] is None
         assert set(feature) >= {"live_mean", "ref_mean", "mean_shift", "live_var", "ref_var"}
@@ -76,6 +86,14 @@ def test_drift_of_the_shipped_model_over_http(shipped_store: Path, artifacts: Ar
         assert moved["drifted"] and moved["score"] > 2 * DEFAULT_THRESHOLD
         assert gauge(base, "foldserve_input_drift_score") > DEFAULT_THRESHOLD
         assert moved["hidden"][0]["drifted"] and moved["hidden"][0]["score"] > DEFAULT_THRESHOLD
+
+        send(base, np.full((1, 64), 1e30, dtype=np.float32))  # issue 17: it poisoned the sums
+        huge = drift(base).json()
+        assert huge["score"] > moved["score"] and huge["drifted"]  # finite, and drifted
+        assert huge["hidden"][0]["score"] > moved["hidden"][0]["score"]
+        assert huge["resets"] == 0 and huge["last_reset"] is None
+        assert gauge(base, "foldserve_input_drift_score") == huge["score"]
+        assert huge["cpu_budget"] > 0 and huge["samples_observed"] == 2 * len(held_out) + 1
 
         plain = drift(base, "tiny")
         assert plain.status_code == 200

@@ -1,6 +1,6 @@
 """Structured logs on a real server: one JSON access line per request with the request id, model,
 version, rows, status and latency; sampling; the id on error lines; never a body or a key; and
-``log_format=json`` making every line of a ``foldserve serve`` process JSON, uvicorn's too."""
+``log_format=json`` making every line of a ``foldserve serve`` process JSON, the server's too."""
 
 from __future__ import annotations
 
@@ -23,14 +23,13 @@ import numpy as np
 import orjson
 import pytest
 
-from service.app import create_app
+from service.app import AccessLog, create_app
 from service.logs import JsonFormatter, TextFormatter
-from service.request_context import ACCESS_LOGGER, RequestLog
+from service.request_context import ACCESS_LOGGER
 from service.settings import Settings
-from tests.service.conftest import ROOT, SHAPE, Artifacts, add_version, serve
+from tests.service.conftest import ROOT, SHAPE, Artifacts, add_version, http_request, serve
 
 SAMPLE = np.full((2, *SHAPE), 0.5).tolist()
-UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
 CLIENT_LOGGERS = ("httpx", "httpcore")
 
 
@@ -60,13 +59,9 @@ def captured() -> Iterator[Lines]:
     level = root.level
     root.addHandler(lines)
     root.setLevel(logging.DEBUG)
-    for name in UVICORN:
-        logging.getLogger(name).addHandler(lines)
     try:
         yield lines
     finally:
-        for name in UVICORN:
-            logging.getLogger(name).removeHandler(lines)
         root.removeHandler(lines)
         root.setLevel(level)
 
@@ -141,21 +136,15 @@ def test_sample_zero_and_access_log_off_write_nothing(store: Path) -> None:
 
 
 def test_sampling_keeps_about_the_fraction_asked() -> None:
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    log = AccessLog(sample=0.25, proxy_headers=False)
 
-    async def nothing(message: Any) -> None:
-        pass
-
-    async def requests(log: RequestLog) -> None:
-        scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": None}
+    async def requests() -> None:
         for _ in range(400):
-            await log(app, scope, nothing, nothing)
+            log(http_request("/", method="GET"), 204)
 
     with captured() as lines:
         logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
-        asyncio.run(requests(RequestLog(access_log=True, sample=0.25)))
+        asyncio.run(requests())
     assert 40 <= len(lines.access()) <= 160  # 100 expected; far outside these by chance: ~1e-9
 
 
@@ -164,10 +153,10 @@ def test_an_unexpected_error_line_carries_the_request_id(
 ) -> None:
     import service.routes.predict as predict
 
-    def broken(result: Any) -> bytes:
+    def broken(*args: Any) -> bytes:
         raise RuntimeError("encoder bug")
 
-    monkeypatch.setattr(predict, "_encode", broken)
+    monkeypatch.setattr(predict.PredictCodec, "encode", broken)
     with captured() as lines, serve(create_app(settings(store))) as base:
         response = httpx.post(f"{base}/predict", json={"inputs": SAMPLE})
     assert response.status_code == 500
@@ -243,9 +232,9 @@ def test_json_format_makes_every_line_of_a_server_process_json(store: Path, tmp_
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # each one JSON
     assert out.read_text() == ""
     messages = {(line["logger"], line["message"].split(" (")[0]) for line in lines}
-    assert ("uvicorn.error", "Application startup complete.") in messages
     assert any(
-        logger == "uvicorn.error" and m.startswith("Uvicorn running on") for logger, m in messages
+        logger == "service.http.server" and m.startswith("foldserve listening on http://")
+        for logger, m in messages
     )
     assert any(line["logger"].startswith("service.") for line in lines)  # foldserve's own
     (access,) = [line for line in lines if line.get("request_id") == "sub-1"]

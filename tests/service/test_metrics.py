@@ -1,41 +1,61 @@
-"""Metrics live on the registry they are given, so apps and tests never share counters."""
+"""Figures live in the telemetry they are given, so apps and tests never share counters, and
+/metrics reads them at scrape time in Prometheus's names."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from service.metrics import Metrics
+from service.metrics import TelemetryCollector
+from service.telemetry import Telemetry
 
 
-def test_two_apps_keep_separate_metrics() -> None:
-    first, second = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
-    first.observe_request("m", "1", 200, 0.01)
-    first.observe_request("m", "1", 200, 0.02)
-    assert (
-        first.registry.get_sample_value(
-            "foldserve_requests_total", {"model": "m", "version": "1", "code": "200"}
-        )
-        == 2
-    )
-    assert (
-        second.registry.get_sample_value(
-            "foldserve_requests_total", {"model": "m", "version": "1", "code": "200"}
-        )
-        is None
-    )
+def registry_of(telemetry: Telemetry) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(TelemetryCollector(telemetry))
+    return registry
 
 
-def test_the_batch_observer_records_rows_time_and_queue_depth() -> None:
-    metrics = Metrics(CollectorRegistry())
-    observer = metrics.observer("m", 3)
-    observer.on_batch(5, 0.002)
-    observer.on_batch(1, 0.001)
-    observer.on_queue_depth(7)
-    metrics.set_loaded("m", 3, True)
+def test_two_apps_keep_separate_figures() -> None:
+    first, second = Telemetry(), Telemetry()
+    figures = first.version("m", 1)
+    figures.answered(rows=2, total_s=0.01, input_s=0.001, output_s=0.001)
+    figures.answered(rows=1, total_s=0.02, input_s=0.001, output_s=0.001)
+    labels = {"model": "m", "version": "1", "code": "200"}
+    assert registry_of(first).get_sample_value("foldserve_requests_total", labels) == 2
+    assert registry_of(second).get_sample_value("foldserve_requests_total", labels) is None
+
+
+def test_batches_queue_depth_refusals_and_loaded_are_read_at_scrape_time() -> None:
+    telemetry = Telemetry()
+    figures = telemetry.version("m", 3)
+    figures.ran(requests=2, rows=5, seconds=0.002)
+    figures.ran(requests=1, rows=1, seconds=0.001)
+    figures.gauge(queue_rows=7, estimated_wait_s=0.25)
+    figures.loaded(True)
+    figures.refused(503, 0.001, shed="deadline")
+    telemetry.unresolved.refused(404, 0.0005)
+    value = registry_of(telemetry).get_sample_value
     labels = {"model": "m", "version": "3"}
-    value = metrics.registry.get_sample_value
     assert value("foldserve_batch_size_sum", labels) == 6
     assert value("foldserve_batch_size_bucket", {**labels, "le": "1.0"}) == 1
     assert value("foldserve_inference_duration_seconds_count", labels) == 2
     assert value("foldserve_queue_depth", labels) == 7
+    assert value("foldserve_estimated_wait_seconds", labels) == 0.25
     assert value("foldserve_model_loaded", labels) == 1
+    assert value("foldserve_requests_shed_total", {**labels, "reason": "deadline"}) == 1
+    assert value("foldserve_requests_total", {**labels, "code": "503"}) == 1
+    unresolved = {"model": "", "version": "", "code": "404"}
+    assert value("foldserve_requests_total", unresolved) == 1
+    assert value("foldserve_request_duration_seconds_count", {"model": "m"}) == 1
+
+
+def test_many_versions_grow_the_store_without_losing_figures() -> None:
+    telemetry = Telemetry()
+    first = telemetry.version("a", 1)
+    first.answered(rows=1, total_s=0.001, input_s=0.0, output_s=0.0)
+    for version in range(2, 60):  # past the first allocation
+        telemetry.version("a", version).loaded(True)
+    first.answered(rows=1, total_s=0.001, input_s=0.0, output_s=0.0)
+    readings = telemetry.read()
+    assert readings[("a", "1")].get(0) == 2  # both answers, across the move
+    assert all(readings[("a", str(v))].live_workers == 1 for v in range(2, 60))

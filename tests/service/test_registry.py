@@ -6,26 +6,26 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
+import service.loader as loader_module
 import service.registry as registry_module
 from service import verify
-from service.batching import Batcher
 from service.errors import ModelNotFound, ModelNotReady
-from service.metrics import Metrics
-from service.registry import ModelVersion, Registry, Status
+from service.registry import Registry
 from service.settings import BatchingOverride, Settings
 from service.store import BatchingConfig
+from service.telemetry import LAYOUT, Telemetry
+from service.versions import Status, VersionRecord
 from tests.service.conftest import SHAPE, Artifacts, add_version
 
 
 def registry_for(root: Path, **overrides: object) -> Registry:
     config = Settings(model_store=root, default_model="tiny", **overrides)  # type: ignore[arg-type]
-    return Registry(config, Metrics(CollectorRegistry()))
+    return Registry(config, Telemetry())
 
 
 def test_latest_ready_version_serves_when_a_newer_one_fails(
@@ -36,14 +36,14 @@ def test_latest_ready_version_serves_when_a_newer_one_fails(
 
     async def main() -> None:
         registry = registry_for(tmp_path)
-        with caplog.at_level(logging.INFO, logger="service.registry"):
+        with caplog.at_level(logging.INFO):
             await registry.load_all()
         try:
             v1, v2 = registry.entries()
-            assert v1.status is Status.READY and v1.report is not None
+            assert v1.status is Status.READY and v1.learned.report is not None
             assert v2.status is Status.FAILED and "golden outputs differ" in (v2.reason or "")
-            assert registry.resolve(None, None) is v1
-            assert registry.resolve("tiny", 1) is v1
+            assert registry.resolve(None, None) is v1.ready
+            assert registry.resolve("tiny", 1) is v1.ready
             with pytest.raises(ModelNotReady, match="golden"):
                 registry.resolve("tiny", 2)
             with pytest.raises(ModelNotFound, match="no version 3"):
@@ -98,7 +98,6 @@ def test_ready_versions_answer_through_their_batcher(tmp_path: Path, artifacts: 
         await registry.load_all()
         try:
             entry = registry.resolve(None, None)
-            assert entry.batcher is not None
             out = await entry.batcher.submit(artifacts.golden_inputs.reshape(-1, *SHAPE))
             np.testing.assert_array_equal(out, artifacts.golden_outputs)
         finally:
@@ -116,20 +115,20 @@ def test_a_version_whose_load_raises_fails_alone(
     add_version(tmp_path, artifacts)
     add_version(tmp_path, artifacts, name="other")
     add_version(tmp_path, artifacts, name="third")
-    real_load, real_make = Registry._load, Registry._make_batcher
+    real_load, real_serve = loader_module._load, Registry._serve
 
-    def load(self: Registry, entry: ModelVersion) -> object:
-        if entry.name == "tiny":  # loaded first: the default model
+    def load(*args: Any) -> object:
+        if args[2] == "tiny":  # loaded first: the default model
             raise RuntimeError("disk on fire")
-        return real_load(self, entry)
+        return real_load(*args)
 
-    def make_batcher(self: Registry, entry: ModelVersion, *args: Any) -> Batcher:
-        if entry.name == "other":
+    def serve(self: Registry, record: VersionRecord, loaded: Any) -> object:
+        if record.name == "other":
             raise ValueError("no batcher today")
-        return real_make(self, entry, *args)
+        return real_serve(self, record, loaded)
 
-    monkeypatch.setattr(Registry, "_load", load)
-    monkeypatch.setattr(Registry, "_make_batcher", make_batcher)
+    monkeypatch.setattr(loader_module, "_load", load)
+    monkeypatch.setattr(Registry, "_serve", serve)
 
     async def main() -> None:
         registry = registry_for(tmp_path)
@@ -165,7 +164,7 @@ def test_a_crash_of_the_loading_loop_leaves_no_version_loading(
         add_version(tmp_path, artifacts, name=name)
     real_load_one = Registry._load_one
 
-    async def load_one(self: Registry, entry: ModelVersion) -> None:
+    async def load_one(self: Registry, entry: VersionRecord) -> None:
         if entry.name == "other":  # a bug outside any one version's load
             raise RuntimeError("loop bug")
         await real_load_one(self, entry)
@@ -203,7 +202,7 @@ def test_loading_cancelled_midway_marks_the_rest_failed(
         assert release.wait(10)
         return real_verify(*args)
 
-    monkeypatch.setattr(registry_module, "verify_loaded_model", held)
+    monkeypatch.setattr(loader_module, "verify_loaded_model", held)
 
     async def main() -> None:
         registry = registry_for(tmp_path)
@@ -231,8 +230,7 @@ class _RecordingBatcher:
     made: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, run: object, **kwargs: Any) -> None:
-        observer = kwargs.pop("observer")
-        assert observer is not None
+        assert kwargs.pop("stats") is not None  # every batcher counts into the telemetry
         self.kwargs = kwargs
 
     async def start(self) -> None:
@@ -259,12 +257,13 @@ def test_batching_values_per_model_beat_global_ones_which_beat_the_manifest(
         },
     )
     asyncio.run(registry.load_all())
+    made = [cast(_RecordingBatcher, r.batcher) for r in registry.ready_versions()]
     chosen = {
-        e.name: (e.batcher.kwargs["max_batch_size"], e.batcher.kwargs["max_delay_ms"])  # type: ignore[union-attr]
-        for e in registry.entries()
+        r.name: (b.kwargs["max_batch_size"], b.kwargs["max_delay_ms"])
+        for r, b in zip(registry.ready_versions(), made, strict=True)
     }
     assert chosen == {"cnn": (8, 3.0), "plain": (64, 3.0), "tiny": (32, 1.0)}
-    assert all(e.batcher.kwargs["adaptive_delay"] is True for e in registry.entries())  # type: ignore[union-attr]
+    assert all(b.kwargs["adaptive_delay"] is True for b in made)
 
 
 def test_a_per_model_cap_splits_batches_and_unknown_names_are_reported(
@@ -281,25 +280,22 @@ def test_a_per_model_cap_splits_batches_and_unknown_names_are_reported(
             "tinny": BatchingOverride(max_batch_size=1),
         },
     )
-    metrics = registry._metrics
+    telemetry = registry._telemetry
 
     async def main() -> None:
         with caplog.at_level(logging.WARNING, logger="service.registry"):
             await registry.load_all()
         try:
             for name in ("tiny", "other"):
-                batcher = registry.resolve(name, None).batcher
-                assert batcher is not None
-                out = await batcher.submit(rows)
+                out = await registry.resolve(name, None).batcher.submit(rows)
                 np.testing.assert_array_equal(out, artifacts.golden_outputs)
         finally:
             await registry.stop()
 
     asyncio.run(main())
 
-    def batches(name: str) -> float | None:
-        labels = {"model": name, "version": "1"}
-        return metrics.registry.get_sample_value("foldserve_batch_size_count", labels)
+    def batches(name: str) -> float:
+        return telemetry.read()[(name, "1")].count(LAYOUT.batch_rows)
 
     assert batches("tiny") == 3  # 8 rows under a cap of 3: 3 + 3 + 2
     assert batches("other") == 1  # the global cap of 100
@@ -319,5 +315,5 @@ def test_a_model_runs_inline_only_when_a_full_batch_is_faster_than_the_setting(
     monkeypatch.setattr(registry_module, "Batcher", _RecordingBatcher)
     registry = registry_for(tmp_path, inline_max_ms=inline_max_ms)
     asyncio.run(registry.load_all())
-    (entry,) = registry.entries()
-    assert entry.batcher.kwargs["inline"] is inline  # type: ignore[union-attr]
+    (entry,) = registry.ready_versions()
+    assert cast(_RecordingBatcher, entry.batcher).kwargs["inline"] is inline

@@ -39,9 +39,7 @@ def test_the_estimated_wait_counts_the_batches_ahead_at_the_measured_batch_time(
         return batch * 2
 
     async def main() -> None:
-        batcher = Batcher(
-            slow, max_batch_size=4, max_delay_ms=0, max_queue_rows=100, initial_batch_s=0.5
-        )
+        batcher = Batcher(slow, max_batch_size=4, max_delay_ms=0, initial_batch_s=0.5)
         assert batcher.estimated_wait(1) == pytest.approx(0.5)  # its own batch
         assert batcher.estimated_wait(9) == pytest.approx(1.5)  # 9 rows: 3 batches of 4
         await batcher.start()
@@ -66,7 +64,7 @@ def test_the_batch_time_is_the_backends_own_not_the_loops_delay_in_resuming() ->
         return batch * 2
 
     async def main() -> float:
-        batcher = Batcher(backend, max_batch_size=4, max_delay_ms=0, max_queue_rows=100)
+        batcher = Batcher(backend, max_batch_size=4, max_delay_ms=0)
         await batcher.start()
         answer = asyncio.ensure_future(batcher.submit(_rows(1)))
         await asyncio.sleep(0.005)  # the batch is running in its thread...
@@ -90,7 +88,7 @@ def test_a_request_past_its_own_deadline_times_out_and_is_never_computed() -> No
         return batch
 
     async def main() -> None:
-        batcher = Batcher(slow, max_batch_size=2, max_delay_ms=0, max_queue_rows=100)
+        batcher = Batcher(slow, max_batch_size=2, max_delay_ms=0)
         await batcher.start()
         loop = asyncio.get_running_loop()
         blocking = asyncio.ensure_future(batcher.submit(_rows(2)))

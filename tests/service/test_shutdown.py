@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.service.conftest import ROOT, SHAPE, reference
+from tests.service.conftest import ROOT, SHAPE, Artifacts, add_version, reference
 
 IN_FLIGHT = 96
 
@@ -31,7 +31,9 @@ def _free_port() -> int:
         return port
 
 
-def _start(store: Path, port: int, workers: int, log: Path) -> subprocess.Popen[bytes]:
+def _start(
+    store: Path, port: int, workers: int, log: Path, **settings: str
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
     # Every request waits in the queue for 1.5 s: all 96 are surely in flight at the signal.
     env |= {
@@ -39,6 +41,7 @@ def _start(store: Path, port: int, workers: int, log: Path) -> subprocess.Popen[
         "FOLDSERVE_MAX_BATCH_SIZE": "512",
         "FOLDSERVE_ADAPTIVE_DELAY": "false",
         "FOLDSERVE_DEFAULT_MODEL": "tiny",
+        **{f"FOLDSERVE_{name.upper()}": value for name, value in settings.items()},
     }
     command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     command += ["--model-store", str(store), "--workers", str(workers)]
@@ -77,16 +80,27 @@ def _request(method: str, path: str, body: bytes = b"") -> bytes:
     ).encode() + body
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("workers", "rows", "queue"),
+    [
+        (1, 1, "4096"),
+        (2, 1, "4096"),
+        # 96 x 64 rows against a queue of 1,024: 80 wait at the admission gate, body unread,
+        # when the signal comes (16 wait in the queue for their batch); they are let in and
+        # answered in turn during the drain, not refused.
+        (1, 64, "1024"),
+    ],
+)
 def test_sigterm_with_96_requests_in_flight_loses_none_and_exits_0(
-    store: Path, tmp_path: Path, workers: int
+    store: Path, tmp_path: Path, workers: int, rows: int, queue: str
 ) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    server = _start(store, port, workers, log)
+    batching = {"max_delay_ms": "600", "max_batch_size": "4096"} if rows > 1 else {}
+    server = _start(store, port, workers, log, max_queue_rows=queue, **batching)
     rng = np.random.default_rng(0)
-    inputs = [rng.normal(size=(1, *SHAPE)).astype(np.float32) for _ in range(IN_FLIGHT)]
+    inputs = [rng.normal(size=(rows, *SHAPE)).astype(np.float32) for _ in range(IN_FLIGHT)]
 
     async def scenario() -> tuple[list[tuple[int, dict[str, str], bytes] | Exception], int, bool]:
         # Keep-alive connections, each used once already, as a client's pool holds them.
@@ -141,4 +155,36 @@ def test_sigterm_with_96_requests_in_flight_loses_none_and_exits_0(
     assert ready_status in (503, -1)
     assert refused, "a new connection was accepted after the drain"
     assert code == 0, output
+    assert "Traceback" not in output, output
+
+
+def test_sigterm_while_models_load_exits_within_the_grace(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    """Stopped while 40 versions are still being verified: the process ends within
+    shutdown_grace_s, exit 0, without waiting for the verifications in progress."""
+    root = tmp_path / "store"
+    for i in range(40):
+        add_version(root, artifacts, name=f"m{i:02d}")
+    add_version(root, artifacts)  # the default model, "tiny": loaded first
+    port = _free_port()
+    log = tmp_path / "server.log"
+    # Bitwise invariance up to 512 rows, required: each version takes a while to verify.
+    server = _start(root, port, 1, log, shutdown_grace_s="3", require_bitwise_invariance="true")
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", server, 1)  # the default model is ready
+        models = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]
+        assert any(v["status"] == "loading" for m in models for v in m["versions"])
+        os.killpg(server.pid, signal.SIGTERM)
+        started = time.monotonic()
+        code = server.wait(timeout=20)
+        took = time.monotonic() - started
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    output = log.read_text()
+    assert code == 0, output
+    assert took < 3 + 2, output
+    assert "drained and stopped" in output, output
     assert "Traceback" not in output, output

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.batching import Batcher
 from service.settings import Settings
-from service.stats import VersionStats
+from service.telemetry import LAYOUT, Telemetry
 from tests.service.conftest import SHAPE, Artifacts, add_version, serve
 from tests.service.test_batching import Recorder, rows
 
@@ -24,12 +24,12 @@ DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "comp
 
 
 def test_the_batcher_counts_runs_waits_and_the_requests_each_run_computed() -> None:
-    async def main() -> VersionStats:
-        stats = VersionStats()
+    telemetry = Telemetry()
+    stats = telemetry.version("m", 1)
+
+    async def main() -> None:
         run = Recorder(hold=True)
-        batcher = Batcher(
-            run, max_batch_size=4, max_delay_ms=60_000, max_queue_rows=64, stats=stats
-        )
+        batcher = Batcher(run, max_batch_size=4, max_delay_ms=60_000, stats=stats)
         await batcher.start()
         first = asyncio.ensure_future(batcher.submit(rows(4)))  # a full batch: runs at once
         while not run.entered.is_set():
@@ -42,14 +42,17 @@ def test_the_batcher_counts_runs_waits_and_the_requests_each_run_computed() -> N
         await asyncio.gather(first, *queued)
         await batcher.stop()
         assert run.sizes == [4, 4, 4]
-        return stats
 
-    stats = asyncio.run(main())
-    assert stats.execution_count == 3
-    assert stats.compute_infer.count == 1 + 1 + 2  # the split request counts in both runs
-    assert stats.queue.count == 3  # each request's wait once, up to its first run
-    assert stats.queue.sum >= 0.05  # the two queued ones waited for the held run
-    assert stats.last_inference_ms == pytest.approx(time.time() * 1000, abs=5000)
+    asyncio.run(main())
+    figures = telemetry.read()[("m", "1")]
+    queue, infer = LAYOUT.stages["queue"], LAYOUT.stages["compute_infer"]
+    assert figures.get(LAYOUT.counts["execution_count"]) == 3
+    assert figures.count(infer) == 1 + 1 + 2  # the split request counts in both runs
+    assert figures.count(queue) == 3  # each request's wait once, up to its first run
+    assert figures.get(queue.sum_slot) >= 0.05  # the two queued ones waited for the held run
+    last = figures.get(LAYOUT.counts["last_inference_ms"])
+    assert last == pytest.approx(time.time() * 1000, abs=5000)
+    assert figures.count(LAYOUT.batch_rows) == 3 and figures.get(LAYOUT.batch_rows.sum_slot) == 12
 
 
 @pytest.fixture(scope="module")

@@ -306,9 +306,14 @@ def test_unknown_top_level_fields_are_ignored_and_model_fields_must_agree(
         response = httpx.post(base + path, json=request)
         np.testing.assert_allclose(json_answer(response), reference(v2_store, X), atol=1e-5)
         assert response.json()["id"] == "r-1" and response.json()["model_version"] == "1"
+    # A version the path names and the model lacks: 404 before the body is read.
     response = httpx.post(f"{base}/v2/models/tiny/versions/2/infer", json=request)
-    assert response.status_code == 400
-    assert "\"model_version\" is '1' in the body but '2' in the path" in response.json()["error"]
+    assert response.status_code == 404
+    conflict = httpx.post(
+        f"{base}/v2/models/tiny/versions/1/infer", json={**request, "model_version": "2"}
+    )
+    assert conflict.status_code == 400
+    assert "\"model_version\" is '2' in the body but '1' in the path" in conflict.json()["error"]
 
 
 def test_unknown_model_or_version_is_404(base: str) -> None:

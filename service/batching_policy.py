@@ -1,0 +1,130 @@
+"""How one version is batched and run: its row cap, delay and queue bound (settings, then the
+manifest), its threads (from the CPUs and the model's measured speed), and whether it runs on
+the event loop (a full batch measured at load). Decided once, at load, off the event loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from service.backends import Backend
+from service.errors import ConfigError
+from service.settings import BatchingOverride, Settings, setting_ref
+from service.store import Manifest
+from service.verify import golden_inputs
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# NOTE: one row slower than this on one thread gains from more threads (onnxruntime splits each
+# operator's work); faster ones lose to the threads' hand-offs. Measured here: digits-mlp takes
+# 0.03 ms a row, a MONAI ResNet-50 at 3x224x224 about 190 ms, a 2-D UNet at 256x256 about 10 ms.
+THREADS_FROM_MS = 1.0
+_TIMING_RUNS = 7
+_TIMING_BUDGET_S = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A version's batching as settings and manifest decide it, before anything is timed."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue_rows: int
+    queue_limit: str  # the setting that bounds the queue, named as an error message names it
+
+
+@dataclass(frozen=True)
+class BatchingChoice:
+    """What was chosen for one version's batcher, for /models and the logs."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    adaptive_delay: bool
+    full_batch_ms: float  # measured at load; below inline_max_ms the model runs inline
+    max_queue_rows: int  # max_queue_rows, or fewer when max_queue_bytes holds fewer samples
+    queue_limit: str
+    threads: int  # onnxruntime's intra-op threads for this version
+
+    def inline(self, settings: Settings) -> bool:
+        return self.full_batch_ms < settings.inline_max_ms
+
+
+def plan(settings: Settings, name: str, version: int, manifest: Manifest) -> Plan:
+    """Row cap and delay (a per-model override beats the global one, then the manifest) and the
+    queue bound (the lower of max_queue_rows and what max_queue_bytes holds)."""
+    s, m = settings, manifest.batching
+    own = s.model_batching.get(name, BatchingOverride())
+    cap = _first(own.max_batch_size, s.max_batch_size, m.max_batch_size)
+    delay = _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
+    # NOTE: the batcher queues validated rows, which are float32.
+    sample_bytes = 4 * math.prod(manifest.inputs[0].shape)
+    by_bytes = s.max_queue_bytes // sample_bytes
+    bytes_limit = setting_ref("max_queue_bytes", s.max_queue_bytes)
+    if by_bytes < 1:
+        raise ConfigError(
+            f"{bytes_limit} cannot hold one sample of this model ({sample_bytes} bytes of "
+            f"float32 input): raise it to at least {sample_bytes}"
+        )
+    if by_bytes < s.max_queue_rows:
+        rows, limit = by_bytes, f"{bytes_limit}, {sample_bytes} bytes per sample"
+    else:
+        rows, limit = s.max_queue_rows, setting_ref("max_queue_rows", s.max_queue_rows)
+    if rows < cap:
+        log.warning(
+            "model %s v%s: at most %d rows can queue (%s), fewer than max_batch_size=%d: "
+            "batches will not fill",
+            name,
+            version,
+            rows,
+            limit,
+            cap,
+        )
+    return Plan(cap, delay, rows, limit)
+
+
+def threads_for(settings: Settings, one_row_ms: float, cpus: int) -> int:
+    """intra_op_threads when set; else every usable CPU for a model slow enough to gain from
+    them, one thread for the others."""
+    if settings.intra_op_threads is not None:
+        return settings.intra_op_threads
+    return cpus if one_row_ms >= THREADS_FROM_MS else 1
+
+
+def one_row_ms(backend: Backend, manifest: Manifest) -> float:
+    """One warm run of one golden row, in milliseconds (the first run allocates: not timed)."""
+    row = np.ascontiguousarray(golden_inputs(manifest)[:1])
+    backend.run(row)
+    started = time.perf_counter()
+    backend.run(row)
+    return (time.perf_counter() - started) * 1000.0
+
+
+def full_batch_ms(backend: Backend, manifest: Manifest, rows: int) -> float:
+    """Median of a few warm runs of one full batch (golden inputs repeated).
+
+    The median, not the best: the decision to block the event loop should not rest on luck.
+    Seven runs, or fewer once they took a second: the time only decides whether a model is fast
+    enough (inline_max_ms, under a millisecond) to run on the event loop, and a batch of large
+    images that takes seconds has answered that in one run.
+    """
+    golden = golden_inputs(manifest)
+    batch = np.ascontiguousarray(np.resize(golden, (rows, *golden.shape[1:])))
+    backend.run(batch)  # warm-up: first runs allocate
+    times: list[float] = []
+    while len(times) < _TIMING_RUNS and sum(times) < _TIMING_BUDGET_S:
+        started = time.perf_counter()
+        backend.run(batch)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000.0
+
+
+def _first(*values: _T | None) -> _T:
+    """The first value that is set; the last one (the manifest's) always is."""
+    return next(v for v in values if v is not None)
