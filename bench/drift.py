@@ -1,13 +1,18 @@
-"""What drift monitoring costs a request: ``.venv/bin/python -m bench.drift [--requests N]``.
+"""What drift monitoring costs: ``.venv/bin/python -m bench.drift [--seconds S]``.
 
-In one process, on the shipped store, with the server's own registry and dataplane:
+In one process, on the shipped store (digits-mlp, digits-cnn), and on ResNet-50's stem at
+3 x 224 x 224 (random weights: the cost depends on the shapes only), the largest layer a monitor
+may have to map:
 
-1. ``DataPlane.infer`` of a 1-row request, one at a time (the request's own serving time);
-2. ``observe`` per request, on the loop (what ``DataPlane.infer`` adds on its path);
-3. the time the loop spends in fold-ins during those requests, per request (they run later, at
-   most every FOLD_EVERY_S), and one fold-in of 64 and of 512 pending requests;
-4. as a cross-check, alternating rounds with the model's monitor and with an inert one (a model
-   without input BN): the difference of whole requests, which noise dominates at this scale.
+1. ``backend 1 row``: the model's own ``run`` of one row (ONNX Runtime), what a request costs;
+2. ``observe``: per request, on the event loop (all that ``DataPlane.infer`` adds on its path);
+3. ``fold CPU/sample``: the fold thread's CPU per row, every row folded (no budget), all layers;
+4. with the default budget, requests served as fast as the backend answers them for S seconds
+   (one core's capacity): the fold thread's CPU as a share of one core, and the share of the
+   rows each layer folded (the rest is sampled out).
+
+CPU is the fold thread's own clock (``time.thread_time`` read inside it): numpy's BLAS runs in
+that thread alone once it is pinned (``service.drift_thread``).
 """
 
 from __future__ import annotations
@@ -15,142 +20,170 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry
 
-from service.dataplane import DataPlane, InferenceResult
-from service.drift import DriftMonitor
-from service.metrics import Metrics
-from service.registry import Registry
-from service.settings import Settings
+from service.backends import Array, BackendOptions, load_backend
+from service.drift import CPU_BUDGET, DriftMonitor
+from service.drift_layer import HiddenLayer
+from service.drift_thread import FoldThread
+from service.monitor_maps import Conv2dMap
+from service.store import HiddenStatistics, InputStatistics, Manifest, SideFile, read_manifest
 
 STORE = Path(__file__).resolve().parents[1] / "model_store"
 MODELS = ("digits-mlp", "digits-cnn")
-ROUNDS = 10
+STEM_IMAGES_PER_S = 25.0  # about what ResNet-50 serves per core on CPU
 
 
-def _fold_costs(monitor: DriftMonitor, sample: np.ndarray) -> dict[str, float]:
-    """One fold-in of 64 and of 512 pending 1-row requests (best of 5 x 50)."""
-    row = sample[:1]
-    out: dict[str, float] = {}
-    for pending in (64, 512):
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[FoldThread, float | None], DriftMonitor]  # (thread, budget) -> monitor
+    row: Array  # one request of one row
+    serve: Callable[[Array], object] | None  # the backend; None: observed at STEM_IMAGES_PER_S
+
+
+def thread_cpu(thread: FoldThread) -> float:
+    """The fold thread's CPU seconds so far, read inside it."""
+    box: list[float] = []
+    done = threading.Event()
+
+    def read() -> None:
+        box.append(time.thread_time())
+        done.set()
+
+    thread.submit(read)
+    done.wait(10)
+    return box[0]
+
+
+def observe_us(case: Case) -> float:
+    """One request's observe on a running loop, the fold thread folding meanwhile (best of 5)."""
+    monitor = case.make(FoldThread("bench-observe"), CPU_BUDGET)
+
+    async def rounds() -> float:
         best = float("inf")
         for _ in range(5):
-            spent = 0.0
-            for _ in range(50):
-                for _ in range(pending):
-                    monitor.observe(row)
-                started = time.perf_counter()
-                monitor.fold_pending()
-                spent += time.perf_counter() - started
-            best = min(best, spent / 50)
-        out[f"fold_{pending}_us"] = best * 1e6
-    return out
+            started = time.perf_counter()
+            for _ in range(2000):
+                monitor.observe(case.row)
+            best = min(best, (time.perf_counter() - started) / 2000)
+            await asyncio.sleep(0.06)  # a fold empties the pending list
+        return best
+
+    return asyncio.run(rounds()) * 1e6
 
 
-async def _infer_rounds(dataplane: DataPlane, model: str, requests: int) -> dict[str, float]:
-    entry = dataplane.registry.resolve(model, None)
-    real, inert = entry.drift, DriftMonitor(None)
-    assert entry.manifest is not None
-    spec = entry.manifest.inputs[0].shape
-    row = np.asarray(entry.manifest.golden.inputs[:1], dtype=np.float32).reshape(1, *spec)
-    folding = [0.0]  # seconds spent folding during the monitored rounds
-    fold = real.fold_pending
+def traffic(case: Case, budget: float | None, seconds: float) -> tuple[DriftMonitor, float, float]:
+    """Serve and observe one-row requests back to back (or at STEM_IMAGES_PER_S) for
+    ``seconds``; the monitor, the fold thread's CPU seconds and the wall seconds."""
+    thread = FoldThread(f"bench-{case.name}")
+    monitor = case.make(thread, budget)
+    monitor.observe(case.row[:0])  # starts the thread: its start is not counted below
+    assert monitor.flush()
+    cpu, started = thread_cpu(thread), time.monotonic()
+    while time.monotonic() - started < seconds:
+        if case.serve is not None:
+            case.serve(case.row)
+        else:
+            time.sleep(1 / STEM_IMAGES_PER_S)
+        monitor.observe(case.row)
+    assert monitor.flush(60)
+    return monitor, thread_cpu(thread) - cpu, time.monotonic() - started
 
-    def timed_fold() -> None:
+
+def backend_us(case: Case) -> float:
+    assert case.serve is not None
+    for _ in range(200):
+        case.serve(case.row)
+    timings = []
+    for _ in range(2000):
         started = time.perf_counter()
-        fold()
-        folding[0] += time.perf_counter() - started
-
-    real.fold_pending = timed_fold  # type: ignore[method-assign]
-
-    def encode(result: InferenceResult) -> int:
-        return len(result.outputs)
-
-    async def one_round(monitor: DriftMonitor) -> float:
-        entry.drift = monitor
-        started = time.perf_counter()
-        for _ in range(requests):
-            await dataplane.infer(model, None, row, encode)
-        await asyncio.sleep(0)  # a fold-in scheduled in this round is part of its cost
-        return (time.perf_counter() - started) / requests
-
-    async def observes() -> float:
-        started = time.perf_counter()
-        for _ in range(requests):
-            real.observe(row)  # as on the request path: on the loop, scheduling a fold-in
-        return (time.perf_counter() - started) / requests
-
-    await one_round(real)  # warm up
-    observe_us = min([await observes() for _ in range(5)]) * 1e6
-    real.fold_pending()
-    on, off = [], []
-    folding[0] = 0.0
-    for _ in range(ROUNDS):
-        off.append(await one_round(inert))
-        on.append(await one_round(real))
-    entry.drift = real
-    diffs = sorted(a - b for a, b in zip(on, off, strict=True))
-    return {
-        "observe_loop_us": observe_us,
-        "fold_share_us": folding[0] / (ROUNDS * requests) * 1e6,
-        "infer_off_us": statistics.median(off) * 1e6,
-        "infer_on_us": statistics.median(on) * 1e6,
-        "ab_diff_us": statistics.median(diffs) * 1e6,
-        "ab_spread_us": (diffs[-2] - diffs[1]) * 1e6,
-    }
+        case.serve(case.row)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings) * 1e6
 
 
-async def _measure(requests: int) -> dict[str, dict[str, float]]:
-    settings = Settings(model_store=STORE, adaptive_delay=True)
-    metrics = Metrics(CollectorRegistry())
-    registry = Registry(settings, metrics)
-    await registry.load_all()
-    dataplane = DataPlane(registry, metrics)
-    out: dict[str, dict[str, float]] = {}
-    try:
-        for model in MODELS:
-            entry = registry.resolve(model, None)
-            assert entry.manifest is not None
-            sample = np.asarray(entry.manifest.golden.inputs, dtype=np.float32)
-            sample = sample.reshape(len(sample), *entry.manifest.inputs[0].shape)
-            spare = DriftMonitor.for_manifest(entry.manifest)
-            out[model] = {
-                **_fold_costs(spare, sample),
-                **await _infer_rounds(dataplane, model, requests),
-            }
-    finally:
-        await registry.stop()
-    return out
+def resnet50_stem() -> tuple[InputStatistics, HiddenLayer]:
+    """ResNet-50's input BN and first convolution (3 -> 64 channels, 7 x 7, stride 2, padding 3:
+    9,408 weights over 112 x 112 positions) and the BN it feeds; random weights."""
+    weight = np.random.default_rng(0).normal(0.0, 0.05, (64, 3, 7, 7)).astype(np.float32)
+    stem = Conv2dMap(
+        np.ascontiguousarray(weight.reshape(64, -1).T), np.zeros(64, np.float32),
+        np.zeros(3, np.float32), (7, 7), (2, 2), (3, 3), (3, 224, 224),
+    )  # fmt: skip
+    side = SideFile(path="monitor-bn1.npz", sha256="0" * 64, size_bytes=1)
+    statistics = HiddenStatistics(
+        layer="bn1", map="conv2d", map_from="conv1", through="input_norm", stride=(2, 2),
+        padding=(3, 3), file=side, axis="channel", source="ema", mean=(0.0,) * 64,
+        var=(0.5,) * 64, eps=1e-5,
+    )  # fmt: skip
+    inputs = InputStatistics(
+        layer="input_norm", axis="channel", source="ema", mean=(0.0,) * 3, var=(1.0,) * 3, eps=1e-5
+    )
+    return inputs, HiddenLayer(statistics, stem)
+
+
+def monitor_factory(
+    reference: InputStatistics | None, hidden: list[HiddenLayer]
+) -> Callable[[FoldThread, float | None], DriftMonitor]:
+    def make(thread: FoldThread, budget: float | None) -> DriftMonitor:
+        return DriftMonitor(reference, hidden=hidden, budget=budget, thread=thread)
+
+    return make
+
+
+def shipped(name: str) -> Case:
+    directory = STORE / name / "1"
+    manifest: Manifest = read_manifest(directory)
+    hidden = list(DriftMonitor.for_manifest(manifest, directory=directory).hidden)
+    backend = load_backend("onnx", directory / "model.onnx", BackendOptions())
+    shape = manifest.inputs[0].shape
+    row = np.asarray(manifest.golden.inputs[:1], dtype=np.float32).reshape(1, *shape)
+    return Case(name, monitor_factory(manifest.input_statistics, hidden), row, backend.run)
+
+
+def cases() -> list[Case]:
+    inputs, stem = resnet50_stem()
+    image = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    return [
+        *(shipped(name) for name in MODELS),
+        Case("resnet50-stem", monitor_factory(inputs, [stem]), image, None),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="1-row requests per round")
+    parser.add_argument("--seconds", type=float, default=10.0, help="of budgeted traffic")
     args = parser.parse_args()
-    results = asyncio.run(_measure(args.requests))
     print(
-        f"{'model':11s} {'infer 1 row':>11s} {'observe':>8s} {'fold share':>10s} "
-        f"{'added':>7s} {'added/infer':>11s} {'fold 64 rows':>12s} {'fold 512':>9s} "
-        f"{'A/B on-off (spread)':>20s}"
+        f"{'model':14s} {'backend 1 row':>13s} {'observe':>8s} {'fold CPU/sample':>16s} "
+        f"{'budgeted: fold CPU':>19s} {'rows folded per layer':>24s}"
     )
-    for model, r in results.items():
-        added = r["observe_loop_us"] + r["fold_share_us"]
+    for case in cases():
+        every, every_cpu, _ = traffic(case, None, min(args.seconds, 2.0))
+        per_sample = every_cpu / max(1, every.report().samples_folded) * 1e6
+        budgeted, cpu, wall = traffic(case, CPU_BUDGET, args.seconds)
+        report = budgeted.report()
+        folded = [report.samples_folded, *(h.samples_folded for h in report.hidden)]
+        shares = " ".join(f"{n / max(1, report.samples_observed):.0%}" for n in folded)
+        backend = "-" if case.serve is None else f"{backend_us(case):.1f}us"
         print(
-            f"{model:11s} {r['infer_off_us']:9.1f}us {r['observe_loop_us']:6.2f}us "
-            f"{r['fold_share_us']:8.2f}us {added:5.2f}us {added / r['infer_off_us']:11.2%} "
-            f"{r['fold_64_us']:10.1f}us {r['fold_512_us']:7.1f}us "
-            f"{r['ab_diff_us']:+9.1f}us ({r['ab_spread_us']:.1f}us)"
+            f"{case.name:14s} {backend:>13s} {observe_us(case):6.2f}us "
+            f"{per_sample:14.1f}us {cpu / wall:18.2%} {shares:>24s}"
         )
     print(
-        f"\n{ROUNDS} alternating rounds of {args.requests} sequential 1-row requests through "
-        "DataPlane.infer in process (medians). observe: per request, on the loop; fold share: "
-        "time in fold-ins during the monitored rounds / requests; added = observe + fold share. "
-        "A/B: median per-round difference of the whole request with the monitor and with an "
-        "inert one (spread: 2nd lowest to 2nd highest), dominated by noise at this scale."
+        f"\nbackend 1 row: the model's own run (median). observe: per request, on the loop "
+        f"(best of 5 x 2000). fold CPU/sample: the fold thread's CPU per row, every row folded, "
+        f"input and hidden layers together. budgeted: {args.seconds:.0f} s of one-row requests "
+        f"served back to back (the stem: {STEM_IMAGES_PER_S:.0f} images/s) with the default "
+        f"budget ({CPU_BUDGET:.0%} of a core): the fold thread's CPU / wall time, and the share "
+        "of the rows each layer folded (input, then hidden)."
     )
 
 

@@ -33,19 +33,24 @@ def golden(run: Running, model: str) -> float | None:
 
 def v2_golden(url: str, p: Payload, case: Case) -> None:
     """Send the binary V2 body once and compare the decoded raw outputs with the golden ones."""
+    got = v2_answer(url, p)
+    want = np.asarray(manifest(case.model)["golden"]["outputs"])
+    want = want[np.arange(case.samples) % len(want)]
+    diff = float(np.abs(got - want).max())
+    if diff > ATOL:
+        raise RuntimeError(f"{case.key}: V2 binary outputs differ from golden by {diff:.3g}")
+
+
+def v2_answer(url: str, p: Payload, timeout: float = 60) -> np.ndarray:
+    """The one output of a binary V2 answer to ``p``, decoded to its shape."""
     assert p.header_length is not None
     headers = {
         "Content-Type": p.content_type,
         "Inference-Header-Content-Length": str(p.header_length),
     }
     req = urllib.request.Request(url, data=p.body, method="POST", headers=headers)
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         length = int(resp.headers["Inference-Header-Content-Length"])
         answer = resp.read()
     (output,) = json.loads(answer[:length])["outputs"]
-    got = np.frombuffer(answer[length:], dtype="<f4").reshape(output["shape"])
-    want = np.asarray(manifest(case.model)["golden"]["outputs"])
-    want = want[np.arange(case.samples) % len(want)]
-    diff = float(np.abs(got - want).max())
-    if diff > ATOL:
-        raise RuntimeError(f"{case.key}: V2 binary outputs differ from golden by {diff:.3g}")
+    return np.frombuffer(answer[length:], dtype="<f4").reshape(output["shape"])

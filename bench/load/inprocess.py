@@ -13,8 +13,10 @@ import numpy as np
 from load.cases import STORE, manifest
 
 
-def onnxruntime(models: list[str], seconds: float) -> dict[str, dict[str, float]]:
-    """session.run in a loop at batch 1 and 64, with foldserve's session options."""
+def onnxruntime(
+    models: list[str], seconds: float, batches: tuple[int, ...] = (1, 64)
+) -> dict[str, dict[str, float]]:
+    """session.run in a loop at each batch size, with foldserve's session options."""
     from service.backends import BackendOptions
     from service.backends.onnx import OnnxBackend
 
@@ -23,7 +25,7 @@ def onnxruntime(models: list[str], seconds: float) -> dict[str, dict[str, float]
         backend = OnnxBackend(STORE / model / "1" / "model.onnx", BackendOptions("cpu", 1))
         shape = tuple(manifest(model)["inputs"][0]["shape"])
         golden = np.asarray(manifest(model)["golden"]["inputs"], dtype=np.float32)
-        for batch in (1, 64):
+        for batch in batches:
             x = np.resize(golden, (batch, golden.shape[1])).reshape(batch, *shape)
             for _ in range(50):
                 backend.run(x)
@@ -41,6 +43,26 @@ def onnxruntime(models: list[str], seconds: float) -> dict[str, dict[str, float]
                 "samples_per_s": batch * len(times) / sum(times),
             }
     return out
+
+
+def json_parse(body: bytes, seconds: float) -> dict[str, float]:
+    """What parsing a JSON request body costs in-process: orjson.loads, then the float32 array.
+
+    NOTE: the bound of issue 17 for a JSON request adds this to bare's cost and the model's: it is
+    measured on the exact bytes the load generator sends, so a server may spend that, not more.
+    """
+    import orjson
+
+    def parse(text: bytes) -> None:
+        np.asarray(orjson.loads(text)["inputs"], dtype=np.float32)
+
+    for _ in range(20):
+        parse(body)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        times.append(_timed(parse, body))
+    return {"bytes": len(body), "calls": len(times), "median_us": statistics.median(times) * 1e6}
 
 
 def _timed(fn: Callable[[Any], Any], arg: Any) -> float:

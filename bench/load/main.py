@@ -5,12 +5,14 @@ the manifests' golden outputs (atol 1e-4), then for each case (model x samples p
 concurrency: warm up, drive it with wrk for a fixed time (bench/post.lua checks every answer's
 predictions), and record requests/s, samples/s, p50/p99, errors, and the CPU that wrk and the
 server used. Then paired rounds (foldserve, the bare endpoint, raw ASGI and --workers 2 side by
-side, measured in turn at 1, 8 and 64 connections) for the decisive ratios, and the overload
-scenario (peak goodput per model, then 4x and 16x its concurrency with a client that gives up
-after 1 s). In the same run: in-process onnxruntime (the compute limit), the batcher's cost at
-concurrency 1, the RSS of a foldserve process with both models loaded, and a py-spy profile of
-foldserve under load. Prints markdown tables and the targets, writes
-bench/results/<timestamp>.json and .png. Run it through bench/run.
+side, measured in turn at 1, 8 and 64 connections) for the decisive ratios, server CPU per
+request included; 64-row requests against their CPU bound; the overload scenario (peak goodput
+per model, then 4x and 16x its concurrency with a client that gives up after 1 s); one hostile
+client sending ~60 MB bodies beside 8 ordinary ones; and two real networks (MONAI ResNet-50 and
+UNet) served against onnxruntime in-process. In the same run: in-process onnxruntime (the
+compute limit), the batcher's cost at concurrency 1, the RSS of a foldserve process with both
+models loaded, and a py-spy profile of foldserve under load. Prints markdown tables and the
+targets, writes bench/results/<timestamp>.json and .png. Run it through bench/run.
 """
 
 from __future__ import annotations
@@ -21,20 +23,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from load import inprocess, overload, paired, report
+from load import inprocess, paired, parts
 from load.cases import RESULTS, ROOT, Case
 from load.machine import code, loadavg, machine, versions
-from load.matrix import Matrix, run_matrix
+from load.matrix import run_matrix
 from load.plot import plot
-from load.process import running
-from load.servers import by_name, servers
+from load.servers import servers
+from load.summary import Results, print_report
 from load.targets import targets
 
-PARTS = ("inprocess", "matrix", "profile", "paired", "overload")
+PARTS = ("inprocess", "matrix", "profile", "paired", "rows64", "overload", "hostile", "real")
+# After the matrix, in this order; the matrix gets what these leave of the budget.
+LATER = ("paired", "rows64", "overload", "hostile", "real")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--budget",
         type=float,
-        help="seconds for the whole run; what does not fit is skipped and listed (960; quick 400)",
+        help="seconds for the whole run; what does not fit is skipped and listed (1500; quick "
+        "480); the first run also exports the real networks once (minutes, outside the budget)",
     )
     add("--no-profile", action="store_true", help="skip the py-spy profile (= --skip profile)")
     add(
@@ -59,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rounds of foldserve, bare, raw ASGI, --workers 2 side by side (5; quick 2; 0: none)",
     )
     add("--skip", nargs="+", choices=PARTS, default=[], help="parts of the run to leave out")
+    add("--only", nargs="+", choices=PARTS, help="run these parts alone (while developing)")
     return parser.parse_args(argv)
 
 
@@ -66,14 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quick = args.quick
     skip = set(args.skip) | ({"profile"} if args.no_profile else set())
+    if args.only:
+        skip |= set(PARTS) - set(args.only)
     seconds = args.duration or (2.0 if quick else 5.0)
     warmup = args.warmup if args.warmup is not None else 1.0
     conc = tuple(args.concurrency or ((1, 64) if quick else (1, 8, 64)))
-    budget = args.budget or (400.0 if quick else 960.0)
+    budget = args.budget or (480.0 if quick else 1500.0)
     rounds = args.paired_rounds if args.paired_rounds is not None else (2 if quick else 5)
-    rounds = 0 if "paired" in skip else rounds
-    round_s = 2.0
-    overload_times = (1.0, 1.0, 3.0) if quick else (2.0, 1.0, 5.0)  # sweep, warm-up, overload
+    plan = parts.Plan(
+        rounds=0 if "paired" in skip else rounds,
+        round_s=2.0,
+        overload_times=(1.0, 1.0, 3.0) if quick else (2.0, 1.0, 5.0),
+        rows64_rounds=1 if quick else 3,
+        hostile_s=4.0 if quick else 8.0,
+        real_s=3.0 if quick else 5.0,
+        real_inprocess_s=2.0 if quick else 5.0,
+        warmup=warmup,
+    )
     cases = [Case("digits-mlp", 1), Case("digits-mlp", 64), Case("digits-mlp", 64, "v2bin")]
     if not quick:
         cases += [Case("digits-cnn", 1), Case("digits-cnn", 64)]
@@ -91,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         f"measurement, c={list(conc)}, budget {budget:.0f} s; logs in {tmp})\n"
         f"# code {measured_code['commit'][:10]}, uncommitted: "
         f"{measured_code['uncommitted_server_files'] or 'none'} (service/, pyproject.toml)\n"
-        f"# load average at the start: {host['loadavg_at_start']} ({host['nproc']} cores)",
+        f"# load average at the start: {host['loadavg_at_start']} ({host['nproc']} cores)"
+        + (f"\n# parts left out: {sorted(skip)}" if skip else ""),
         flush=True,
     )
     chosen = [s for s in servers() if not args.servers or s.name in args.servers]
     pair = [s for s in chosen if s.name in paired.SERVERS]
-    paired_plan = paired.planned_seconds([s.name for s in pair], rounds, round_s)
-    overload_plan = 0.0 if "overload" in skip else overload.planned_seconds(*overload_times)
-    # The matrix gets what the paired rounds and the overload scenario leave of the budget.
-    matrix_deadline = t0 + budget - paired_plan - overload_plan
+    later = [p for p in LATER if p not in skip and (p != "paired" or (plan.rounds and pair))]
+    planned = {p: plan.seconds(p, [s.name for s in pair]) for p in later}
+    end = t0 + budget
 
     ort: dict[str, dict[str, float]] = {}
     overhead: dict[str, Any] | None = None
@@ -111,35 +127,30 @@ def main(argv: list[str] | None = None) -> int:
 
     profile_s = None if "profile" in skip else (5.0 if quick else 8.0)
     matrix = run_matrix(
-        [] if "matrix" in skip else chosen, cases, conc, seconds, warmup, matrix_deadline,
-        profile_s, tmp,
+        [] if "matrix" in skip else chosen, cases, conc, seconds, warmup,
+        end - sum(planned.values()), profile_s, tmp,
     )  # fmt: skip
+    results = Results(matrix, ort, overhead)
     skipped = matrix.skipped
+    runners: dict[str, Callable[[], Any]] = {
+        "paired": lambda: parts.run_paired(pair, plan, tmp, skipped),
+        "rows64": lambda: parts.run_rows64(plan, tmp, skipped),
+        "overload": lambda: parts.run_overload(plan, tmp, skipped),
+        "hostile": lambda: parts.run_hostile(plan, tmp, skipped),
+        "real": lambda: parts.run_real(plan, tmp, skipped),
+    }
+    for part in later:
+        # What the parts after this one still need stays reserved for them.
+        rest = sum(planned[p] for p in later[later.index(part) + 1 :])
+        if parts.fits(part, planned[part], end - rest, skipped):
+            setattr(results, part, runners[part]())
 
-    rounds_result = None
-    if rounds and pair:
-        if time.monotonic() + paired_plan > t0 + budget + 60:
-            skipped.append(f"paired rounds (~{paired_plan:.0f} s: past the budget)")
-        else:
-            names = [s.name for s in pair]
-            print(
-                f"paired rounds: {rounds} x {names}, mlpx1 c={list(paired.LEVELS)} ...", flush=True
-            )
-            try:
-                rounds_result = paired.paired_rounds(pair, rounds, round_s, 1.0, tmp)
-            except Exception as exc:
-                print(f"  paired rounds: FAILED: {exc}", flush=True)
-                skipped.append(f"paired rounds ({exc})")
-
-    scenario: dict[str, dict[str, Any]] | None = None
-    if "overload" not in skip:
-        if time.monotonic() + overload_plan > t0 + budget + 60:
-            skipped.append(f"overload (~{overload_plan:.0f} s: past the budget)")
-        else:
-            scenario = run_overload(overload_times, tmp, skipped)
-
-    result = targets(matrix.measurements, ort, overhead, matrix.rss, rounds_result, scenario)
-    print_report(matrix, ort, overhead, rounds_result, scenario, result)
+    r = results
+    result = targets(
+        r.matrix.measurements, r.ort, r.overhead, r.matrix.rss, r.paired, r.overload,
+        r.rows64, r.hostile, r.real,
+    )  # fmt: skip
+    print_report(results, result)
     if skipped:
         print(f"\nskipped (budget or failure): {skipped}")
 
@@ -150,83 +161,31 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": seconds,
         "warmup_s": warmup,
         "concurrency": list(conc),
+        "parts_left_out": sorted(skip),
         "machine": {**host, "loadavg_at_end": loadavg()},
         "versions": versions(),
         "code": measured_code,
-        "ready_seconds": matrix.ready_s,
-        "inprocess_onnxruntime": ort,
-        "batcher_overhead": overhead,
-        "foldserve_rss_mib": matrix.rss,
-        "measurements": [asdict(m) for m in matrix.measurements],
-        "paired_rounds": rounds_result,
-        "overload": scenario,
+        "ready_seconds": r.matrix.ready_s,
+        "inprocess_onnxruntime": r.ort,
+        "batcher_overhead": r.overhead,
+        "foldserve_rss_mib": r.matrix.rss,
+        "measurements": [asdict(m) for m in r.matrix.measurements],
+        "paired_rounds": r.paired,
+        "rows64": r.rows64,
+        "overload": r.overload,
+        "hostile": r.hostile,
+        "real_networks": r.real,
         "targets": result,
-        "profile": matrix.profile,
+        "profile": r.matrix.profile,
         "skipped": skipped,
         "wall_seconds": round(time.monotonic() - t0, 1),
         "servers": {s.name: s.label for s in chosen},
     }
     (RESULTS / f"{stamp}.json").write_text(json.dumps(out, indent=1))
-    if matrix.measurements:
-        plot(matrix.measurements, RESULTS / f"{stamp}.png")
+    if r.matrix.measurements:
+        plot(r.matrix.measurements, RESULTS / f"{stamp}.png")
     if not any("FAILED" in x or "(" in x for x in skipped):
         shutil.rmtree(tmp, ignore_errors=True)  # keep the servers' logs when something failed
-    print(f"\nwrote bench/results/{stamp}.json and .png in {out['wall_seconds']:.0f} s")
+    png = " and .png" if r.matrix.measurements else ""
+    print(f"\nwrote bench/results/{stamp}.json{png} in {out['wall_seconds']:.0f} s")
     return 0
-
-
-def run_overload(
-    times: tuple[float, float, float], tmp: Path, skipped: list[str]
-) -> dict[str, dict[str, Any]] | None:
-    """The overload scenario on a fresh foldserve (one process, defaults)."""
-    sweep_s, warmup_s, overload_s = times
-    keys = [c.key for c in overload.CASES]
-    print(f"overload: {keys}, sweep c={list(overload.SWEEP)}, then {overload.FACTORS}x", flush=True)
-    out: dict[str, dict[str, Any]] = {}
-    try:
-        with running([by_name()["foldserve"]], tmp) as runs:
-            for case in overload.CASES:
-                s = overload.scenario(runs["foldserve"], case, sweep_s, warmup_s, overload_s, tmp)
-                out[case.key] = s
-                levels = ", ".join(
-                    f"{r['factor']}x c={r['connections']}: {r['goodput_per_s']:,.0f}/s"
-                    for r in s["overload"]
-                )
-                peak = s["peak"]
-                print(
-                    f"  {case.key}: peak {peak['goodput_per_s']:,.0f}/s at "
-                    f"c={peak['concurrency']}; {levels}",
-                    flush=True,
-                )
-    except Exception as exc:
-        print(f"  overload: FAILED: {exc}", flush=True)
-        skipped.append(f"overload ({exc})")
-    return out or None
-
-
-def print_report(
-    matrix: Matrix, ort: dict[str, dict[str, float]], overhead: dict[str, Any] | None,
-    rounds: dict[str, Any] | None, scenario: dict[str, dict[str, Any]] | None,
-    result: list[dict[str, Any]],
-) -> None:  # fmt: skip
-    print("\n## Results (main matrix)\n")
-    print(report.results_table(matrix.measurements, ort))
-    if overhead:
-        print("\n## In-process onnxruntime (1 thread, foldserve's session options)\n")
-        print(report.references(ort, overhead, matrix.rss))
-    if rounds:
-        print(
-            "\n## foldserve vs the bare endpoint and raw ASGI (mlpx1, medians of paired rounds)\n"
-        )
-        print(report.low_concurrency(rounds))
-        print("\n## Paired rounds (mlpx1; servers side by side, measured in turn)\n")
-        print(report.rounds_table(rounds))
-        print(f"\nerrors in the paired rounds: {rounds['errors']}")
-    if scenario:
-        print("\n## Overload (closed loop, client gives up after 1 s; goodput = 200s in time)\n")
-        print(report.overload_table(scenario))
-    print("\n## Targets\n")
-    print(report.targets_table(result))
-    if matrix.profile:
-        print("\n## Profile of foldserve under load (event loop thread, % of its samples)\n")
-        print(report.profile_text(matrix.profile))

@@ -39,19 +39,19 @@ DEADLINE_S = 1.0
 
 def client(
     run: Running, url: str, body_file: Path, expect: str, header_length: int | None,
-    connections: int, seconds: float, warmup: float,
+    connections: int, seconds: float, warmup: float, deadline: float = DEADLINE_S,
 ) -> dict[str, Any]:  # fmt: skip
     """One run of load.client in its own process; its summary plus the server's log growth."""
     argv = [
         PY, "-m", "load.client", url, str(body_file), expect, "-c", str(connections),
-        "-d", str(seconds), "--warmup", str(warmup), "--deadline", str(DEADLINE_S),
+        "-d", str(seconds), "--warmup", str(warmup), "--deadline", str(deadline),
         "--cpu-pids", ",".join(map(str, run.pids())),
         *([] if header_length is None else ["--header-length", str(header_length)]),
     ]  # fmt: skip
     log_before = run.log.stat().st_size
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     out = subprocess.run(
-        argv, capture_output=True, text=True, env=env, timeout=warmup + seconds + 60
+        argv, capture_output=True, text=True, env=env, timeout=warmup + seconds + deadline + 60
     )
     line = next((x for x in out.stdout.splitlines() if x.startswith("CLIENTJSON ")), None)
     if line is None:
@@ -62,14 +62,15 @@ def client(
     return result
 
 
-def wait_idle(run: Running, limit_s: float = 3.0) -> None:
-    """Until the server is idle: abandoned requests may still be in its queue."""
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
+def wait_idle(run: Running, limit_s: float = 3.0) -> float:
+    """Until the server is idle (abandoned requests may still be in its queue); seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() < started + limit_s:
         cpu = run.cpu_seconds()
         time.sleep(0.2)
         if run.cpu_seconds() - cpu < 0.02:  # under 0.1 of a core
-            return
+            break
+    return time.monotonic() - started
 
 
 def scenario(

@@ -63,8 +63,11 @@ def planned_seconds(names: list[str], rounds: int, seconds: float) -> float:
 def medians(ms: list[Measurement]) -> dict[str, float]:
     return {
         f: statistics.median(getattr(m, f) for m in ms)
-        for f in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_cores", "other_cpu_cores")
-    }
+        for f in (
+            "requests_per_s", "p50_ms", "p99_ms", "server_cpu_cores", "cpu_us_per_request",
+            "other_cpu_cores",
+        )
+    }  # fmt: skip
 
 
 def per_round_ratios(per: dict[str, dict[int, list[Measurement]]]) -> dict[str, list[float]]:
@@ -82,6 +85,12 @@ def per_round_ratios(per: dict[str, dict[int, list[Measurement]]]) -> dict[str, 
                 out[f"foldserve_vs_{key}_rps_c{c}"] = [
                     a.requests_per_s / b.requests_per_s for a, b in ps
                 ]
+    for c in LEVELS:
+        # Issue 17: CPU per answer, the cost req/s hides when a spinning pool has idle cores.
+        if (ps := pairs("foldserve", c, "bare", c)) is not None:
+            out[f"foldserve_vs_bare_cpu_per_request_c{c}"] = [
+                a.cpu_us_per_request / b.cpu_us_per_request for a, b in ps
+            ]
     if (ps := pairs("foldserve", 64, "bare", 64)) is not None:
         out["foldserve_vs_bare_p99_c64"] = [a.p99_ms / b.p99_ms for a, b in ps]
     for c in LEVELS:

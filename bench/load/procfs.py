@@ -35,3 +35,14 @@ def machine_busy_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """VmRSS and VmHWM (its peak since the process started) of one process, KiB; 0 when gone."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in values:
+                values[key] = int(value.split()[0])
+    return values["VmRSS"], values["VmHWM"]

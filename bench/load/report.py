@@ -14,8 +14,8 @@ def results_table(ms: list[Measurement], ort: dict[str, dict[str, float]]) -> st
     by = {(m.server, m.case, m.concurrency): m for m in ms}
     lines = [
         "| server | case | c | req/s | samples/s | p50 ms | p99 ms | errors | vs bare req/s "
-        "| vs in-process ORT samples/s | wrk CPU | server CPU | other CPU |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| vs in-process ORT samples/s | wrk CPU | server CPU | server CPU us/req | other CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for m in ms:
         bare = by.get(("bare", f"mlpx{m.samples_per_request}", m.concurrency))
@@ -25,7 +25,7 @@ def results_table(ms: list[Measurement], ort: dict[str, dict[str, float]]) -> st
             f"{m.samples_per_s:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.errors} | "
             f"{fmt(ratio(m.requests_per_s, bare.requests_per_s if bare else None))} | "
             f"{fmt(ratio(m.samples_per_s, ref), '.3f')} | {m.wrk_cpu_cores:.2f} | "
-            f"{m.server_cpu_cores:.2f} | {m.other_cpu_cores:.2f} |"
+            f"{m.server_cpu_cores:.2f} | {m.cpu_us_per_request:.0f} | {m.other_cpu_cores:.2f} |"
         )
     return "\n".join(lines)
 
@@ -74,14 +74,16 @@ def rounds_table(paired: dict[str, Any]) -> str:
     n = paired["rounds"]
     lines = [
         "| server | c | "
-        + " | ".join(f"round {i + 1} req/s, p50, p99 ms" for i in range(n))
+        + " | ".join(f"round {i + 1}: req/s, p50, p99 ms, CPU us/req, cores" for i in range(n))
         + " |",
         "|---|--:|" + "--:|" * n,
     ]
     for name, by_c in paired["measurements"].items():
         for c, ms in by_c.items():
             cells = " | ".join(
-                f"{m['requests_per_s']:,.0f}, {m['p50_ms']:.2f}, {m['p99_ms']:.2f}" for m in ms
+                f"{m['requests_per_s']:,.0f}, {m['p50_ms']:.2f}, {m['p99_ms']:.2f}, "
+                f"{m['cpu_us_per_request']:.0f}, {m['server_cpu_cores']:.2f}"
+                for m in ms
             )
             lines.append(f"| {name} | {c} | {cells} |")
     return "\n".join(lines)

@@ -34,6 +34,9 @@ class Measurement:
     # The machine's busy cores less server and wrk: other work sharing the machine, and kernel
     # time no process is charged for (loopback softirq).
     other_cpu_cores: float
+    # Server CPU (all threads of all its processes) per answered request: what a spinning
+    # thread pool or a costly parser cannot hide behind requests/s.
+    cpu_us_per_request: float
     golden_max_abs_diff: float | None
     status_codes: dict[str, int] = field(default_factory=dict)
 
@@ -82,8 +85,55 @@ def measure(
     run: Running, case: Case, c: int, seconds: float, warmup: float, tmp: Path, golden: float | None
 ) -> Measurement:
     url, p, body_file = prepared(run, case, tmp)
-    if p.header_length is not None:
+    if p.header_length is not None and run.server.checks_outputs:
         checks.v2_golden(url, p, case)
+    r = loaded(run, url, p, body_file, c, seconds, warmup)
+    return Measurement(
+        server=run.server.name,
+        case=case.key,
+        model=case.model,
+        samples_per_request=case.samples,
+        concurrency=c,
+        requests_per_s=r.requests_per_s,
+        samples_per_s=r.requests_per_s * case.samples,
+        p50_ms=r.p50_ms,
+        p99_ms=r.p99_ms,
+        mean_ms=r.mean_ms,
+        errors=r.errors,
+        requests=r.requests,
+        wrk_cpu_cores=r.wrk_cpu_cores,
+        server_cpu_cores=r.server_cpu_cores,
+        other_cpu_cores=r.other_cpu_cores,
+        cpu_us_per_request=r.cpu_us_per_request,
+        golden_max_abs_diff=golden,
+        status_codes=r.status_codes,
+    )
+
+
+@dataclass(frozen=True)
+class Load:
+    """What one wrk run saw, and the CPU the server and the rest of the machine spent meanwhile."""
+
+    requests: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    errors: int
+    wrk_cpu_cores: float
+    server_cpu_cores: float
+    other_cpu_cores: float
+    status_codes: dict[str, int]
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.server_cpu_cores / self.requests_per_s if self.requests_per_s else 0.0
+
+
+def loaded(
+    run: Running, url: str, p: Payload, body_file: Path, c: int, seconds: float, warmup: float
+) -> Load:
+    """Warm up, let the server drain, then one measured wrk run with the server's CPU around it."""
     if warmup > 0:
         wrk(url, p, body_file, c, warmup)
         # NOTE: wrk drops its connections with requests in flight; a server may still compute
@@ -98,24 +148,16 @@ def measure(
     errors = (
         max(r["bad_answers"], e["status"]) + e["connect"] + e["read"] + e["write"] + e["timeout"]
     )
-    rps = r["requests"] / (r["duration_us"] / 1e6)
     lat = r["latency_us"]
-    return Measurement(
-        server=run.server.name,
-        case=case.key,
-        model=case.model,
-        samples_per_request=case.samples,
-        concurrency=c,
-        requests_per_s=rps,
-        samples_per_s=rps * case.samples,
+    return Load(
+        requests=r["requests"],
+        requests_per_s=r["requests"] / wall,
         p50_ms=lat["p50"] / 1e3,
         p99_ms=lat["p99"] / 1e3,
         mean_ms=lat["mean"] / 1e3,
         errors=errors,
-        requests=r["requests"],
         wrk_cpu_cores=r["wrk_cpu_cores"],
         server_cpu_cores=server_cpu,
         other_cpu_cores=max(0.0, busy - server_cpu - r["wrk_cpu_cores"]),
-        golden_max_abs_diff=golden,
         status_codes=r["status_codes"],
     )

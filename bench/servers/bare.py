@@ -2,6 +2,8 @@
 
 No parsing, no model. The constant is foldserve's answer for digits-mlp's first golden sample,
 so a response check on the client costs the same as against foldserve (one-sample requests).
+The V2 infer path reads its body and answers the same constant: what receiving a binary tensor
+request costs the web stack, the base of issue 17's bound for 64-row V2 requests.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def create_app() -> FastAPI:
 
     @app.post("/predict")
     @app.post("/models/{name}/predict")
+    @app.post("/v2/models/{name}/infer")
     async def predict(request: Request) -> Response:
         await request.body()
         return Response(answer, media_type="application/json")

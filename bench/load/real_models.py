@@ -1,0 +1,152 @@
+"""Real networks served: MONAI's ResNet-50 and a 2-D UNet, against onnxruntime in-process.
+
+The store comes from ``load.real_store`` (``foldserve export``, cached). Per network, first the
+compute limit: onnxruntime in this process on the stored model.onnx, batch 1, with
+intra_op_num_threads = the machine's cores and with 1 (plain onnxruntime session options, not
+foldserve's: what the runtime alone does here). Then the same network served by ``foldserve
+serve`` with DEFAULT settings on that store (FOLDSERVE_MODEL_STORE, FOLDSERVE_DEFAULT_MODEL):
+wrk with KServe V2 binary tensor requests, one image each, at 1 and 4 connections; images/s,
+p50/p99, the server's CPU per request, and its RSS once ready. Issue 17's target: served >= 0.9x
+in-process with all cores, at 1 and at 4 connections. The references are measured right before
+each network's HTTP runs, so the machine's drift moves both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from load.cases import BIN, Payload, v2_binary_payload
+from load.checks import v2_answer
+from load.process import Running
+from load.real_store import NETWORKS, ensure_store
+from load.servers import Server
+from load.wrk import loaded
+
+CONNECTIONS = (1, 4)
+READY_TIMEOUT_S = 600.0  # the server verifies each model when it loads it
+
+
+def inprocess(model: Path, x: np.ndarray, threads: int, seconds: float) -> dict[str, float]:
+    """onnxruntime alone: session.run of one image in a loop, images/s and the median call."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(3):
+        session.run(None, {name: x})
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - started)
+    return {
+        "threads": threads,
+        "calls": len(times),
+        "median_ms": statistics.median(times) * 1e3,
+        "images_per_s": len(times) / sum(times),
+    }
+
+
+def golden(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's first golden image (its stored shape) and the output it must give."""
+    shape = tuple(manifest["inputs"][0]["shape"])
+    x = np.asarray(manifest["golden"]["inputs"][:1], dtype="<f4").reshape(1, *shape)
+    return x, np.asarray(manifest["golden"]["outputs"][:1], dtype=np.float64)
+
+
+def check_answer(url: str, p: Payload, want: np.ndarray, manifest: dict[str, Any]) -> float:
+    """Max |served - golden|; raises past the manifest's own tolerance (atol + rtol x scale)."""
+    got = v2_answer(url, p).astype(np.float64).reshape(want.shape)
+    v = manifest["verification"]
+    diff = float(np.abs(got - want).max())
+    bound = v["atol"] + v["rtol"] * float(np.abs(want).max())
+    if diff > bound:
+        raise RuntimeError(f"{manifest['name']}: served output differs by {diff:.3g} > {bound:.3g}")
+    return diff
+
+
+def run(seconds: float, inprocess_s: float, warmup: float, tmp: Path) -> dict[str, Any]:
+    store = ensure_store(tmp)
+    path = Path(store["path"])
+    # NOTE: nothing but the store and the default model: the server's defaults are under test.
+    env = {"FOLDSERVE_MODEL_STORE": str(path), "FOLDSERVE_DEFAULT_MODEL": NETWORKS[0].name}
+    server = Server(
+        "foldserve-real", "foldserve, defaults, MONAI store", [str(BIN / "foldserve"), "serve"], env
+    )
+    running = Running(server, tmp)
+    try:
+        ready_s = running.wait_ready(READY_TIMEOUT_S)
+        rss = running.rss_mib()["VmRSS"]
+        print(f"  foldserve ready in {ready_s:.0f} s, RSS once ready {rss:.0f} MiB", flush=True)
+        models = {
+            net.name: measure_network(
+                running, path, net.name, net.input_shape, seconds, inprocess_s, warmup, tmp
+            )
+            for net in NETWORKS
+        }
+    finally:
+        running.stop()
+    return {"store": store, "ready_s": ready_s, "rss_ready_mib": rss, "models": models}
+
+
+def measure_network(
+    running: Running, store: Path, name: str, shape: tuple[int, ...], seconds: float,
+    inprocess_s: float, warmup: float, tmp: Path,
+) -> dict[str, Any]:  # fmt: skip
+    import json
+
+    manifest = json.loads((store / name / "1" / "manifest.json").read_text())
+    x, want = golden(manifest)
+    cores = os.cpu_count() or 1
+    refs = {
+        "all_cores": inprocess(store / name / "1" / "model.onnx", x, cores, inprocess_s),
+        "one_thread": inprocess(store / name / "1" / "model.onnx", x, 1, inprocess_s),
+    }
+    p = v2_binary_payload(manifest, x)
+    url = f"{running.base}/v2/models/{name}/infer"
+    body_file = tmp / f"{name}.v2.body"
+    body_file.write_bytes(p.body)
+    diff = check_answer(url, p, want, manifest)
+    served = {}
+    for c in CONNECTIONS:
+        r = loaded(running, url, p, body_file, c, seconds, warmup)
+        served[str(c)] = {
+            "images_per_s": r.requests_per_s,
+            "p50_ms": r.p50_ms,
+            "p99_ms": r.p99_ms,
+            "requests": r.requests,
+            "errors": r.errors,
+            "server_cpu_cores": r.server_cpu_cores,
+            "cpu_ms_per_request": r.cpu_us_per_request / 1e3,
+            "wrk_cpu_cores": r.wrk_cpu_cores,
+            "other_cpu_cores": r.other_cpu_cores,
+        }
+        print(
+            f"  {name} c={c}: {r.requests_per_s:.1f} images/s served vs "
+            f"{refs['all_cores']['images_per_s']:.1f} in-process ({cores} threads), p99 "
+            f"{r.p99_ms:.0f} ms, {r.cpu_us_per_request / 1e3:.0f} ms CPU/request",
+            flush=True,
+        )
+    return {
+        "input_shape": "x".join(map(str, shape)),
+        "golden_max_abs_diff": diff,
+        "batching": manifest.get("batching"),
+        "inprocess": refs,
+        "served": served,
+    }
+
+
+def planned_seconds(seconds: float, inprocess_s: float, warmup: float) -> float:
+    """Server start and its model checks (~25 s here) + per network: references and HTTP runs;
+    the first run's export (minutes) comes on top, outside the budget."""
+    per_net = 2 * (inprocess_s + 2) + len(CONNECTIONS) * (seconds + warmup + 1.5)
+    return 30 + len(NETWORKS) * per_net
