@@ -8,8 +8,9 @@ Two decisions per request, each as early as what it needs is known:
    but a socket buffer, and pass as the ones inside are answered. A waiter that cannot be answered
    before its deadline is refused at once (503, Retry-After), before its body is read.
 2. **Once its rows are known** (``Ticket.admit``): a request the queue can never hold is refused
-   with 413, one it cannot hold now with 503, one whose estimated answer comes after its deadline
-   with 503. The batcher trusts this: it never refuses.
+   with 413; one it cannot hold now waits for room (its body is read: refusing it would waste
+   that), refused with 503 only if its deadline passes first; one whose estimated answer comes
+   after its deadline is refused with 503. The batcher trusts this: it never refuses.
 
 Under overload, refusing a request after reading and parsing its body spends the CPU the admitted
 requests need; refused clients retry at once and the server ends up parsing requests only to
@@ -163,6 +164,7 @@ class Admission:
         self.max_queue_rows = max_queue_rows
         self.queue_limit = queue_limit  # the setting that bounds the queue, for messages
         self.gate = Gate(max_queue_rows)
+        self._room: list[asyncio.Future[None]] = []  # requests read, waiting for queue room
 
     async def enter(self, deadline: float | None) -> Ticket:
         """Pass the gate before the body is read: at once while the queue has room, else in
@@ -201,6 +203,37 @@ class Admission:
             )
         return Ticket(self, 0)
 
+    async def wait_for_room(self, rows: int, deadline: float | None) -> None:
+        """Until the queue has room for ``rows`` (every answer may have freed some), or 503 when
+        ``deadline`` passes first."""
+        loop = asyncio.get_running_loop()
+        while self.queue.queue_rows + rows > self.max_queue_rows:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise self.queue_full(rows)
+            freed: asyncio.Future[None] = loop.create_future()
+            self._room.append(freed)
+            try:
+                await asyncio.wait_for(freed, left)
+            except TimeoutError:
+                raise self.queue_full(rows) from None
+
+    def room_freed(self) -> None:
+        waiting, self._room = self._room, []
+        for freed in waiting:
+            if not freed.done():
+                freed.set_result(None)
+
+    def queue_full(self, rows: int) -> Overloaded:
+        waiting = self.queue.queue_rows
+        return Overloaded(
+            f"queue full for model {self.name!r} v{self.version}: {waiting} of "
+            f"{self.max_queue_rows} rows wait ({self.queue_limit}), no room for {rows} more "
+            "before the request's deadline; retry shortly",
+            model=self.name,
+            version=self.version,
+        )
+
     def too_late(self, wait: float, left: float) -> Overloaded:
         return Overloaded(
             f"model {self.name!r} v{self.version} would answer in about {wait * 1000:.0f} ms, "
@@ -227,9 +260,11 @@ class Ticket:
     def admission(self) -> Admission:
         return self._admission
 
-    def admit(self, rows: int, deadline: float | None) -> None:
-        """Refuse ``rows`` the queue can never hold (413), cannot hold now (503, Retry-After),
-        or could not answer before ``deadline`` (503, Retry-After); else the batcher takes them."""
+    async def admit(self, rows: int, deadline: float | None) -> None:
+        """Refuse ``rows`` the queue can never hold (413) or could not answer before
+        ``deadline`` (503, Retry-After); while the queue is full, wait (its body is read
+        already: refusing it now would waste that) until answers free room, or its deadline
+        passes (503). Then the batcher takes them."""
         a = self._admission
         a.gate.note_rows(rows)
         limit = a.max_queue_rows
@@ -239,15 +274,8 @@ class Ticket:
                 f"request has {rows} rows but at most {limit} can queue for model {a.name!r} "
                 f"v{a.version} ({a.queue_limit}): send fewer rows per request or raise the limit"
             )
-        waiting = a.queue.queue_rows
-        if waiting + rows > limit:
-            # Retry-After 1 s, the header's smallest step: a full queue drains well within it.
-            raise Overloaded(
-                f"queue full for model {a.name!r} v{a.version}: {waiting} of {limit} rows wait "
-                f"({a.queue_limit}); retry shortly",
-                model=a.name,
-                version=a.version,
-            )
+        if a.queue.queue_rows + rows > limit:
+            await a.wait_for_room(rows, deadline)
         if deadline is not None and rows > self._checked_rows:
             # 503 now rather than 504 later: the batches it would take go to requests that can
             # still be answered in time. (Checked at the gate already for the rows expected.)
@@ -261,3 +289,4 @@ class Ticket:
         if not self._left:
             self._left = True
             self._admission.gate.leave()
+            self._admission.room_freed()

@@ -94,6 +94,11 @@ class Service:
             return await self.inference.handle(request, target)
         return await self._bridge(request)
 
+    def eager(self, request: HttpRequest) -> bool:
+        """Inference requests start at once, in the connection's call (service.http.eager):
+        their path needs no current task; the FastAPI routes' (anyio) does."""
+        return self.inference.match(request.path) is not None
+
     def _too_many_connections(self) -> FoldserveError:
         limit = setting_ref("max_connections", self.settings.max_connections)
         return Overloaded(

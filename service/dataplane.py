@@ -214,7 +214,7 @@ class DataPlane:
             assert ticket is not None and ready is not None
             rows = validate_rows(codec.rows(parsed, ready), ready.input)
             request.rows = rows
-            ticket.admit(len(rows), deadline)
+            await ticket.admit(len(rows), deadline)
             submitted = time.perf_counter()
             outputs = await ready.batcher.submit(rows, deadline)
             returned = time.perf_counter()

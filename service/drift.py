@@ -30,9 +30,9 @@ on the raw input) normalizes an affine map of the raw input; the manifest keeps 
 and the exporter the composed map (``service.store.HiddenStatistics``, ``service.monitor_maps``).
 The monitor maps rows through it and scores them the same way, against the same threshold.
 
-Cost: ``observe`` (on the event loop, for every answered request) only appends the request's
-array to a pending list, under a lock held for that; past ``MAX_PENDING_BYTES`` the request is
-left out (bounded memory). Everything else runs in the process's one fold thread
+Cost: ``observe`` (on the event loop, for every answered request) only copies the request's rows
+into a ring of pending rows (``service.drift_pending``), under a lock held for that; the ring
+keeps the newest rows, at most ``MAX_PENDING_BYTES`` (bounded memory). Everything else runs in the process's one fold thread
 (``service.drift_thread``), ``FOLD_EVERY_S`` after the first pending request: each layer takes
 the newest rows its share of ``budget`` (a fraction of one core per monitor, ``CPU_BUDGET``,
 split evenly between its layers) pays for, at its measured cost per row
@@ -59,7 +59,7 @@ from pathlib import Path
 from service.backends import Array
 from service.drift_budget import CpuBudget
 from service.drift_layer import HiddenLayer, MonitoredLayer, Rows
-from service.drift_pending import PendingRows
+from service.drift_pending import MAX_ROWS, PendingRows
 from service.drift_report import DriftReport, HiddenDrift, Published, ResetNote
 from service.drift_thread import FoldThread, shared
 from service.monitor_maps import load_map
@@ -70,7 +70,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_WINDOW = 2000  # samples; about one digits test set and a half
 MIN_SAMPLES = 100  # below this, sampling noise alone can push the score near the threshold
 FOLD_EVERY_S = 0.05
-MAX_PENDING_BYTES = 4 << 20  # per monitor, or one request's own array when larger
+MAX_PENDING_BYTES = 4 << 20  # per monitor (two rings of at most this, taking turns)
 CPU_BUDGET = 0.02  # of one core, per monitor (model version), all its layers together
 RESET_LOG_S = 60.0  # one log line per monitor at most this often, however often it resets
 NON_FINITE = "its sums turned non-finite"
@@ -112,7 +112,8 @@ class DriftMonitor:
             *(MonitoredLayer.of_hidden(layer, window, bucket()) for layer in self.hidden),
         ]
         self._thread = thread
-        self._pending = PendingRows(MAX_PENDING_BYTES)
+        # Every row kept when every row is to be folded (no budget); else the newest ones.
+        self._pending = PendingRows(MAX_PENDING_BYTES, None if budget is None else MAX_ROWS)
         self._published = Published(
             tuple(layer.sums for layer in self._layers), (None,) * len(self._layers)
         )

@@ -1,53 +1,99 @@
-"""The rows waiting for the fold thread: added on the event loop for every answered request,
+"""The rows waiting for the fold thread: copied in on the event loop for every answered request,
 taken whole by the fold thread (``service.drift``).
 
-NOTE: one lock, held only to append to or swap a list: ``add`` never waits for a fold, and a fold
-never waits for the loop. The arrays are the requests' own (no copy): they are kept until the
-next fold, at most ``limit`` bytes of them, or one request's own array when larger.
+NOTE: a ring of preallocated rows, not a list of the requests' own arrays. Keeping every
+request's array alive until the next fold (thousands of small arrays every 50 ms) cost the
+request path 10 us each (measured in-process, digits-mlp, one row per request: 78.7 -> 88.4 us;
+the allocator's hot memory and numpy's small-array cache stop being reused), where copying a row
+into the ring costs 1.5 us. The ring keeps the newest rows (at most ``MAX_ROWS``, or what
+``limit_bytes`` holds of the sample size), which is all a fold can afford anyway. Two rings take
+turns: ``take`` swaps them under the lock and the fold thread reads the full one outside it.
 """
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from service.backends import Array
+
+MAX_ROWS = 2048  # more than a fold takes within its budget every 50 ms even at 40k rows/s
 
 
 class PendingRows:
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, max_rows: int | None = MAX_ROWS) -> None:
+        """``max_rows`` None: as many rows as ``limit_bytes`` holds (every row folded: tests)."""
         self._limit = limit_bytes
+        self._max_rows = max_rows
         self._lock = threading.Lock()
-        self._arrays: list[Array] = []
-        self.bytes = 0
+        self._ring: Array | None = None  # (capacity, *sample shape), made at the first add
+        self._spare: Array | None = None
+        self._start = 0  # the oldest row kept
+        self._count = 0  # rows kept
         self.observed = 0  # rows given to ``add``, kept or not
         self._scheduled = self._closed = False
 
+    @property
+    def bytes(self) -> int:
+        ring = self._ring
+        return 0 if ring is None else self._count * ring[0].nbytes
+
     def add(self, rows: Array) -> bool:
-        """Keep ``rows`` for the next fold, unless full (then it is left out) or closed. True
-        when no fold is scheduled yet: the caller schedules one."""
+        """Copy ``rows`` in (the newest ones when the ring is full), unless closed. True when
+        no fold is scheduled yet: the caller schedules one."""
         with self._lock:
-            if self._closed:
+            if self._closed or not len(rows):
                 return False
             self.observed += len(rows)
-            if self._arrays and self.bytes + rows.nbytes > self._limit:
-                return False
-            self._arrays.append(rows)
-            self.bytes += rows.nbytes
+            ring = self._ring
+            if ring is None:
+                capacity = max(1, self._limit // max(1, rows[0].nbytes))
+                if self._max_rows is not None:
+                    capacity = min(capacity, self._max_rows)
+                ring = self._ring = np.empty((capacity, *rows.shape[1:]), dtype=np.float32)
+            elif ring.shape[1:] != rows.shape[1:]:
+                return False  # never for validated rows of one version
+            self._copy(ring, rows[-len(ring) :])
             if self._scheduled:
                 return False
             self._scheduled = True
             return True
 
+    def _copy(self, ring: Array, rows: Array) -> None:
+        capacity, n = len(ring), len(rows)
+        end = (self._start + self._count) % capacity
+        first = min(n, capacity - end)
+        ring[end : end + first] = rows[:first]
+        if first < n:
+            ring[: n - first] = rows[first:]
+        overflow = self._count + n - capacity
+        if overflow > 0:  # the oldest rows were written over
+            self._start = (self._start + overflow) % capacity
+            self._count = capacity
+        else:
+            self._count += n
+
     def take(self, *, scheduled: bool) -> list[Array]:
-        """Every array kept, oldest first. ``scheduled``: taken by the scheduled fold, so the
-        next ``add`` schedules another (a flush's fold must not: two would chain forever)."""
+        """The rows kept, oldest first (one or two arrays), which stay the caller's until its
+        next ``take``. ``scheduled``: taken by the scheduled fold, so the next ``add``
+        schedules another (a flush's fold must not: two would chain for ever)."""
         with self._lock:
             if scheduled:
                 self._scheduled = False
-            arrays, self._arrays, self.bytes = self._arrays, [], 0
-        return arrays
+            ring, start, count = self._ring, self._start, self._count
+            if ring is None or count == 0:
+                return []
+            if self._spare is None:
+                self._spare = np.empty_like(ring)
+            self._ring, self._spare = self._spare, ring
+            self._start = self._count = 0
+        end = start + count
+        if end <= len(ring):
+            return [ring[start:end]]
+        return [ring[start:], ring[: end - len(ring)]]
 
     def close(self) -> None:
         """Drop what is kept and keep nothing more."""
         with self._lock:
-            self._closed, self._arrays, self.bytes = True, [], 0
+            self._closed, self._ring, self._spare, self._count = True, None, None, 0

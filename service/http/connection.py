@@ -28,6 +28,7 @@ from service.errors import (
     InvalidInput,
     RequestTimeout,
 )
+from service.http import eager
 from service.http.limits import HEAD_READ_SLACK, BodyBudget, HttpLimits
 from service.http.request import KNOWN, Body, Head, Request
 from service.http.response import Response, encode, failure
@@ -59,6 +60,8 @@ class Site(Protocol):
     def closed(self, connection: Connection) -> None: ...
 
     def request_id(self, head: Head) -> bytes: ...
+
+    def eager(self, request: Request) -> bool: ...
 
     async def answer(self, request: Request, over_limit: bool) -> Response: ...
 
@@ -105,8 +108,11 @@ class Connection(asyncio.Protocol):
         self._queue: deque[Request | _Broken] = deque()
         self._active: Request | None = None
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # NOTE: one deadline, checked by the server's sweep (``check_deadline``) a few times a
+        # second: setting two attributes per request, not a timer handle made and cancelled
+        # three times (one loop timer per connection event cost more than the parse).
         self._timer_kind: _Timer | None = None
+        self._deadline = 0.0
         self._reading_paused = False
         self._writing_paused = False
         self._stopped_parsing = False  # a refusal or an error ended the request stream
@@ -223,20 +229,17 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0
         head, parser = self._head, self._parser
         request_id = self._site.request_id(head)
-        try:
-            url = httptools.parse_url(self._url) if self._url != b"*" else None
-        except httptools.HttpParserInvalidURLError:
-            url = None
-        if url is None:
-            raise _Refused(InvalidInput(f"request target is not a path: {self._url[:60]!r}"))
-        raw_path = url.path or b"/"
+        raw_path, query = self._target()
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
         method = parser.get_method().decode("ascii", "replace")
         has_body = head.content_length not in (None, b"0") or self._chunked()
         request = Request(
             method,
             raw_path,
-            unquote(raw_path.decode("latin-1")),
-            url.query or b"",
+            path,
+            query,
             self._headers,
             head,
             http_version=parser.get_http_version(),
@@ -268,6 +271,19 @@ class Connection(asyncio.Protocol):
             request.body.end()
             if self._timer_kind is _Timer.BODY:
                 self._disarm()
+
+    def _target(self) -> tuple[bytes, bytes]:
+        """The request target's path and query (origin form; absolute form read too)."""
+        url = self._url
+        if url.startswith(b"/") and b"?" not in url and b"#" not in url:
+            return url, b""  # the usual target: nothing to split
+        try:
+            parsed = httptools.parse_url(url) if url != b"*" else None
+        except httptools.HttpParserInvalidURLError:
+            parsed = None
+        if parsed is None:
+            raise _Refused(InvalidInput(f"request target is not a path: {url[:60]!r}"))
+        return parsed.path or b"/", parsed.query or b""
 
     def _chunked(self) -> bool:
         return any(
@@ -312,7 +328,16 @@ class Connection(asyncio.Protocol):
         self._active = item
         if not self._queue and self._reading_paused and self._parsing is None:
             self._resume_reading()
-        self._task = self._loop.create_task(self._run(item))
+        if self._site.eager(item):
+            task = eager.start(self._loop, self._run(item))
+            if task is not None and self._active is item:  # it waits: cancel it if need be
+                self._task = task
+        else:
+            self._task = self._loop.create_task(self._run(item))
+
+    def _serve_queued(self) -> None:
+        if self._active is None and self._queue:
+            self._serve_next()
 
     async def _run(self, request: Request) -> None:
         response = await self._site.answer(request, self._over_limit)
@@ -346,7 +371,9 @@ class Connection(asyncio.Protocol):
             self._queue.clear()  # the client asked to close: what it sent after is not served
             self._close(linger)
         elif self._queue:
-            self._serve_next()
+            # NOTE: the next turn of the loop, not a call: a request answered at once would
+            # otherwise start the next one inside its own frame, and a long pipeline recurse.
+            self._loop.call_soon(self._serve_queued)
         elif self._parsing is None and not self._head_open:
             if self._reading_paused:
                 self._resume_reading()
@@ -395,17 +422,20 @@ class Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- timers
 
     def _arm(self, kind: _Timer, seconds: float) -> None:
-        self._disarm()
         self._timer_kind = kind
-        self._timer = self._loop.call_later(seconds, self._expired, kind)
+        self._deadline = self._loop.time() + seconds
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_kind = None, None
+        self._timer_kind = None
+
+    def check_deadline(self, now: float) -> None:
+        """The server's sweep: act on a timer that has run out."""
+        kind = self._timer_kind
+        if kind is not None and now >= self._deadline:
+            self._expired(kind)
 
     def _expired(self, kind: _Timer) -> None:
-        self._timer, self._timer_kind = None, None
+        self._timer_kind = None
         limits = self._limits
         if kind is _Timer.IDLE or kind is _Timer.DRAIN:
             if self._active is None and not self._queue and not self._head_open:
@@ -474,7 +504,7 @@ class Connection(asyncio.Protocol):
         self._stopped_parsing = True
         self._reading_paused = False
         transport.resume_reading()
-        self._timer = self._loop.call_later(LINGER_S, transport.close)
+        self._loop.call_later(LINGER_S, transport.close)
 
     def _linger(self, nbytes: int) -> None:
         self._lingering += nbytes

@@ -28,6 +28,8 @@ from service.request_context import RequestIds, enter, leave
 
 log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How often connections' timers are checked: a timeout fires at most this late.
+SWEEP_S = 0.1
 
 
 class Application(Protocol):
@@ -44,6 +46,11 @@ class Application(Protocol):
 
     def start_draining(self) -> None:
         """The server stops: readiness should say so from now on."""
+
+    def eager(self, request: Request) -> bool:
+        """Whether ``handle`` may start in the connection's own call, before any task exists
+        (service.http.eager): code that needs a current task (anyio's, Starlette's) must not."""
+        ...
 
     async def shutdown(self) -> None:
         """After the last connection: stop background work, answer what is queued."""
@@ -88,6 +95,9 @@ class HttpServer:
     def request_id(self, head: Head) -> bytes:
         return self._ids.of(head)
 
+    def eager(self, request: Request) -> bool:
+        return self.app.eager(request)
+
     async def answer(self, request: Request, over_limit: bool) -> Response:
         entered = enter(request)
         status = 500
@@ -130,11 +140,13 @@ class HttpServer:
                 for sock in sockets
             ]
             self.started = True
+            sweeping = asyncio.ensure_future(self._sweep())
             for sock in sockets:
                 host, port = sock.getsockname()[:2]
                 log.info("foldserve listening on http://%s:%d (pid %d)", host, port, os.getpid())
             await self._stop.wait()
             await self._drain(servers)
+            sweeping.cancel()
             await self.app.shutdown()
             log.info("drained and stopped (pid %d)", os.getpid())
         finally:
@@ -184,6 +196,18 @@ class HttpServer:
             )
             for connection in list(self._connections):
                 connection.abort()
+
+    async def _sweep(self) -> None:
+        """Every connection's timer, checked a few times a second (see Connection._arm)."""
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        shortest = min(limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_timeout_s)
+        every = min(SWEEP_S, shortest / 4)
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for connection in list(self._connections):
+                connection.check_deadline(now)
 
     def _listen_for_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         if threading.current_thread() is not threading.main_thread():

@@ -210,21 +210,33 @@ class _Queue:
         return 0.0
 
 
-def test_a_full_queue_answers_503_naming_the_limit() -> None:
+def test_a_full_queue_waits_for_room_then_answers_503_naming_the_limit() -> None:
     limit = "max_queue_bytes (FOLDSERVE_MAX_QUEUE_BYTES=2000000), 602112 bytes per sample"
-    admission = Admission("image", 1, _Queue(2), 3, limit)
+    queue = _Queue(2)
+    admission = Admission("image", 1, queue, 3, limit)
 
     async def main() -> None:
-        ticket = await admission.enter(None)
-        ticket.admit(1, None)  # 2 + 1 rows fit
+        loop = asyncio.get_running_loop()
+        ticket, other = await admission.enter(None), await admission.enter(None)
+        await ticket.admit(1, None)  # 2 + 1 rows fit
+        with pytest.raises(PayloadTooLarge, match=r"at most 3 can queue .*MAX_QUEUE_BYTES"):
+            await ticket.admit(4, None)
+        # No room for 2 rows: it waits, and when another request's answer frees room it goes.
+        waiting = asyncio.ensure_future(ticket.admit(2, loop.time() + 5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        queue.queue_rows = 0
+        other.leave()
+        await asyncio.wait_for(waiting, 1)
+        # No room before its deadline: 503, naming the limit.
+        queue.queue_rows = 3
         with pytest.raises(Overloaded) as full:
-            ticket.admit(2, None)
+            await ticket.admit(2, loop.time() + 0.05)
         assert full.value.message == (
-            f"queue full for model 'image' v1: 2 of 3 rows wait ({limit}); retry shortly"
+            f"queue full for model 'image' v1: 3 of 3 rows wait ({limit}), no room for 2 more "
+            "before the request's deadline; retry shortly"
         )
         assert full.value.headers() == {"Retry-After": "1"}
-        with pytest.raises(PayloadTooLarge, match=r"at most 3 can queue .*MAX_QUEUE_BYTES"):
-            ticket.admit(4, None)
         ticket.leave()
 
     asyncio.run(main())
