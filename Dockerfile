@@ -1,4 +1,4 @@
-# foldserve's CPU serving image: onnxruntime, numpy, FastAPI/uvicorn and the shipped models; no torch.
+# foldserve's CPU serving image: onnxruntime, numpy, foldserve's HTTP server (httptools, uvloop), FastAPI and the shipped models; no torch.
 #   docker build -t foldserve:0.1.0 .
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp foldserve:0.1.0
 # Your own store instead of the shipped one: -v /path/to/store:/srv/model_store:ro

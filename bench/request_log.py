@@ -2,16 +2,15 @@
 
     .venv/bin/python -m bench.request_log [--requests 300] [--rounds 31] [--model digits-mlp]
 
-The real app (``create_app`` on the shipped store, models loaded and verified) is called as ASGI,
-without sockets or an HTTP parser. The figures are the event loop thread's CPU time per request
-(``thread_time``): the app's own work, which the request id and the access log add to, with the
-model run inline and no batch wait; other processes' load does not count. Variants run
-interleaved in short rounds, in a shuffled order each round, on one event loop; each table gives
-a variant's median over the rounds and its ratio to the app without the request-id wrapper. The
-second table times the wrapper alone, around an ASGI app that only answers 204: the added cost
-without the noise of the app around it. Access lines go to ``os.devnull`` through a real handler
-and formatter: the formatting and the write are counted, what a terminal or a log shipper adds
-is not.
+The real app (``create_app`` on the shipped store, models loaded and verified) is handed requests
+as the connection hands them over (head parsed, body received), without sockets or a parser:
+alone, and through the server's own per-request layer (``HttpServer.answer``: the request's id
+in the log context, the access line). The figures are the event loop thread's CPU time per
+request (``thread_time``), with the model run inline and no batch wait; other processes' load
+does not count. Variants run interleaved in short rounds, in a shuffled order each round, on one
+event loop; the table gives a variant's median over the rounds and its ratio to the app alone.
+Access lines go to ``os.devnull`` through a real handler and formatter: the formatting and the
+write are counted, what a terminal or a log shipper adds is not.
 """
 
 from __future__ import annotations
@@ -30,11 +29,14 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.types import Message
 
-from service.app import FoldserveApp, create_app
+from service.app import AccessLog, Service, create_app
+from service.http.context import ACCESS_LOGGER, RequestIds
+from service.http.limits import HttpLimits
+from service.http.request import KNOWN, Body, Head, Request
+from service.http.response import Response
+from service.http.server import HttpServer
 from service.logs import formatter
-from service.request_context import ACCESS_LOGGER, RequestLog
 from service.settings import Settings
 
 STORE = Path(__file__).resolve().parents[1] / "model_store"
@@ -43,73 +45,64 @@ STORE = Path(__file__).resolve().parents[1] / "model_store"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    request_log: Callable[[], RequestLog | None]
+    access_log: Callable[[], AccessLog | None] | None  # None: the app alone, no server around it
     log_format: str = "text"
 
 
 VARIANTS = (
-    Variant("no wrapper (request_log=None)", lambda: None),
-    Variant("request id, access log off (default)", lambda: RequestLog(access_log=False)),
-    Variant("access log on, sample 0.1, json", lambda: RequestLog(True, 0.1), "json"),
-    Variant("access log on, sample 1.0, text", lambda: RequestLog(True, 1.0), "text"),
-    Variant("access log on, sample 1.0, json", lambda: RequestLog(True, 1.0), "json"),
+    Variant("the app alone (no server layer)", None),
+    Variant("request id, access log off (default)", lambda: None),
+    Variant("access log on, sample 0.1, json", lambda: AccessLog(0.1, False), "json"),
+    Variant("access log on, sample 1.0, text", lambda: AccessLog(1.0, False), "text"),
+    Variant("access log on, sample 1.0, json", lambda: AccessLog(1.0, False), "json"),
 )
 
 
+class _Flow:
+    def want_body(self, body: Body) -> None:
+        pass
+
+    def body_waiting(self, body: Body) -> None:
+        pass
+
+
 class Client:
-    """One-sample /predict requests straight into the ASGI app."""
+    """One-sample /predict requests as the connection hands them over: head parsed (with its
+    id), body received."""
 
-    def __init__(self, app: FoldserveApp, path: str, body: bytes) -> None:
-        self.app = app
-        self.scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [
-                (b"host", b"127.0.0.1:8000"),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-            "state": {},
-        }
-        self.request = {"type": "http.request", "body": body, "more_body": False}
+    def __init__(self, path: str, body: bytes) -> None:
+        self.path, self.body = path, body
+        self.headers = [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        self.ids = RequestIds()
 
-    async def call(self) -> int:
-        status = 0
+    def request(self, method: str = "POST", path: str | None = None) -> Request:
+        head = Head()
+        for name, value in self.headers:
+            known = KNOWN.get(name)
+            if known is not None:
+                setattr(head, known, value)
+        body = Body(_Flow())
+        if method == "POST":
+            body.feed(self.body)
+        body.end()
+        path = path or self.path
+        loop = asyncio.get_running_loop()
+        return Request(
+            method, path.encode(), path, b"", self.headers, head,
+            client=("127.0.0.1", 50000), request_id=self.ids.of(head),
+            started=time.perf_counter(), arrived=loop.time(), body=body,
+        )  # fmt: skip
 
-        async def receive() -> dict[str, Any]:
-            return self.request
 
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        await self.app(dict(self.scope), receive, send)
-        return status
-
-    async def get(self, path: str) -> int:
-        scope = dict(self.scope, method="GET", path=path, raw_path=path.encode(), headers=[])
-        status = 0
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        await self.app(scope, receive, send)
-        return status
+async def _call(app: Service, server: HttpServer | None, request: Request) -> int:
+    response: Response = (
+        await app.handle(request) if server is None else await server.answer(request, False)
+    )
+    return response.status
 
 
 async def measure(model: str, requests: int, rounds: int) -> dict[str, list[float]]:
@@ -118,7 +111,7 @@ async def measure(model: str, requests: int, rounds: int) -> dict[str, list[floa
     settings = Settings(model_store=STORE, default_model=model, log_level="warning", max_delay_ms=0)
     app = create_app(settings)
     sample = np.asarray(_golden(model)[:1]).tolist()
-    client = Client(app, f"/models/{model}/predict", orjson.dumps({"inputs": sample}))
+    client = Client(f"/models/{model}/predict", orjson.dumps({"inputs": sample}))
     access = logging.getLogger(ACCESS_LOGGER)
     access.setLevel(logging.INFO)
     access.propagate = False
@@ -127,69 +120,33 @@ async def measure(model: str, requests: int, rounds: int) -> dict[str, list[floa
     access.addHandler(handler)
     per_request: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
     order = random.Random(0)
+    await app.startup()
     try:
-        async with app.router.lifespan_context(app):
-            deadline = time.monotonic() + 60
-            while await client.get("/readyz") != 200:
-                assert time.monotonic() < deadline, "models did not load"
-                await asyncio.sleep(0.05)
-            for _ in range(rounds + 1):  # the first round warms up and is dropped
-                for variant in order.sample(VARIANTS, len(VARIANTS)):  # no position bias
-                    app.request_log = variant.request_log()
-                    handler.setFormatter(formatter(variant.log_format))  # type: ignore[arg-type]
-                    started = time.thread_time()
-                    for _ in range(requests):
-                        status = await client.call()
-                    elapsed = time.thread_time() - started
-                    assert status == 200, status
-                    per_request[variant.name].append(elapsed / requests)
+        deadline = time.monotonic() + 60
+        while not app.registry.readiness()[0]:
+            assert time.monotonic() < deadline, "models did not load"
+            await asyncio.sleep(0.05)
+        for _ in range(rounds + 1):  # the first round warms up and is dropped
+            for variant in order.sample(VARIANTS, len(VARIANTS)):  # no position bias
+                server = (
+                    None
+                    if variant.access_log is None
+                    else HttpServer(app, HttpLimits(), access_log=variant.access_log())
+                )
+                handler.setFormatter(formatter(variant.log_format))  # type: ignore[arg-type]
+                started = time.thread_time()
+                for _ in range(requests):
+                    status = await _call(app, server, client.request())
+                    await asyncio.sleep(0)  # the loop turns between requests, as in a server
+                elapsed = time.thread_time() - started
+                assert status == 200, status
+                per_request[variant.name].append(elapsed / requests)
     finally:
+        await app.shutdown()
         access.removeHandler(handler)
         access.propagate = True
         sink.close()
     return {name: times[1:] for name, times in per_request.items()}
-
-
-async def measure_alone(requests: int, rounds: int) -> dict[str, list[float]]:
-    """The wrapper around an app that answers 204 at once: its own cost per request."""
-
-    async def answer(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def nothing(message: Any = None) -> Any:
-        return None
-
-    app = FoldserveApp(())
-    app._route = answer  # type: ignore[method-assign]  # the routing under test is the wrapper's
-    scope: dict[str, Any] = {
-        "type": "http",
-        "method": "POST",
-        "path": "/predict",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"99")],
-        "client": ("127.0.0.1", 50000),
-    }
-    access = logging.getLogger(ACCESS_LOGGER)
-    handler = logging.StreamHandler(sink := open(os.devnull, "w"))  # noqa: SIM115
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    access.propagate = False
-    times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
-    order = random.Random(0)
-    try:
-        for _ in range(rounds + 1):
-            for variant in order.sample(VARIANTS, len(VARIANTS)):
-                app.request_log = variant.request_log()
-                handler.setFormatter(formatter(variant.log_format))  # type: ignore[arg-type]
-                started = time.thread_time()
-                for _ in range(requests):
-                    await app(scope, nothing, nothing)
-                times[variant.name].append((time.thread_time() - started) / requests)
-    finally:
-        access.removeHandler(handler)
-        access.propagate = True
-        sink.close()
-    return {name: t[1:] for name, t in times.items()}
 
 
 def _golden(model: str) -> list[list[float]]:
@@ -204,7 +161,7 @@ def report(results: dict[str, list[float]]) -> str:
     base = statistics.median(results[VARIANTS[0].name])
     base_min = min(results[VARIANTS[0].name])
     lines = [
-        "| variant | CPU us/request (median) | min-max | req/CPU-s | vs no wrapper | (fastest) |",
+        "| variant | CPU us/request (median) | min-max | req/CPU-s | vs the app | (fastest) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, times in results.items():
@@ -229,14 +186,9 @@ def main() -> None:
     results = run(measure(args.model, args.requests, args.rounds))
     print(
         f"{args.model}, one sample per request, {args.requests} requests x {args.rounds} rounds "
-        "per variant, in-process ASGI (no sockets), event loop thread CPU:\n"
+        "per variant, in-process (no sockets), event loop thread CPU:\n"
     )
     print(report(results))
-    alone = run(measure_alone(args.requests * 4, args.rounds))
-    print(
-        f"\nthe wrapper alone, around an app answering 204 ({args.requests * 4} x {args.rounds}):\n"
-    )
-    print(report(alone))
 
 
 def _event_loop_runner() -> Callable[[Any], Any]:

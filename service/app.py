@@ -30,14 +30,15 @@ from service.dataplane import DataPlane
 from service.drift_metrics import DriftCollector
 from service.errors import FoldserveError, InvalidInput, Overloaded
 from service.http.asgi import AsgiBridge
+from service.http.context import write_access_line
 from service.http.request import Request as HttpRequest
 from service.http.response import Response, error_body, failure
+from service.keys import Keys
 from service.logs import LogFormat, configure_root
 from service.metrics import TelemetryCollector
 from service.registry import Registry
-from service.request_context import write_access_line
 from service.routes import drift, health, metrics, models, repository, stats, status_page, v2
-from service.routes.access import Keys, inference_key
+from service.routes.access import inference_key
 from service.routes.docs import docs_router, openapi_document
 from service.routes.inference import InferenceRoutes
 from service.routes.responses import unexpected

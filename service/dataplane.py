@@ -27,9 +27,9 @@ from service.backends import Array
 from service.errors import FoldserveError, InvalidInput, Overloaded
 from service.http.request import Request
 from service.http.response import Response, failure
+from service.keys import Keys
 from service.registry import Registry
-from service.routes.access import Keys
-from service.routes.content import BodyLimit, body_decoder, read_body
+from service.request_body import BodyLimit, body_decoder, read_body
 from service.shedding import ShedLog, requested_timeout
 from service.store import TensorSpec
 from service.telemetry import Figures

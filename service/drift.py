@@ -32,7 +32,8 @@ The monitor maps rows through it and scores them the same way, against the same 
 
 Cost: ``observe`` (on the event loop, for every answered request) only copies the request's rows
 into a ring of pending rows (``service.drift_pending``), under a lock held for that; the ring
-keeps the newest rows, at most ``MAX_PENDING_BYTES`` (bounded memory). Everything else runs in the process's one fold thread
+keeps the newest rows, at most ``MAX_PENDING_BYTES`` (bounded memory). Everything else runs in
+the process's one fold thread
 (``service.drift_thread``), ``FOLD_EVERY_S`` after the first pending request: each layer takes
 the newest rows its share of ``budget`` (a fraction of one core per monitor, ``CPU_BUDGET``,
 split evenly between its layers) pays for, at its measured cost per row

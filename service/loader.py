@@ -18,8 +18,7 @@ from service.batching_policy import (
 )
 from service.drift import DriftMonitor
 from service.errors import ConfigError, VerificationError, logged_message, public_message
-from service.preflight import torchscript_not_allowed
-from service.settings import Settings, setting_ref
+from service.settings import Settings, setting_ref, torchscript_not_allowed
 from service.store import (
     Fingerprint,
     Manifest,

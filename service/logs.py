@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import orjson
 
-from service.request_context import ACCESS_LOGGER, current_request_id
+from service.http.context import ACCESS_LOGGER, current_request_id
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 from service.errors import ConfigError, StoreError
-from service.routes.access import read_key_file
-from service.settings import Settings, setting_ref
+from service.keys import read_key_file
+from service.settings import Settings, setting_ref, torchscript_not_allowed
 from service.store import StoreView, open_store, read_manifest
 
 _PROBE_TIMEOUT_S = 120.0
@@ -50,14 +50,6 @@ def _check_backend(settings: Settings) -> None:
             f"{setting_ref('backend', 'torchscript')} needs torch, which is not installed: "
             "pip install 'foldserve[torchscript]', or serve the ONNX files (--backend onnx)"
         )
-
-
-def torchscript_not_allowed() -> str:
-    return (
-        f"{setting_ref('backend', 'torchscript')}: loading a TorchScript file runs the code it "
-        "carries; serve the ONNX files, or set FOLDSERVE_ALLOW_TORCHSCRIPT=true for a store you "
-        "trust"
-    )
 
 
 def installed(module: str) -> bool:

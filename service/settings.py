@@ -282,6 +282,14 @@ def setting_ref(field: str, value: object, gloss: str = "") -> str:
     return f"{field} ({env_name(field)}={shown}{', ' + gloss if gloss else ''})"
 
 
+def torchscript_not_allowed() -> str:
+    return (
+        f"{setting_ref('backend', 'torchscript')}: loading a TorchScript file runs the code it "
+        "carries; serve the ONNX files, or set FOLDSERVE_ALLOW_TORCHSCRIPT=true for a store you "
+        "trust"
+    )
+
+
 def env_names() -> list[str]:
     """Every environment variable a Settings field reads, in field order."""
     return [env_name(field) for field in Settings.model_fields]

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from load.paired import LEVELS
-from load.targets import fmt, ratio
+from load.target_table import fmt, ratio
 from load.wrk import Measurement
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from load.paired import LEVELS
-from load.targets import fmt
+from load.target_table import fmt
 
 
 def cost_table(paired: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from load.paired import LEVELS
-from load.targets import Targets, fmt, from_rounds, ratio, round_medians
+from load.target_table import Targets, fmt, from_rounds, ratio, round_medians
 from load.wrk import Measurement
 
 CORES_GOAL = 1.1  # one foldserve process: its event loop plus at most a tenth of a core more

@@ -42,8 +42,8 @@ DISCARD_LIMIT = 64 << 10
 # After refusing a body, read and drop what the client still sends for a moment before closing:
 # closing a socket with unread bytes makes the kernel send a reset, which can destroy the answer
 # before the client reads it.
-LINGER_S = 1.0
-LINGER_BYTES = 4 << 20
+LINGER_S = 0.5
+LINGER_BYTES = 1 << 20
 # Long enough for a request sent just before the drain to be read from the socket.
 IDLE_DRAIN_GRACE_S = 0.5
 

@@ -21,10 +21,10 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from service.http.connection import Connection
+from service.http.context import RequestIds, enter, leave
 from service.http.limits import BodyBudget, HttpLimits
 from service.http.request import Head, Request
 from service.http.response import Response, error_response
-from service.request_context import RequestIds, enter, leave
 
 log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

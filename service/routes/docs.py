@@ -16,7 +16,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from service.routes.access import Keys
+from service.keys import Keys
 from service.schemas import InferAnswer, InferRequest, PredictAnswer, PredictRequest, documented
 from service.settings import Settings
 

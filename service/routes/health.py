@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service.routes.access import Keys
+from service.keys import Keys
 from service.routes.models import describe, registry_of
 from service.schemas import Liveness, Readiness, documented
 

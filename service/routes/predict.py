@@ -13,7 +13,7 @@ from service.dataplane import Parsed, predictions
 from service.errors import InvalidInput
 from service.http.request import Request
 from service.http.response import JSON, Response
-from service.routes.content import BodyLimit, json_limit
+from service.request_body import BodyLimit, json_limit
 from service.routes.paths import check_version, path_version
 from service.routes.responses import quoted
 from service.routes.strict_json import check_unique_keys, holds_booleans

@@ -10,8 +10,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.errors import InvalidInput, ModelNotFound
+from service.keys import Keys
 from service.registry import Registry
-from service.routes.access import Keys
 from service.schemas import RepositoryIndex, documented
 
 router = APIRouter(prefix="/v2/repository")

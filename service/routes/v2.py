@@ -25,7 +25,7 @@ from service.errors import FoldserveError, InvalidInput, ModelNotReady, PayloadT
 from service.http.request import Request as HttpRequest
 from service.http.response import JSON
 from service.http.response import Response as HttpResponse
-from service.routes.content import BodyLimit, byte_count, check_items, json_limit, megabytes
+from service.request_body import BodyLimit, byte_count, check_items, json_limit, megabytes
 from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.routes.responses import error_body, quoted
@@ -104,7 +104,8 @@ class V2Codec:
     ) -> Parsed:
         assert name is not None
         text, payload, binary = _split(body, request.head.inference_header_length)
-        check_items(text, self._json)
+        if request.head.inference_header_length is not None:  # a JSON body was counted whole
+            check_items(text, self._json)
         version = _named_model(payload, name, number)
         timeout = timeout_parameter(payload.get("parameters"))
         request_id = payload.get("id")

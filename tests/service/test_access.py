@@ -19,8 +19,8 @@ import pytest
 
 from service.app import create_app
 from service.errors import ConfigError
-from service.routes import access
-from service.routes.access import Keys, key_matches, presented_key
+from service.keys import Keys, key_matches, presented_key
+from service import keys as keys_module
 from service.settings import Settings
 from tests.service.conftest import ROOT, SHAPE, Artifacts, add_version, running
 
@@ -232,7 +232,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(access.hmac, "compare_digest", spy)
+    monkeypatch.setattr(keys_module.hmac, "compare_digest", spy)
     keys = [b"first-key", b"second-key", b"third-key"]
     for presented, expected in [
         (b"first-key", True),

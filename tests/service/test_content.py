@@ -17,7 +17,7 @@ from service.errors import (
 )
 from service.http.limits import BodyBudget
 from service.http.request import KNOWN, Body, Head, Request
-from service.routes.content import BodyLimit, Decoder, body_decoder, byte_count, read_body
+from service.request_body import BodyLimit, Decoder, body_decoder, byte_count, read_body
 from service.routes.paths import check_version, path_version
 
 
@@ -175,7 +175,7 @@ def test_json_holding_more_items_than_the_limit_is_refused_before_parsing() -> N
     assert asyncio.run(read_body(streamed(Feeder([few])), limit, None)) == few
     many = b'{"inputs": [' + b",".join([b"[1,2,3]"] * 12) + b"]}"  # 12 lists, 36 numbers
     with pytest.raises(
-        PayloadTooLarge, match=r"about 48 numbers and lists, more than max_json_items"
+        PayloadTooLarge, match=r"more than max_json_items \(45\) numbers and lists \(48 so far\)"
     ):
         asyncio.run(read_body(streamed(Feeder([many])), limit, None))
 

@@ -24,8 +24,8 @@ import orjson
 import pytest
 
 from service.app import AccessLog, create_app
+from service.http.context import ACCESS_LOGGER
 from service.logs import JsonFormatter, TextFormatter
-from service.request_context import ACCESS_LOGGER
 from service.settings import Settings
 from tests.service.conftest import ROOT, SHAPE, Artifacts, add_version, http_request, serve
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from service.app import create_app
-from service.request_context import RequestIds
+from service.http.context import RequestIds
 from service.settings import Settings
 from tests.service.conftest import SHAPE, Artifacts, add_version, serve
 

@@ -23,6 +23,7 @@ no encoding; anything else is 415 with ``Accept-Encoding`` saying what is read.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,8 @@ OCTET_STREAM = b"application/octet-stream"
 ENCODINGS = "gzip, deflate"
 _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 _FORM = b"application/x-www-form-urlencoded"
+# Bytes inflated at a time: a refusal (size, items) stops the inflation within one piece.
+PIECE = 256 << 10
 
 
 class Decoder:
@@ -45,10 +48,19 @@ class Decoder:
         self.encoding = encoding.decode()
         self._zlib = zlib.decompressobj(_WBITS[encoding])
 
-    def decode(self, chunk: bytes, most: int) -> bytes:
-        """At most ``most`` (>= 1) decoded bytes; exactly ``most`` when ``chunk`` holds more."""
+    def decode(self, chunk: bytes, most: int) -> Iterator[bytes]:
+        """``chunk`` decoded, in pieces of at most ``PIECE`` bytes, never more than ``most``
+        (>= 1) in all: a caller refusing the body stops the inflation at the next piece."""
+        data = chunk
         try:
-            return self._zlib.decompress(chunk, most)
+            while most > 0:
+                piece = self._zlib.decompress(data, min(most, PIECE))
+                most -= len(piece)
+                if piece:
+                    yield piece
+                data = self._zlib.unconsumed_tail
+                if not data:
+                    return
         except zlib.error as exc:
             raise InvalidInput(f"body is not valid {self.encoding} data: {exc}") from None
 
@@ -117,29 +129,34 @@ async def read_body(request: Request, limit: BodyLimit, decoder: Decoder | None)
             )
     body = request.body
     chunks: list[bytes] = []
-    size = 0
+    size = items = 0
+    # A body that may hold more items than the limit is counted as it arrives (and inflates):
+    # a zip bomb of numbers is refused after the limit's worth of them, not after max_bytes.
+    count_items = limit.max_items is not None and (
+        decoder is not None or declared is None or (byte_count(declared) or 0) > limit.max_items
+    )
     while (chunk := await body.next_chunk()) is not None:
         if body.received > most:
             # Sent without a length (chunked): what arrived so far is all that is known.
             raise PayloadTooLarge(
                 f"request body exceeds {limit.bytes_setting} ({megabytes(body.received)} received)"
             )
-        if decoder is not None:
-            chunk = decoder.decode(chunk, most - size + 1)
-            if size + len(chunk) > most:
+        for piece in (chunk,) if decoder is None else decoder.decode(chunk, most - size + 1):
+            if size + len(piece) > most:
+                assert decoder is not None  # a plain body was checked as received, above
                 raise PayloadTooLarge(
                     f"request body exceeds {limit.bytes_setting} once decoded ({decoder.encoding}; "
                     f"{megabytes(body.received)} received)"
                 )
-        body.hold(len(chunk))  # 503 when bodies in flight hold all they may
-        size += len(chunk)
-        chunks.append(chunk)
+            if count_items:
+                items += _items(piece)
+                _check_items(items, limit)
+            body.hold(len(piece))  # 503 when bodies in flight hold all they may
+            size += len(piece)
+            chunks.append(piece)
     if decoder is not None:
         decoder.finish()
-    whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if limit.max_items is not None:
-        check_items(whole, limit)
-    return whole
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_items(text: bytes | memoryview, limit: BodyLimit) -> None:
@@ -150,16 +167,21 @@ def check_items(text: bytes | memoryview, limit: BodyLimit) -> None:
     ``[``: their count bounds the items. A text of fewer bytes than the limit cannot pass it, so
     the usual small body costs nothing here.
     """
-    most = limit.max_items
-    if most is None or len(text) <= most:
-        return
+    if limit.max_items is not None and len(text) > limit.max_items:
+        _check_items(_items(text), limit)
+
+
+def _items(text: bytes | memoryview) -> int:
     raw = np.frombuffer(text, dtype=np.uint8)
-    items = int(np.count_nonzero(raw == ord(","))) + int(np.count_nonzero(raw == ord("[")))
-    if items > most:
+    return int(np.count_nonzero(raw == ord(","))) + int(np.count_nonzero(raw == ord("[")))
+
+
+def _check_items(items: int, limit: BodyLimit) -> None:
+    if limit.max_items is not None and items > limit.max_items:
         raise PayloadTooLarge(
-            f"request JSON holds about {items:,} numbers and lists, more than "
-            f"{limit.items_setting}: send fewer rows per request, or large tensors as binary "
-            "(the V2 binary tensor extension)"
+            f"request JSON holds more than {limit.items_setting} numbers and lists "
+            f"({items:,} so far): send fewer rows per request, or large tensors as binary (the "
+            "V2 binary tensor extension)"
         )
 
 
