@@ -17,10 +17,10 @@ import httpx
 import orjson
 import pytest
 
+from service import keys as keys_module
 from service.app import create_app
 from service.errors import ConfigError
 from service.keys import Keys, key_matches, presented_key
-from service import keys as keys_module
 from service.settings import Settings
 from tests.service.conftest import ROOT, SHAPE, Artifacts, add_version, running
 
