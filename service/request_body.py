@@ -39,6 +39,10 @@ _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflat
 _FORM = b"application/x-www-form-urlencoded"
 # Bytes inflated at a time: a refusal (size, items) stops the inflation within one piece.
 PIECE = 256 << 10
+# An encoded body is refused from a projection of its items once it has shown at least a
+# sixteenth of the limit, and only when the projection passes four times the limit.
+PROJECTION_FROM = 16
+PROJECTION_MARGIN = 4
 
 
 class Decoder:
@@ -47,6 +51,7 @@ class Decoder:
     def __init__(self, encoding: bytes) -> None:
         self.encoding = encoding.decode()
         self._zlib = zlib.decompressobj(_WBITS[encoding])
+        self.consumed = 0  # bytes of encoded input inflated so far
 
     def decode(self, chunk: bytes, most: int) -> Iterator[bytes]:
         """``chunk`` decoded, in pieces of at most ``PIECE`` bytes, never more than ``most``
@@ -56,6 +61,7 @@ class Decoder:
             while most > 0:
                 piece = self._zlib.decompress(data, min(most, PIECE))
                 most -= len(piece)
+                self.consumed += len(data) - len(self._zlib.unconsumed_tail)
                 if piece:
                     yield piece
                 data = self._zlib.unconsumed_tail
@@ -132,6 +138,7 @@ async def read_body(request: Request, limit: BodyLimit, decoder: Decoder | None)
     size = items = 0
     # A body that may hold more items than the limit is counted as it arrives (and inflates):
     # a zip bomb of numbers is refused after the limit's worth of them, not after max_bytes.
+    declared_length = None if declared is None else byte_count(declared)
     count_items = limit.max_items is not None and (
         decoder is not None or declared is None or (byte_count(declared) or 0) > limit.max_items
     )
@@ -151,6 +158,8 @@ async def read_body(request: Request, limit: BodyLimit, decoder: Decoder | None)
             if count_items:
                 items += _items(piece)
                 _check_items(items, limit)
+                if decoder is not None and declared_length:
+                    _check_projected(items, decoder.consumed, declared_length, limit)
             body.hold(len(piece))  # 503 when bodies in flight hold all they may
             size += len(piece)
             chunks.append(piece)
@@ -174,6 +183,28 @@ def check_items(text: bytes | memoryview, limit: BodyLimit) -> None:
 def _items(text: bytes | memoryview) -> int:
     raw = np.frombuffer(text, dtype=np.uint8)
     return int(np.count_nonzero(raw == ord(","))) + int(np.count_nonzero(raw == ord("[")))
+
+
+def _check_projected(items: int, consumed: int, declared: int, limit: BodyLimit) -> None:
+    """Refuse an encoded body whose first part already says the whole will hold several times
+    the items allowed (its compressed length is known): a zip bomb of numbers costs its first
+    pieces' inflation, not the limit's worth.
+
+    NOTE: a JSON array of numbers compresses about evenly along its length; the margin
+    (``PROJECTION_MARGIN``) and the minimum seen (``PROJECTION_FROM``) leave a body whose start
+    compresses better than its rest to be counted to the end.
+    """
+    most = limit.max_items
+    if most is None or consumed <= 0 or items * PROJECTION_FROM < most:
+        return
+    projected = items * declared // consumed
+    if projected > PROJECTION_MARGIN * most:
+        raise PayloadTooLarge(
+            f"request JSON would hold about {projected:,} numbers and lists (its first "
+            f"{consumed:,} of {declared:,} encoded bytes hold {items:,}), more than "
+            f"{limit.items_setting}: send fewer rows per request, or large tensors as binary "
+            "(the V2 binary tensor extension)"
+        )
 
 
 def _check_items(items: int, limit: BodyLimit) -> None:

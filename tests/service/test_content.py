@@ -241,3 +241,23 @@ def test_a_long_version_is_not_echoed_whole() -> None:
 def test_body_versions_out_of_range_are_400(number: int) -> None:
     with pytest.raises(InvalidInput, match="from 1 to 999999999"):
         check_version(number)
+
+
+def test_a_gzip_bomb_of_numbers_is_refused_from_its_first_pieces() -> None:
+    """A compressed body whose first pieces already say the whole holds several times the items
+    allowed is refused then, not after inflating the limit's worth (issue 17's hostile client)."""
+    row = b"[" + b",".join([b"3.0"] * 64) + b"]"
+    bomb = gzip.compress(b'{"inputs": [' + b",".join([row] * 200_000) + b"]}")  # 12.8M numbers
+    limit = BodyLimit(
+        64 << 20, "max_json_bytes", max_items=1 << 19, items_setting="max_json_items (524288)"
+    )
+    feeder = Feeder(split(bomb, 65536))
+    request = streamed(feeder, str(len(bomb)).encode())
+    with pytest.raises(PayloadTooLarge, match=r"would hold about [\d,]+ numbers and lists"):
+        asyncio.run(read_body(request, limit, Decoder(b"gzip")))
+    assert request.body.held <= 1 << 20  # a piece or four inflated, not 2 MB of numbers
+    # A body within the limit, compressed as well, is read whole.
+    fits = b'{"inputs": [' + b",".join([row] * 4000) + b"]}"  # 256,000 numbers
+    packed = gzip.compress(fits)
+    request = streamed(Feeder(split(packed, 65536)), str(len(packed)).encode())
+    assert asyncio.run(read_body(request, limit, Decoder(b"gzip"))) == fits
