@@ -38,10 +38,10 @@ ENCODINGS = "gzip, deflate"
 _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 _FORM = b"application/x-www-form-urlencoded"
 # Bytes inflated at a time: a refusal (size, items) stops the inflation within one piece.
-PIECE = 256 << 10
-# An encoded body is refused from a projection of its items once it has shown at least a
-# sixteenth of the limit, and only when the projection passes four times the limit.
-PROJECTION_FROM = 16
+PIECE = 64 << 10
+# An encoded body is refused from a projection of its items once it has shown a few thousand
+# (one piece of numbers), and only when the projection passes four times the limit.
+PROJECTION_FROM = 4096
 PROJECTION_MARGIN = 4
 
 
@@ -195,7 +195,7 @@ def _check_projected(items: int, consumed: int, declared: int, limit: BodyLimit)
     compresses better than its rest to be counted to the end.
     """
     most = limit.max_items
-    if most is None or consumed <= 0 or items * PROJECTION_FROM < most:
+    if most is None or consumed <= 0 or items < min(PROJECTION_FROM, most):
         return
     projected = items * declared // consumed
     if projected > PROJECTION_MARGIN * most:
