@@ -717,3 +717,40 @@ def test_a_lone_request_runs_in_its_own_task_and_concurrent_ones_still_share_bat
         await b.stop()
 
     arun(main())
+
+
+def test_a_wait_shorter_than_the_clocks_step_does_not_spin_the_loop() -> None:
+    """uvloop's clock and timers move in whole milliseconds: a batch wait of 0.25 ms used to
+    wake the batch task again and again until the clock ticked. A wait shorter than a step is
+    not waited."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        b = await started(Recorder(), max_batch_size=64, max_delay_ms=2.0, adaptive_delay=True)
+        turns = 0
+        real = loop.call_at
+
+        def counted(when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            nonlocal turns
+            turns += 1
+            return real(when, callback, *args)
+
+        loop.call_at = counted  # type: ignore[method-assign]
+        try:
+            await asyncio.gather(*(b.submit(rows(1, i)) for i in range(8)))
+        finally:
+            loop.call_at = real  # type: ignore[method-assign]
+        assert turns <= 2  # at most a real wait or two, never a timer per turn of the loop
+        await b.stop()
+
+    uvloop_run = _uvloop_runner()
+    uvloop_run(main())
+
+
+def _uvloop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:  # the test is about uvloop's clock; asyncio's is fine-grained
+        return asyncio.run
