@@ -277,7 +277,7 @@ def _read_pooled(folder: Path) -> dict[Key, Reading]:
         except (OSError, ValueError, KeyError):
             continue  # a worker starting or gone: the next scrape will tell
         slots = memoryview(data).cast("d")
-        alive = pid.isdigit() and _alive(int(pid))
+        alive = pid.isdigit() and pid_alive(int(pid))
         for i, key in enumerate(keys):
             block = list(slots[i * LAYOUT.size : (i + 1) * LAYOUT.size])
             blocks.setdefault((str(key[0]), str(key[1])), []).append((block, alive))
@@ -294,7 +294,7 @@ def _read_pooled(folder: Path) -> dict[Key, Reading]:
     return readings
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from service.errors import ConfigError
+from service.telemetry import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +72,11 @@ def sweep_stale_metrics_dirs(parent: Path) -> list[Path]:
     removed = []
     for folder in parent.glob(f"{METRICS_DIR_PREFIX}*-*"):
         owner = folder.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
-        if not owner.isdigit() or _alive(int(owner)):
+        if not owner.isdigit() or pid_alive(int(owner)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: not ours to judge
-    return True
 
 
 @dataclass
