@@ -88,7 +88,13 @@ class ModelNotFound(FoldserveError):
 
 
 class ModelNotReady(FoldserveError):
+    """Loading, failed its checks, or stopping: 503 with ``Retry-After`` (another version, or
+    this one once loaded, may answer soon)."""
+
     status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class Overloaded(FoldserveError):

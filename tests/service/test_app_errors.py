@@ -278,11 +278,15 @@ def test_liveness_answers_while_models_load_and_readiness_waits(
     with serve(create_app(settings(store)), wait_loaded=False) as base:
         live = httpx.get(f"{base}/healthz")
         loading = httpx.get(f"{base}/readyz")
+        early = httpx.post(f"{base}/predict", json={"inputs": samples(1, seed=0).tolist()})
         release.set()
         until_loaded(base)
         ready = httpx.get(f"{base}/readyz")
     assert live.status_code == 200
     assert loading.status_code == 503 and "v1 loading" in loading.json()["reason"]
+    # A request for a model still loading: 503 with Retry-After, so that a client retries.
+    assert early.status_code == 503 and early.headers["retry-after"] == "1"
+    assert "v1 loading" in early.json()["error"]
     assert ready.status_code == 200
 
 
