@@ -25,7 +25,7 @@ from service.workers import (
 
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
 _SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
-_BACKLOG = 2048  # uvicorn's default
+_BACKLOG = 2048  # the listening socket's queue, as service.server's
 log = logging.getLogger(__name__)
 
 

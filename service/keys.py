@@ -53,7 +53,7 @@ def head_key(head: Head) -> bytes | None:
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
-    """The key a request carries, from its raw ASGI headers (names in lower case)."""
+    """The key a request carries, from its headers (names in lower case)."""
     api_key = None
     for name, value in headers:
         if name == b"authorization":

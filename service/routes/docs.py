@@ -1,4 +1,5 @@
-"""The OpenAPI document (every route, the raw ASGI ones included) and, with ``docs``, its pages.
+"""The OpenAPI document (every route, the dataplane's inference routes included) and, with
+``docs``, its pages.
 
 ``/openapi.json`` is always served. With ``api_key`` it needs the key, unless ``docs`` is on: it
 lists the protected routes and the server's version (a fingerprint for anyone scanning for a
@@ -24,7 +25,7 @@ OPENAPI_PATH = "/openapi.json"
 # Always open: probes, and the document itself is guarded by its own rule (above).
 _OPEN = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
-# ---------------------------------------------------------------- the raw ASGI routes
+# ---------------------------------------------------------------- the inference routes
 # NOTE: served ahead of FastAPI (routes/predict.py, routes/v2.py), so FastAPI does not know them.
 # These signatures describe them to its schema generator; they are never registered or called.
 

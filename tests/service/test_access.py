@@ -1,6 +1,6 @@
-"""Access control: inference keys on every inference and model route (raw ASGI ones included),
-the probes open, /metrics by a setting, the management key apart; keys compared in constant
-time, read again from their file at a rescan, and never logged."""
+"""Access control: inference keys on every inference and model route, the probes open, /metrics
+by a setting, the management key apart; keys compared in constant time, read again from their
+file at a rescan, and never logged."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End to end through a real uvicorn server: answers, batching, batch invariance, backends."""
+"""End to end through the production server: answers, batching, batch invariance, backends."""
 
 from __future__ import annotations
 

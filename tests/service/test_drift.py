@@ -146,7 +146,7 @@ def test_folds_run_in_the_fold_thread_never_on_the_loop(
 
     async def scenario() -> tuple[int, tuple[float | None, float], tuple[float | None, float]]:
         monitor = DriftMonitor.for_manifest(mlp)
-        feed(monitor, held_out)  # on the loop, as DataPlane.infer does
+        feed(monitor, held_out)  # on the loop, as DataPlane.serve does
         before = monitor.latest  # observe only queued the rows
         for _ in range(100):  # the fold thread folds them FOLD_EVERY_S later
             await asyncio.sleep(FOLD_EVERY_S)

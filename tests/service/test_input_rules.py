@@ -56,9 +56,8 @@ def server(rules_store: Path) -> Iterator[tuple[str, Records]]:
         model_store=rules_store, default_model="tiny", adaptive_delay=True, max_body_bytes=LIMIT
     )
     records = Records()
-    # uvicorn's own loggers do not propagate to the root: listen to them too, once uvicorn has
-    # configured them (its logging config replaces their handlers).
-    loggers = [logging.getLogger(), logging.getLogger("uvicorn"), logging.getLogger("service")]
+    # The root logger sees every line the server writes (the HTTP layer's included).
+    loggers = [logging.getLogger(), logging.getLogger("service")]
     with serve(create_app(settings)) as base:
         for logger in loggers:
             logger.addHandler(records)

@@ -1,4 +1,4 @@
-"""/openapi.json documents every route, the raw ASGI ones (/predict, V2 infer) included, with
+"""/openapi.json documents every route, the inference ones (/predict, V2 infer) included, with
 request and answer schemas that real requests and answers match."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KServe V2 / Open Inference Protocol end to end: a real uvicorn server, real onnxruntime.
+"""KServe V2 / Open Inference Protocol end to end: the production server, real onnxruntime.
 
 Binary bodies are built by hand (JSON header, then raw little-endian tensors), as tritonclient
 sends them, so the wire format itself is what is tested.

@@ -43,7 +43,7 @@ def test_a_port_taken_by_another_program_is_a_config_error() -> None:
 
 
 def exit_at_once(sock: socket.socket, parent_pid: int) -> None:
-    raise SystemExit(3)  # as uvicorn does when the app fails to start
+    raise SystemExit(3)  # as a worker does when the app fails to start
 
 
 def test_workers_that_keep_failing_at_start_end_the_server() -> None:
