@@ -170,18 +170,29 @@ class Admission:
         """Pass the gate before the body is read: at once while the queue has room, else in
         line with the body unread; refused (503) when the wait would outlast ``deadline`` (the
         loop's clock; None: no deadline)."""
+        ticket = self.try_enter(deadline)
+        return ticket if ticket is not None else await self.wait_to_enter(deadline)
+
+    def try_enter(self, deadline: float | None) -> Ticket | None:
+        """``enter`` when the gate is open: a place at once (or 503 when the request could not
+        be answered by ``deadline``); None when it is closed: ``wait_to_enter`` then."""
         gate = self.gate
+        if not gate.enter_now():
+            return None
         # The rows a request brings, as far as anyone knows before its body: the recent average.
         rows = max(1, round(gate.rows_per_request))
-        if gate.enter_now():
-            if deadline is not None:
-                # 503 now rather than after reading and parsing a body that cannot make it.
-                wait = self.queue.estimated_wait(rows)
-                left = deadline - asyncio.get_running_loop().time()
-                if wait > left:
-                    gate.leave()
-                    raise self.too_late(wait, left)
-            return Ticket(self, rows)
+        if deadline is not None:
+            # 503 now rather than after reading and parsing a body that cannot make it.
+            wait = self.queue.estimated_wait(rows)
+            left = deadline - asyncio.get_running_loop().time()
+            if wait > left:
+                gate.leave()
+                raise self.too_late(wait, left)
+        return Ticket(self, rows)
+
+    async def wait_to_enter(self, deadline: float | None) -> Ticket:
+        """``enter`` through a closed gate: in line, with the body unread."""
+        gate = self.gate
         remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
         if remaining is not None:
             wait = max(self.queue.estimated_wait(gate.rows_waiting()), gate.expected_wait())
@@ -265,6 +276,11 @@ class Ticket:
         ``deadline`` (503, Retry-After); while the queue is full, wait (its body is read
         already: refusing it now would waste that) until answers free room, or its deadline
         passes (503). Then the batcher takes them."""
+        if not self.admit_now(rows, deadline):
+            await self.admit_when_room(rows, deadline)
+
+    def admit_now(self, rows: int, deadline: float | None) -> bool:
+        """``admit`` while the queue has room; False when it is full: ``admit_when_room``."""
         a = self._admission
         a.gate.note_rows(rows)
         limit = a.max_queue_rows
@@ -275,7 +291,17 @@ class Ticket:
                 f"v{a.version} ({a.queue_limit}): send fewer rows per request or raise the limit"
             )
         if a.queue.queue_rows + rows > limit:
-            await a.wait_for_room(rows, deadline)
+            return False
+        self._check_time(rows, deadline)
+        return True
+
+    async def admit_when_room(self, rows: int, deadline: float | None) -> None:
+        """The rest of ``admit`` for rows that found the queue full."""
+        await self._admission.wait_for_room(rows, deadline)
+        self._check_time(rows, deadline)
+
+    def _check_time(self, rows: int, deadline: float | None) -> None:
+        a = self._admission
         if deadline is not None and rows > self._checked_rows:
             # 503 now rather than 504 later: the batches it would take go to requests that can
             # still be answered in time. (Checked at the gate already for the rows expected.)

@@ -26,6 +26,7 @@ from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 
 from service import __version__
+from service.blas import pin_numpy_blas
 from service.dataplane import DataPlane
 from service.drift_metrics import DriftCollector
 from service.errors import FoldserveError, InvalidInput, Overloaded
@@ -111,6 +112,7 @@ class Service:
     # -- life
 
     async def startup(self) -> None:
+        pin_numpy_blas()  # before any request: the request path's checks call BLAS too
         self.telemetry.share()  # with --workers: where the other workers read this one's
         self.registry.scan()
         loading = asyncio.create_task(_load_models(self.registry), name="foldserve-load")

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -54,7 +54,7 @@ class _Request:
     arrived: float  # loop.time() at submit; the batch deadline is counted from the oldest
     queued_at: float = 0.0  # perf_counter() at submit, for the statistics' queue time
     taken: int = 0  # rows already handed to a batch; the rest are still queued
-    chunks: list[Array] = field(default_factory=list)
+    chunks: list[Array] | None = None  # the outputs of a split request's earlier chunks
 
 
 _Part = tuple[_Request, int, int]  # rows [start, stop) of one request inside a batch
@@ -219,6 +219,14 @@ class Batcher:
             stranded,
         )
 
+    def try_now(self, rows: Array) -> Array | None:
+        """The outputs for ``rows`` at once, when they would run as a batch of their own right
+        away anyway (``_alone_now``); None otherwise: ``submit`` them. (What ``submit`` does
+        first, without the coroutine: a small model's request costs a few microseconds.)"""
+        if self._task is None or not len(rows) or not self._alone_now(len(rows)):
+            return None
+        return self._run_now(rows, asyncio.get_running_loop(), time.perf_counter())
+
     async def submit(self, rows: Array, deadline: float | None = None) -> Array:
         """The model's outputs for ``rows``. ``deadline`` (the loop's clock) ends the wait earlier
         than ``timeout_s``: past it the request fails with a timeout and is never computed."""
@@ -258,17 +266,15 @@ class Batcher:
 
     def _alone_now(self, rows: int) -> bool:
         """Whether this request would be a batch of its own, run at once: an inline model,
-        nothing queued or running, and (adaptive delay) no batch mates seen lately, so the
-        batch task would not wait for any."""
+        nothing queued or running, and either it fills a batch by itself or (adaptive delay)
+        no batch mates were seen lately, so the batch task would not wait for any."""
         return (
             self._inline
-            and self._adaptive
-            and self._last_alone
             and not self._ran_now
             and not self._queue
             and not self._running
-            and rows <= self._cap
             and not self._stopping
+            and (rows == self._cap or (rows < self._cap and self._adaptive and self._last_alone))
         )
 
     def _run_now(self, rows: Array, loop: asyncio.AbstractEventLoop, submitted: float) -> Array:
@@ -284,6 +290,7 @@ class Batcher:
         loop.call_soon(self._new_turn)
         outcome = self._infer_inline(rows, 1)
         self._last_done = loop.time()
+        self._last_alone = True
         self._report_queue()  # the batch time moved: so did a new row's estimated wait
         if isinstance(outcome, _Failed):
             error = BackendError(outcome.message, detail=_detail(outcome.cause))
@@ -329,9 +336,10 @@ class Batcher:
                 await self._wait_for_batch(loop)
                 if self._queue:
                     await self._run_batch(loop, self._take())
-                    if self._inline:
+                    if self._inline and self._queue:
                         # NOTE: an inline run never awaits; without this yield a deep queue runs
                         # batch after batch while no other request (or timeout) gets a turn.
+                        # (An empty queue yields below, waiting for the next request.)
                         await asyncio.sleep(0)
         finally:
             # Reached on stop (queue empty) or if this task dies: fail the rest, never hang them.
@@ -509,10 +517,13 @@ class Batcher:
             chunk, offset = outcome[offset : offset + b - a], offset + b - a
             if req.future.done():  # cancelled while running: drop its result quietly
                 continue
-            req.chunks.append(chunk)  # chunks arrive in order: one batch runs at a time, FIFO
+            if a == 0 and b == len(req.rows):  # the whole request in this batch: the usual
+                req.future.set_result(chunk)
+                continue
+            # Chunks arrive in order: one batch runs at a time, FIFO.
+            req.chunks = [*(req.chunks or ()), chunk]
             if b == len(req.rows):
-                result = chunk if len(req.chunks) == 1 else np.concatenate(req.chunks)
-                req.future.set_result(result)
+                req.future.set_result(np.concatenate(req.chunks))
 
     def _fail(
         self,

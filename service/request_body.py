@@ -116,56 +116,93 @@ def json_limit(settings: Settings) -> BodyLimit:
     )
 
 
-async def read_body(request: Request, limit: BodyLimit, decoder: Decoder | None) -> bytes:
-    """The whole body, decoded; 413 as soon as it is known to pass ``limit``: from its
-    Content-Length before a byte is read, then as it arrives, then as it inflates; and for JSON
-    from the count of its numbers and lists, before it is parsed."""
-    most = limit.max_bytes
-    declared = request.head.content_length
-    if declared is not None:
-        length = byte_count(declared)
-        if length is None:
-            raise PayloadTooLarge(
-                f"request body of a {len(declared)}-digit number of bytes exceeds "
-                f"{limit.bytes_setting}"
-            )
-        if length > most:
-            raise PayloadTooLarge(
-                f"request body of {megabytes(length)} exceeds {limit.bytes_setting}"
-            )
-    body = request.body
-    chunks: list[bytes] = []
-    size = items = 0
-    # A body that may hold more items than the limit is counted as it arrives (and inflates):
-    # a zip bomb of numbers is refused after the limit's worth of them, not after max_bytes.
-    declared_length = None if declared is None else byte_count(declared)
-    count_items = limit.max_items is not None and (
-        decoder is not None or declared is None or (byte_count(declared) or 0) > limit.max_items
-    )
-    while (chunk := await body.next_chunk()) is not None:
+class _BodyReader:
+    """One body being read against its limit, chunk by chunk, whether the chunks are waited
+    for (``read_body``) or all there already (``read_body_now``)."""
+
+    __slots__ = ("_body", "_chunks", "_count_items", "_declared", "_decoder", "_items", "_limit",
+                 "_size")  # fmt: skip
+
+    def __init__(self, request: Request, limit: BodyLimit, decoder: Decoder | None) -> None:
+        most = limit.max_bytes
+        declared = request.head.content_length
+        length = None
+        if declared is not None:
+            length = byte_count(declared)
+            if length is None:
+                raise PayloadTooLarge(
+                    f"request body of a {len(declared)}-digit number of bytes exceeds "
+                    f"{limit.bytes_setting}"
+                )
+            if length > most:
+                raise PayloadTooLarge(
+                    f"request body of {megabytes(length)} exceeds {limit.bytes_setting}"
+                )
+        self._body = request.body
+        self._limit = limit
+        self._decoder = decoder
+        self._declared = length
+        self._chunks: list[bytes] = []
+        self._size = self._items = 0
+        # A body that may hold more items than the limit is counted as it arrives (and
+        # inflates): a zip bomb of numbers is refused after the limit's worth of them, not
+        # after max_bytes.
+        self._count_items = limit.max_items is not None and (
+            decoder is not None or length is None or length > limit.max_items
+        )
+
+    def add(self, chunk: bytes) -> None:
+        body, limit, decoder = self._body, self._limit, self._decoder
+        most = limit.max_bytes
         if body.received > most:
             # Sent without a length (chunked): what arrived so far is all that is known.
             raise PayloadTooLarge(
                 f"request body exceeds {limit.bytes_setting} ({megabytes(body.received)} received)"
             )
-        for piece in (chunk,) if decoder is None else decoder.decode(chunk, most - size + 1):
-            if size + len(piece) > most:
+        for piece in (chunk,) if decoder is None else decoder.decode(chunk, most - self._size + 1):
+            if self._size + len(piece) > most:
                 assert decoder is not None  # a plain body was checked as received, above
                 raise PayloadTooLarge(
                     f"request body exceeds {limit.bytes_setting} once decoded ({decoder.encoding}; "
                     f"{megabytes(body.received)} received)"
                 )
-            if count_items:
-                items += _items(piece)
-                _check_items(items, limit)
-                if decoder is not None and declared_length:
-                    _check_projected(items, decoder.consumed, declared_length, limit)
+            if self._count_items:
+                self._items += _items(piece)
+                _check_items(self._items, limit)
+                if decoder is not None and self._declared:
+                    _check_projected(self._items, decoder.consumed, self._declared, limit)
             body.hold(len(piece))  # 503 when bodies in flight hold all they may
-            size += len(piece)
-            chunks.append(piece)
-    if decoder is not None:
-        decoder.finish()
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._size += len(piece)
+            self._chunks.append(piece)
+
+    def finish(self) -> bytes:
+        if self._decoder is not None:
+            self._decoder.finish()
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body(request: Request, limit: BodyLimit, decoder: Decoder | None) -> bytes:
+    """The whole body, decoded; 413 as soon as it is known to pass ``limit``: from its
+    Content-Length before a byte is read, then as it arrives, then as it inflates; and for JSON
+    from the count of its numbers and lists, before it is parsed."""
+    reader = _BodyReader(request, limit, decoder)
+    while (chunk := await request.body.next_chunk()) is not None:
+        reader.add(chunk)
+    return reader.finish()
+
+
+def read_body_now(request: Request, limit: BodyLimit, decoder: Decoder | None) -> bytes | None:
+    """``read_body`` without waiting, when every byte of the body has arrived already (the usual
+    small request, read with its head); None when some is still on its way: await
+    ``read_body`` then (no byte was taken)."""
+    body = request.body
+    if not body.complete:
+        return None
+    reader = _BodyReader(request, limit, decoder)
+    for chunk in body.take_all():
+        reader.add(chunk)
+    return reader.finish()
 
 
 def check_items(text: bytes | memoryview, limit: BodyLimit) -> None:

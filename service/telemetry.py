@@ -47,20 +47,17 @@ COUNTS = (
 GAUGES = ("queue_depth", "estimated_wait_s", "loaded")
 
 
-@dataclass(frozen=True)
 class Histogram:
     """Where one histogram lies in a block: its buckets (the last is +Inf), then its sum."""
 
-    start: int
-    bounds: tuple[float, ...]
+    __slots__ = ("bounds", "end", "start", "sum_slot")
 
-    @property
-    def sum_slot(self) -> int:
-        return self.start + len(self.bounds) + 1
-
-    @property
-    def end(self) -> int:
-        return self.sum_slot + 1
+    def __init__(self, start: int, bounds: tuple[float, ...]) -> None:
+        self.start = start
+        self.bounds = bounds
+        # Plain attributes, not properties: read on every request.
+        self.sum_slot = start + len(bounds) + 1
+        self.end = self.sum_slot + 1
 
 
 class _Layout:

@@ -178,6 +178,22 @@ class Connection(asyncio.Protocol):
             # A head began in this read, after the end of another message: what it holds so far
             # is at most this read.
             self._head_bytes = min(self._head_bytes, len(data))
+        self._after_read()
+
+    def _after_read(self) -> None:
+        """A read is parsed through: start the next request, then keep unclaimed bytes out.
+
+        NOTE: a request starts here, not when its head completes: the parser hands over the
+        body of the same read only after the head's callback returns, so a request started
+        there would find its body missing, wait for it, and become a task and a turn of the
+        loop (a third of a one-sample request's cost). Started here, it finds every byte of
+        its read; a body still on its way is waited for as before.
+        """
+        if self._active is None and self._queue:
+            self._serve_next()
+        parsing = self._parsing
+        if parsing is not None and parsing.body.unclaimed:
+            self._pause_reading()  # no route asked for these bytes yet: read no more for now
 
     def eof_received(self) -> bool | None:
         # The client sent all it will: answer what was read, then close.
@@ -255,10 +271,9 @@ class Connection(asyncio.Protocol):
         if has_body:
             self._arm(_Timer.BODY, self._limits.body_timeout_s)
         self._queue.append(request)
-        if self._active is None:
-            self._serve_next()
-        else:
+        if self._active is not None or len(self._queue) > 1:
             self._pause_reading()  # pipelined: one request waits, no more are read meanwhile
+        # Served once this read is parsed through (``_after_read``), its body's bytes with it.
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
@@ -306,9 +321,9 @@ class Connection(asyncio.Protocol):
             request.head.expect = None  # asked once
 
     def body_waiting(self, body: Body) -> None:
-        # Bytes arrived that no route asked for yet: keep them and read no more for now. The
-        # client is not the slow one meanwhile, so its body clock stops.
-        self._pause_reading()
+        # Bytes arrived that no route asked for yet: kept, and once this read is parsed
+        # through no more are read if still unclaimed (``_after_read``). The client is not the
+        # slow one meanwhile, so its body clock stops.
         if self._timer_kind is _Timer.BODY:
             self._disarm()
 

@@ -98,6 +98,11 @@ class Body:
         self.discarding = False  # answered already: the rest is read and dropped
 
     @property
+    def unclaimed(self) -> bool:
+        """Bytes arrived that no reader waits for (the route has not asked, or not yet)."""
+        return self.buffered > 0 and self._waiter is None
+
+    @property
     def complete(self) -> bool:
         """Every byte of the body has arrived (it may not all have been taken yet)."""
         return self._complete
@@ -147,6 +152,14 @@ class Body:
             if self._flow is not None:
                 self._flow.want_body(self)  # may feed at once, settling the waiter
             await waiter
+
+    def take_all(self) -> list[bytes]:
+        """Every chunk of a complete body not taken yet, at once (see ``complete``)."""
+        assert self._complete, "take_all: the body is still arriving (use next_chunk)"
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self.buffered = 0
+        return chunks
 
     def hold(self, nbytes: int) -> None:
         """Count ``nbytes`` the route keeps (the body as read, or decoded) against the budget

@@ -754,3 +754,24 @@ def _uvloop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
         return uvloop.run
     except ImportError:  # the test is about uvloop's clock; asyncio's is fine-grained
         return asyncio.run
+
+
+def test_a_request_that_fills_a_batch_runs_at_once_even_without_adaptive_delay() -> None:
+    """A request of exactly the cap in rows can have no batch mates: an idle inline batcher runs
+    it in the caller's task (``try_now``), without waiting out the delay."""
+
+    async def main() -> None:
+        run = Recorder()
+        b = await started(run, max_batch_size=4, max_delay_ms=60_000, inline=True)
+        full = rows(4)
+        out = b.try_now(full)  # no coroutine, no wait: the delay of a minute is not waited
+        assert out is not None
+        np.testing.assert_array_equal(out, f(full))
+        assert b.try_now(rows(4, 1)) is None  # one run at once per turn of the loop
+        await asyncio.sleep(0)
+        assert b.try_now(rows(1)) is None  # a partial batch waits for mates: submit it
+        assert b.try_now(rows(5)) is None  # more than the cap: split by the batch task
+        assert run.sizes == [4]
+        await b.stop()
+
+    arun(main())

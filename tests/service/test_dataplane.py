@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -125,6 +126,40 @@ def test_float64_values_that_round_to_a_finite_float32_are_accepted() -> None:
     beyond = np.full((1, 2, 3), 2.0**128 - 2.0**103)  # the first value that rounds to infinity
     with pytest.raises(InvalidInput, match="non-finite"):
         validate_rows(beyond, SPEC)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.full((1, 2, 3), 3e38),  # each fits float32; their squares' sum passes its limit
+        np.full((1, 2, 3), 3e38, dtype=np.float32),
+        np.full((1, 2, 3), 1e20, dtype=np.float32),  # squares past float32's range
+        np.full((1, 2, 3), 6e4, dtype=np.float16),  # squares past float16's range
+    ],
+)
+def test_large_finite_values_are_accepted_whatever_their_squares(rows: np.ndarray) -> None:
+    valid = validate_rows(rows, SPEC)
+    np.testing.assert_array_equal(valid, rows.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [np.inf, -np.inf, 0, 0, 0, 0],  # opposite infinities: no sum may cancel them
+        [np.nan, 1, 1, 1, 1, 1],
+        [3e38, 3e38, 3e38, -np.inf, 0, 0],
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_every_non_finite_value_is_refused_whatever_else_the_sample_holds(
+    values: list[float], dtype: type[np.floating[Any]]
+) -> None:
+    with np.errstate(over="ignore"):  # 3e38 is infinite in float16 already
+        rows = np.asarray([values], dtype=dtype)
+    with pytest.raises(InvalidInput, match="non-finite"):
+        validate_rows(rows, SPEC)
+    with pytest.raises(InvalidInput, match="not finite"):
+        check_finite_outputs(rows.astype(np.float32))
 
 
 def _batches(app: Service) -> tuple[float | None, float | None]:

@@ -1,0 +1,83 @@
+"""One connection driven by hand, without sockets: what happens within a single read."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from service.app import create_app
+from service.http.connection import Connection
+from service.server import http_server
+from service.settings import Settings
+from tests.service.test_http_limits import ONE, answers, post
+
+
+class Transport:
+    """The part of a transport a connection uses; records what is written."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.reading = True
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+def test_a_request_read_whole_is_answered_within_that_read(store: Path) -> None:
+    """Head and body in one read: the request starts once the read is parsed through, finds its
+    body there, and is answered before the read's callback returns (no task, no turn of the
+    loop); the connection keeps reading for the next one."""
+    settings = Settings(model_store=store, default_model="tiny")
+    app = create_app(settings)
+
+    async def main() -> None:
+        await app.registry.load_all()
+        try:
+            connection = Connection(http_server(app, settings))
+            transport = Transport()
+            connection.connection_made(transport)  # type: ignore[arg-type]
+            for _ in range(3):
+                transport.written = b""
+                connection.data_received(post("/predict", ONE))
+                (answer,) = answers(transport.written)  # written already, in this call
+                assert answer[0] == 200, answer
+                assert len(orjson.loads(answer[2])["predictions"]) == 1
+                assert transport.reading and not transport.closed
+                await asyncio.sleep(0)  # the next request in a later turn, as a client's would
+            # A head whose body is still on its way: the request waits for it, reading on.
+            transport.written = b""
+            whole = post("/predict", ONE)
+            connection.data_received(whole[:-5])
+            assert transport.written == b"" and transport.reading
+            connection.data_received(whole[-5:])
+            for _ in range(10):
+                if transport.written:
+                    break
+                await asyncio.sleep(0)
+            assert answers(transport.written)[0][0] == 200
+            connection.connection_lost(None)
+        finally:
+            await app.registry.stop()
+
+    asyncio.run(main())
