@@ -268,13 +268,18 @@ class Batcher:
         """Whether this request would be a batch of its own, run at once: an inline model,
         nothing queued or running, and either it fills a batch by itself or (adaptive delay)
         no batch mates were seen lately, so the batch task would not wait for any."""
+        # NOTE: of the partial batches arriving in one turn of the loop only the first runs at
+        # once (``_ran_now``): the rest queue behind it and leave together. A full one never
+        # has mates to wait for.
         return (
             self._inline
-            and not self._ran_now
             and not self._queue
             and not self._running
             and not self._stopping
-            and (rows == self._cap or (rows < self._cap and self._adaptive and self._last_alone))
+            and (
+                rows == self._cap
+                or (rows < self._cap and self._adaptive and self._last_alone and not self._ran_now)
+            )
         )
 
     def _run_now(self, rows: Array, loop: asyncio.AbstractEventLoop, submitted: float) -> Array:

@@ -31,8 +31,9 @@ and the exporter the composed map (``service.store.HiddenStatistics``, ``service
 The monitor maps rows through it and scores them the same way, against the same threshold.
 
 Cost: ``observe`` (on the event loop, for every answered request) only copies the request's rows
-into a ring of pending rows (``service.drift_pending``), under a lock held for that; the ring
-keeps the newest rows, at most ``MAX_PENDING_BYTES`` (bounded memory). Everything else runs in
+into a buffer of pending rows (``service.drift_pending``), under a lock held for that; it keeps
+the first rows after each fold, at most ``MAX_PENDING_BYTES`` (bounded memory), and only counts
+the rest. Everything else runs in
 the process's one fold thread
 (``service.drift_thread``), ``FOLD_EVERY_S`` after the first pending request: each layer takes
 the newest rows its share of ``budget`` (a fraction of one core per monitor, ``CPU_BUDGET``,
@@ -113,7 +114,8 @@ class DriftMonitor:
             *(MonitoredLayer.of_hidden(layer, window, bucket()) for layer in self.hidden),
         ]
         self._thread = thread
-        # Every row kept when every row is to be folded (no budget); else the newest ones.
+        # As many rows as the bytes allow when every row is to be folded (no budget); else
+        # what a fold can take.
         self._pending = PendingRows(MAX_PENDING_BYTES, None if budget is None else MAX_ROWS)
         self._published = Published(
             tuple(layer.sums for layer in self._layers), (None,) * len(self._layers)

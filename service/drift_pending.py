@@ -1,13 +1,15 @@
 """The rows waiting for the fold thread: copied in on the event loop for every answered request,
 taken whole by the fold thread (``service.drift``).
 
-NOTE: a ring of preallocated rows, not a list of the requests' own arrays. Keeping every
+NOTE: a buffer of preallocated rows, not a list of the requests' own arrays. Keeping every
 request's array alive until the next fold (thousands of small arrays every 50 ms) cost the
 request path 10 us each (measured in-process, digits-mlp, one row per request: 78.7 -> 88.4 us;
 the allocator's hot memory and numpy's small-array cache stop being reused), where copying a row
-into the ring costs 1.5 us. The ring keeps the newest rows (at most ``MAX_ROWS``, or what
-``limit_bytes`` holds of the sample size), which is all a fold can afford anyway. Two rings take
-turns: ``take`` swaps them under the lock and the fold thread reads the full one outside it.
+in costs 1.5 us. It keeps the first rows observed after each fold (at most ``MAX_ROWS``, or what
+``limit_bytes`` holds of the sample size), which is all a fold can afford anyway; rows observed
+once it is full are counted, not copied (at 64 rows a request, copies that the next rows would
+only overwrite were most of the monitor's cost on the request path). Two buffers take turns:
+``take`` swaps them under the lock and the fold thread reads the full one outside it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ class PendingRows:
         self._lock = threading.Lock()
         self._ring: Array | None = None  # (capacity, *sample shape), made at the first add
         self._spare: Array | None = None
-        self._start = 0  # the oldest row kept
         self._count = 0  # rows kept
         self.observed = 0  # rows given to ``add``, kept or not
         self._scheduled = self._closed = False
@@ -40,8 +41,8 @@ class PendingRows:
         return 0 if ring is None else self._count * ring[0].nbytes
 
     def add(self, rows: Array) -> bool:
-        """Copy ``rows`` in (the newest ones when the ring is full), unless closed. True when
-        no fold is scheduled yet: the caller schedules one."""
+        """Copy ``rows`` in (as many as there is room for), unless closed. True when no fold is
+        scheduled yet: the caller schedules one."""
         with self._lock:
             if self._closed or not len(rows):
                 return False
@@ -54,44 +55,33 @@ class PendingRows:
                 ring = self._ring = np.empty((capacity, *rows.shape[1:]), dtype=np.float32)
             elif ring.shape[1:] != rows.shape[1:]:
                 return False  # never for validated rows of one version
-            self._copy(ring, rows[-len(ring) :])
+            count = self._count
+            room = len(ring) - count
+            if room > 0:
+                n = min(room, len(rows))
+                ring[count : count + n] = rows[:n]
+                self._count = count + n
             if self._scheduled:
                 return False
             self._scheduled = True
             return True
 
-    def _copy(self, ring: Array, rows: Array) -> None:
-        capacity, n = len(ring), len(rows)
-        end = (self._start + self._count) % capacity
-        first = min(n, capacity - end)
-        ring[end : end + first] = rows[:first]
-        if first < n:
-            ring[: n - first] = rows[first:]
-        overflow = self._count + n - capacity
-        if overflow > 0:  # the oldest rows were written over
-            self._start = (self._start + overflow) % capacity
-            self._count = capacity
-        else:
-            self._count += n
-
     def take(self, *, scheduled: bool) -> list[Array]:
-        """The rows kept, oldest first (one or two arrays), which stay the caller's until its
-        next ``take``. ``scheduled``: taken by the scheduled fold, so the next ``add``
-        schedules another (a flush's fold must not: two would chain for ever)."""
+        """The rows kept, in the order observed (one array, a list for the caller's sake), which
+        stay the caller's until its next ``take``. ``scheduled``: taken by the scheduled fold,
+        so the next ``add`` schedules another (a flush's fold must not: two would chain for
+        ever)."""
         with self._lock:
             if scheduled:
                 self._scheduled = False
-            ring, start, count = self._ring, self._start, self._count
+            ring, count = self._ring, self._count
             if ring is None or count == 0:
                 return []
             if self._spare is None:
                 self._spare = np.empty_like(ring)
             self._ring, self._spare = self._spare, ring
-            self._start = self._count = 0
-        end = start + count
-        if end <= len(ring):
-            return [ring[start:end]]
-        return [ring[start:], ring[: end - len(ring)]]
+            self._count = 0
+        return [ring[:count]]
 
     def close(self) -> None:
         """Drop what is kept and keep nothing more."""

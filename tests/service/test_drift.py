@@ -126,7 +126,7 @@ def test_memory_is_bounded_whatever_the_traffic(mlp: Manifest, held_out: np.ndar
         assert monitor._pending.bytes <= MAX_PENDING_BYTES
     release.set()
     report = folded(monitor)
-    kept = MAX_PENDING_BYTES // big[0].nbytes  # the newest rows the ring holds
+    kept = MAX_PENDING_BYTES // big[0].nbytes  # the rows the buffer holds between folds
     assert report.samples_observed == 100 * len(big)
     assert report.samples_folded == kept
     assert report.samples == pytest.approx(in_window(monitor, kept))
