@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_WINDOW = 2000  # samples; about one digits test set and a half
 MIN_SAMPLES = 100  # below this, sampling noise alone can push the score near the threshold
-FOLD_EVERY_S = 0.05
+FOLD_EVERY_S = 0.25
 MAX_PENDING_BYTES = 4 << 20  # per monitor (two rings of at most this, taking turns)
 CPU_BUDGET = 0.02  # of one core, per monitor (model version), all its layers together
 RESET_LOG_S = 60.0  # one log line per monitor at most this often, however often it resets
@@ -116,7 +116,11 @@ class DriftMonitor:
         self._thread = thread
         # As many rows as the bytes allow when every row is to be folded (no budget); else
         # what a fold can take.
-        self._pending = PendingRows(MAX_PENDING_BYTES, None if budget is None else MAX_ROWS)
+        self._pending = (
+            PendingRows(MAX_PENDING_BYTES, None, None)
+            if budget is None
+            else PendingRows(MAX_PENDING_BYTES, MAX_ROWS)
+        )
         self._published = Published(
             tuple(layer.sums for layer in self._layers), (None,) * len(self._layers)
         )

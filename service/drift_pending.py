@@ -6,28 +6,44 @@ request's array alive until the next fold (thousands of small arrays every 50 ms
 request path 10 us each (measured in-process, digits-mlp, one row per request: 78.7 -> 88.4 us;
 the allocator's hot memory and numpy's small-array cache stop being reused), where copying a row
 in costs 1.5 us. It keeps the first rows observed after each fold (at most ``MAX_ROWS``, or what
-``limit_bytes`` holds of the sample size), which is all a fold can afford anyway; rows observed
-once it is full are counted, not copied (at 64 rows a request, copies that the next rows would
-only overwrite were most of the monitor's cost on the request path). Two buffers take turns:
+``limit_bytes`` holds of the sample size, and for a budgeted monitor at most ``ROWS_PER_S`` a
+second), which is all a fold can use anyway; the rest are counted, not copied (at 64 rows a
+request, copies that the next rows would only overwrite were most of the monitor's cost on the
+request path). Two buffers take turns:
 ``take`` swaps them under the lock and the fold thread reads the full one outside it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
 from service.backends import Array
 
-MAX_ROWS = 2048  # more than a fold takes within its budget every 50 ms even at 40k rows/s
+MAX_ROWS = 2048  # kept for one fold of a budgeted monitor: more than one fold can take
+# NOTE: a budgeted monitor keeps at most this many rows a second (a burst of MAX_ROWS first). A
+# window of 2,000 samples then turns over within a second under load, which is all a drift score
+# needs; each row more cost the request path its copy and the fold thread its arithmetic (at one
+# sample a request and 8,000 requests a second, the monitor was a tenth of the server's CPU).
+ROWS_PER_S = 1000.0
 
 
 class PendingRows:
-    def __init__(self, limit_bytes: int, max_rows: int | None = MAX_ROWS) -> None:
-        """``max_rows`` None: as many rows as ``limit_bytes`` holds (every row folded: tests)."""
+    def __init__(
+        self,
+        limit_bytes: int,
+        max_rows: int | None = MAX_ROWS,
+        rows_per_s: float | None = ROWS_PER_S,
+    ) -> None:
+        """``max_rows`` None: as many rows as ``limit_bytes`` holds; ``rows_per_s`` None: every
+        row that fits is kept (both None: every row folded, for tests)."""
         self._limit = limit_bytes
         self._max_rows = max_rows
+        self._rate = rows_per_s
+        self._credit = float(max_rows or 0)  # rows it may keep now (a token bucket)
+        self._refilled = time.monotonic()
         self._lock = threading.Lock()
         self._ring: Array | None = None  # (capacity, *sample shape), made at the first add
         self._spare: Array | None = None
@@ -56,15 +72,27 @@ class PendingRows:
             elif ring.shape[1:] != rows.shape[1:]:
                 return False  # never for validated rows of one version
             count = self._count
-            room = len(ring) - count
-            if room > 0:
+            room = min(len(ring) - count, self._allowed())
+            if room > 0:  # else counted only
                 n = min(room, len(rows))
                 ring[count : count + n] = rows[:n]
                 self._count = count + n
+                if self._rate is not None:
+                    self._credit -= n
             if self._scheduled:
                 return False
             self._scheduled = True
             return True
+
+    def _allowed(self) -> int:
+        """Rows the rate allows now (under the lock)."""
+        if self._rate is None:
+            return len(self._ring) if self._ring is not None else 0
+        now = time.monotonic()
+        cap = float(self._max_rows or 0)
+        self._credit = min(cap, self._credit + (now - self._refilled) * self._rate)
+        self._refilled = now
+        return int(self._credit)
 
     def take(self, *, scheduled: bool) -> list[Array]:
         """The rows kept, in the order observed (one array, a list for the caller's sake), which

@@ -776,3 +776,40 @@ def test_a_request_that_fills_a_batch_runs_at_once_even_without_adaptive_delay()
         await b.stop()
 
     arun(main())
+
+
+def test_one_watchdog_times_requests_out_whatever_order_their_deadlines_come_in() -> None:
+    """No timer per request: one watchdog, set for the earliest time a request may expire. A
+    later request with an earlier deadline still fails on time; the others wait on."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        run = Recorder()
+        b = await started(run, max_batch_size=64, max_delay_ms=60_000, timeout_s=30)
+        timers = 0
+        real = loop.call_at
+
+        def counted(when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            nonlocal timers
+            timers += 1
+            return real(when, callback, *args)
+
+        loop.call_at = counted  # type: ignore[method-assign]
+        try:
+            patient = [asyncio.ensure_future(b.submit(rows(1, i))) for i in range(20)]
+            await asyncio.sleep(0)
+            assert timers == 1  # the first request's expiry; the others' are later
+            hasty = asyncio.ensure_future(b.submit(rows(1, 99), loop.time() + 0.05))
+            t0 = time.monotonic()
+            with pytest.raises(InferenceTimeout, match="own deadline"):
+                await hasty
+            assert time.monotonic() - t0 < 1.0
+            assert not any(p.done() for p in patient)
+        finally:
+            loop.call_at = real  # type: ignore[method-assign]
+        await b.stop()  # answers the patient ones
+        for i, p in enumerate(patient):
+            np.testing.assert_array_equal(p.result(), f(rows(1, i)))
+        assert 99 not in np.concatenate(run.batches)[:, 0]  # the hasty row was never computed
+
+    arun(main())
