@@ -1,8 +1,9 @@
 """JSON bodies held to what they mean: no key twice in an object, no booleans for numbers.
 
 Both checks look at the text orjson has already parsed and at what it made of it; neither parses
-the body again. A text that passes the cheap count (the usual case: one byte count, or one
-search) is proven clean; only a text the count cannot vouch for is looked at more closely.
+the body again. A text that passes the cheap counts (the usual case: a few one-byte searches
+over its numbers, and a count outside them) is proven clean; only a text the counts cannot
+vouch for is looked at more closely.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def check_unique_keys(text: bytes, parsed: dict[str, Any], bulk: str) -> None:
     repeat) the keys written are found exactly by scanning the strings and compared with the
     keys parsed.
     """
-    colons = text.count(b":")
+    start, end = _bulk_span(text)
+    if start >= 0 and text.find(b":", start, end) < 0:
+        colons = text.count(b":", 0, start) + text.count(b":", end)  # none between: memchr
+    else:
+        colons = text.count(b":")
     if colons <= len(parsed) or colons <= _entries(parsed, bulk):
         return
     written = Counter(orjson.loads(m[1]) for m in _STRING.finditer(text) if m[2] is not None)
@@ -60,9 +65,21 @@ def holds_booleans(text: bytes, values: object) -> bool:
     ``[true, 0.5]`` float64), so the array's dtype cannot tell. A text without the words cannot
     hold the values; one with them (a parameter, a name) costs a walk of ``values``.
     """
+    start, end = _bulk_span(text)
+    if start >= 0 and text.find(b"t", start, end) < 0 and text.find(b"f", start, end) < 0:
+        return False  # every list is within the span, and no letter of the words is
     if _TRUE.search(text) is None and _FALSE.search(text) is None:
         return False
     return _has_bool(values)
+
+
+def _bulk_span(text: bytes) -> tuple[int, int]:
+    """From the first ``[`` to the last ``]`` of a JSON text (-1, -1 without lists): where every
+    list, the numbers of a usual body, lies. Looking for one byte there is a memchr, 100x faster
+    than a search for a word (see ``_TRUE``), and on the numbers alone a letter means something.
+    """
+    start = text.find(b"[")
+    return (start, text.rfind(b"]") + 1) if start >= 0 else (-1, -1)
 
 
 # NOTE: the walks below keep their own stack: orjson parses nesting up to 1,024 deep, past

@@ -102,18 +102,23 @@ def test_booleans_are_found_at_any_depth(values: Any, note: str) -> None:
     assert holds_booleans(text, values) == any_bool(values)
 
 
-def test_the_usual_body_costs_a_count_and_a_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No scan of strings, no walk of the numbers, for a body without colons in strings or the
-    words true and false."""
+def test_the_usual_body_costs_a_few_byte_searches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No scan of strings, no search for a word, no walk of the numbers, for a body whose lists
+    hold numbers only: one-byte searches (memchr) over its numbers, a count outside them."""
 
     class Untouchable:
         def finditer(self, text: bytes) -> Any:
             raise AssertionError("the strings were scanned")
 
+        def search(self, text: bytes) -> Any:
+            raise AssertionError("the text was searched for a word")
+
     def no_walk(value: Any) -> bool:
         raise AssertionError("the values were walked")
 
     monkeypatch.setattr(strict_json, "_STRING", Untouchable())
+    monkeypatch.setattr(strict_json, "_TRUE", Untouchable())
+    monkeypatch.setattr(strict_json, "_FALSE", Untouchable())
     monkeypatch.setattr(strict_json, "_has_bool", no_walk)
     text = b'{"inputs": [[0.5, 1, -2e-05]], "model": "tiny", "version": 1}'
     check_unique_keys(text, orjson.loads(text), "inputs")
