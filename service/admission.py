@@ -52,6 +52,10 @@ class Queue(Protocol):
 
     def estimated_wait(self, rows: int) -> float: ...
 
+    def now(self) -> float:
+        """The event loop's clock, which deadlines are counted on."""
+        ...
+
 
 class Gate:
     def __init__(self, max_rows: int) -> None:
@@ -184,7 +188,7 @@ class Admission:
         if deadline is not None:
             # 503 now rather than after reading and parsing a body that cannot make it.
             wait = self.queue.estimated_wait(rows)
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - self.queue.now()
             if wait > left:
                 gate.leave()
                 raise self.too_late(wait, left)
@@ -193,7 +197,7 @@ class Admission:
     async def wait_to_enter(self, deadline: float | None) -> Ticket:
         """``enter`` through a closed gate: in line, with the body unread."""
         gate = self.gate
-        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        remaining = None if deadline is None else deadline - self.queue.now()
         if remaining is not None:
             wait = max(self.queue.estimated_wait(gate.rows_waiting()), gate.expected_wait())
             if wait > _HOPELESS * remaining:
@@ -306,7 +310,7 @@ class Ticket:
             # 503 now rather than 504 later: the batches it would take go to requests that can
             # still be answered in time. (Checked at the gate already for the rows expected.)
             wait = a.queue.estimated_wait(rows)
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - a.queue.now()
             if wait > left:
                 raise a.too_late(wait, left)
 

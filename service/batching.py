@@ -150,6 +150,7 @@ class Batcher:
         self._last_alone = True  # adaptive mode: did the previous batch hold a single request?
         self._ran_now = False  # a lone request ran in its own task in this turn of the loop
         self._last_done = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None  # once started
         self._watchdog: asyncio.TimerHandle | None = None  # see ``_watch``
         self._watch_at = math.inf
         # Seconds per backend call, averaged; starts from a time measured at load, if any.
@@ -182,7 +183,15 @@ class Batcher:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._serve())
+            # NOTE: kept, not looked up per request: on Python 3.11 asyncio.get_running_loop()
+            # makes a getpid() system call every time (a fork check).
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._serve())
+
+    def now(self) -> float:
+        """The event loop's clock (deadlines are counted on it); once started."""
+        assert self._loop is not None, "Batcher.now before start"
+        return self._loop.time()
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Refuse new requests, answer every accepted one, then release the owned executor.
@@ -231,19 +240,20 @@ class Batcher:
         """The outputs for ``rows`` at once, when they would run as a batch of their own right
         away anyway (``_alone_now``); None otherwise: ``submit`` them. (What ``submit`` does
         first, without the coroutine: a small model's request costs a few microseconds.)"""
-        if self._task is None or not len(rows) or not self._alone_now(len(rows)):
+        loop = self._loop
+        if loop is None or not len(rows) or not self._alone_now(len(rows)):
             return None
-        return self._run_now(rows, asyncio.get_running_loop(), time.perf_counter())
+        return self._run_now(rows, loop, time.perf_counter())
 
     async def submit(self, rows: Array, deadline: float | None = None) -> Array:
         """The model's outputs for ``rows``. ``deadline`` (the loop's clock) ends the wait earlier
         than ``timeout_s``: past it the request fails with a timeout and is never computed."""
-        if self._stopping or self._task is None:
+        loop = self._loop
+        if self._stopping or loop is None:
             raise ModelNotReady("model version is not serving (stopping or not started)")
         n = len(rows)
         if n == 0:
             raise InvalidInput("request has no rows: send at least one")
-        loop = asyncio.get_running_loop()
         if self._alone_now(n):
             return self._run_now(rows, loop, time.perf_counter())
         # NOTE: perf_counter, not loop.time(): uvloop's clock moves in milliseconds.

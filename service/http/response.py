@@ -30,6 +30,11 @@ class Response:
     close: bool = False  # close the connection once this is written
 
 
+async def answered(response: Response) -> Response:
+    """A response already made, as the awaitable a handler returns."""
+    return response
+
+
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from service.http.connection import Connection
@@ -38,10 +38,10 @@ class Application(Protocol):
     async def startup(self) -> None:
         """Before the first connection is accepted (models may go on loading after it)."""
 
-    async def handle(self, request: Request, over_limit: bool) -> Response:
-        """Answer one request; errors are the application's to render (anything raised is a
-        500 with an id to find it in the log). ``over_limit``: the connection is past
-        ``max_connections``: answer a health probe, refuse the rest."""
+    def handle(self, request: Request, over_limit: bool) -> Awaitable[Response]:
+        """Answer one request (an ``async def`` will do); errors are the application's to
+        render (anything raised is a 500 with an id to find it in the log). ``over_limit``:
+        the connection is past ``max_connections``: answer a health probe, refuse the rest."""
         ...
 
     def start_draining(self) -> None:

@@ -8,9 +8,11 @@ tables, dependency solving, middleware) would cost more than the model.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from service.dataplane import Codec, DataPlane
 from service.http.request import Request
-from service.http.response import Response, error_response
+from service.http.response import Response, answered, error_response
 from service.routes.predict import PredictCodec
 from service.routes.v2 import V2Codec
 from service.settings import Settings
@@ -35,12 +37,13 @@ class InferenceRoutes:
             return None if named is None else (self._v2, *named)
         return None
 
-    async def handle(self, request: Request, target: Target) -> Response:
+    def handle(self, request: Request, target: Target) -> Awaitable[Response]:
+        """The request's answer, as the dataplane's own coroutine (no frame of this one)."""
         if request.method != "POST":
             message = f"method {request.method} not allowed here: use POST"
-            return error_response(405, message, [(b"allow", b"POST")])
+            return answered(error_response(405, message, [(b"allow", b"POST")]))
         codec, name, version = target
-        return await self._dataplane.serve(request, codec, name, version)
+        return self._dataplane.serve(request, codec, name, version)
 
 
 def _named(middle: str) -> tuple[str, str | None] | None:

@@ -209,6 +209,9 @@ class _Queue:
     def estimated_wait(self, rows: int) -> float:
         return 0.0
 
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
 
 def test_a_full_queue_waits_for_room_then_answers_503_naming_the_limit() -> None:
     limit = "max_queue_bytes (FOLDSERVE_MAX_QUEUE_BYTES=2000000), 602112 bytes per sample"
