@@ -44,6 +44,8 @@ class PredictCodec:
         if not isinstance(payload, dict):
             raise InvalidInput('body must be a JSON object: {"inputs": [sample, ...]}')
         check_unique_keys(body, payload, bulk="inputs")
+        if len(payload) == 1 and "inputs" in payload:  # the usual body: nothing else to check
+            return Parsed((payload["inputs"], body))
         unknown = payload.keys() - _FIELDS
         if unknown:
             names = ", ".join(quoted(name) for name in sorted(unknown))
