@@ -4,9 +4,11 @@ Requests queue FIFO; a batch leaves when it holds ``max_batch_size`` rows or whe
 waiting request has waited ``max_delay_ms``. What enters was admitted (service.admission): the
 batcher never refuses for room or time. Requests larger than the cap are split into chunks
 that may share batches with their neighbours and are reassembled in order. A batch that fails
-is re-run one request at a time, so a request only ever fails for its own rows. A request
-not answered within ``timeout_s`` (or by its own earlier deadline) fails with a timeout and its
-queued rows are dropped. ``estimated_wait`` tells, from the queue and the measured batch times,
+is re-run one request at a time, so a request only ever fails for its own rows; so do outputs
+that are not finite (a finite input can overflow inside a model): a request whose rows gave NaN
+or infinity fails with InvalidInput, its batch mates get theirs. A request not answered within
+``timeout_s`` (or by its own earlier deadline) fails with a timeout and its queued rows are
+dropped. ``estimated_wait`` tells, from the queue and the measured batch times,
 how long a new request would wait: the dataplane refuses work that would be answered too late.
 """
 
@@ -33,6 +35,7 @@ from service.errors import (
     InvalidInput,
     ModelNotReady,
 )
+from service.finite import all_finite, check_finite_outputs
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +347,7 @@ class Batcher:
             error = BackendError(outcome.message, detail=_detail(outcome.cause))
             error.__cause__ = outcome.cause
             raise error
+        check_finite_outputs(outcome)
         return outcome
 
     def _new_turn(self) -> None:
@@ -560,11 +564,19 @@ class Batcher:
         if isinstance(outcome, _Failed):
             self._fail(parts, BackendError, outcome.message, outcome.cause)
             return
+        finite = all_finite(outcome)  # once for the batch; each request's rows only if not
         offset = 0
         for req, a, b in parts:
             chunk, offset = outcome[offset : offset + b - a], offset + b - a
             if req.future.done():  # cancelled while running: drop its result quietly
                 continue
+            if not finite:
+                try:
+                    check_finite_outputs(chunk, a)
+                except InvalidInput as error:  # its own rows overflowed: it fails alone
+                    req.future.set_exception(error)
+                    self._discard(req)
+                    continue
             if a == 0 and b == len(req.rows):  # the whole request in this batch: the usual
                 req.future.set_result(chunk)
                 continue

@@ -25,6 +25,7 @@ import numpy as np
 from service.admission import Ticket
 from service.backends import Array
 from service.errors import FoldserveError, InvalidInput, Overloaded
+from service.finite import all_finite, within_float32
 from service.http.request import Request
 from service.http.response import Response, failure
 from service.keys import Keys
@@ -36,9 +37,6 @@ from service.telemetry import Figures
 from service.versions import ReadyVersion
 
 log = logging.getLogger(__name__)
-# float64 values below this round to a finite float32 (at most float32's max); at or above it, to
-# infinity. float32's max itself, as numpy prints it (3.4028235e38), lies a bit above that max.
-_FLOAT32_LIMIT = 2.0**128 - 2.0**103
 _NUMERIC_KINDS = "fiu"  # floats and integers; bools, strings and objects are refused
 
 
@@ -105,58 +103,15 @@ def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
     # NOTE: a range check instead of np.errstate around the cast: entering errstate costs more
     # than the whole cast for a one-sample request. NaN fails the check too. Values in range,
     # and integers of any width, are finite once cast: no second check after the cast.
-    if rows.dtype.kind == "f" and not _within_float32(rows):
+    if rows.dtype.kind == "f" and not within_float32(rows):
         raise _non_finite(spec)
     return rows.astype(np.float32)
-
-
-# NOTE (one numpy call): on one sample a numpy call costs more than its arithmetic, and in a
-# server it runs with cold caches (each call measured 4-5 us of CPU per request at 8
-# connections). The sum of squares (np.vdot: one call, BLAS, no floating-point warnings) is
-# finite when every value is, as NaN and infinity carry through it; it settles the usual case,
-# and only a sum too large to say (values above 1.8e19 in float32) takes the exact two-call check.
-_SQUARED_LIMIT = _FLOAT32_LIMIT * _FLOAT32_LIMIT
-
-
-def all_finite(values: Array) -> bool:
-    """Whether every value of a float array is finite."""
-    return math.isfinite(np.vdot(values, values)) or bool(np.isfinite(values).all())
-
-
-def _within_float32(values: Array) -> bool:
-    """Whether every value of a float array is finite once cast to float32 (below the limit in
-    magnitude): a sum of squares below the limit's square says so for all at once."""
-    if values.dtype.itemsize <= 4:  # float16, float32: any finite value fits
-        return all_finite(values)
-    return float(np.vdot(values, values)) < _SQUARED_LIMIT or bool(
-        np.abs(values).max(initial=0.0) < _FLOAT32_LIMIT
-    )
 
 
 def _non_finite(spec: TensorSpec) -> InvalidInput:
     return InvalidInput(
         f"input {spec.name!r} holds non-finite values (NaN, infinity or beyond float32 range)"
     )
-
-
-def check_finite_outputs(outputs: Array) -> None:
-    """A finite input can still overflow inside the model (e.g. 3e38 times a weight above 1).
-
-    NaN or infinity then comes back, and its arg-max would be a confident-looking label. Rows are
-    independent (the model is folded and verified batch invariant), so only the request whose
-    rows overflowed is refused; its batch mates' outputs are their own and finite.
-    """
-    if all_finite(outputs):  # the usual case, in one pass: no per-row reduction
-        return
-    finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite).tolist()
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise InvalidInput(
-            "input is outside the range the model can compute: outputs are not finite "
-            f"(NaN or infinity) for sample{'s' if len(bad) > 1 else ''} {shown}; "
-            "send values of the scale the model was trained on"
-        )
 
 
 def predictions(ready: ReadyVersion, outputs: Array) -> list[str] | list[int] | None:
@@ -247,11 +202,10 @@ class DataPlane:
             if not ticket.admit_now(len(rows), deadline):
                 await ticket.admit_when_room(len(rows), deadline)
             submitted = time.perf_counter()
-            outputs = ready.batcher.try_now(rows)
+            outputs = ready.batcher.try_now(rows)  # finite, or InvalidInput (service.finite)
             if outputs is None:
                 outputs = await ready.batcher.submit(rows, deadline)
             returned = time.perf_counter()
-            check_finite_outputs(outputs)
             response = codec.encode(ready, outputs, parsed)
         except FoldserveError as exc:
             self._refused(ready, exc, request.started)

@@ -813,3 +813,30 @@ def test_one_watchdog_times_requests_out_whatever_order_their_deadlines_come_in(
         assert 99 not in np.concatenate(run.batches)[:, 0]  # the hasty row was never computed
 
     arun(main())
+
+
+def test_outputs_that_overflow_fail_their_own_request_alone_naming_its_samples() -> None:
+    """Outputs are checked once per batch; a request whose rows came back NaN or infinite fails
+    with InvalidInput naming its own sample numbers (a split request's too), the others of the
+    batch get theirs."""
+
+    def overflowing(x: Array) -> Array:
+        out = f(x)
+        out[x[:, 0] >= 1000] = np.inf  # rows starting at 1000 or more overflow
+        return out
+
+    async def main() -> None:
+        b = await started(Recorder(overflowing), max_batch_size=4, max_delay_ms=50)
+        fine, bad = rows(2), np.concatenate([rows(1), rows(1, 1000)])
+        split = np.concatenate([rows(4, 10), rows(2, 2000)])  # rows 4 and 5 overflow
+        results = await asyncio.gather(
+            b.submit(fine), b.submit(bad), b.submit(split), return_exceptions=True
+        )
+        np.testing.assert_array_equal(results[0], f(fine))
+        assert isinstance(results[1], InvalidInput)
+        assert "not finite (NaN or infinity) for sample 1;" in results[1].message
+        assert isinstance(results[2], InvalidInput)
+        assert "for samples 4, 5;" in results[2].message
+        await b.stop()
+
+    arun(main())

@@ -15,8 +15,9 @@ import pytest
 
 from service.app import Service, create_app
 from service.backends.onnx import OnnxBackend
-from service.dataplane import check_finite_outputs, validate_rows
+from service.dataplane import validate_rows
 from service.errors import InvalidInput
+from service.finite import check_finite_outputs
 from service.http.response import Response
 from service.routes.predict import PredictCodec
 from service.settings import Settings
