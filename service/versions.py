@@ -37,10 +37,10 @@ class ReadyVersion:
     batching: BatchingChoice
     drift: DriftMonitor
     figures: Figures
+    input: TensorSpec = field(init=False)  # the manifest's one input, read on every request
 
-    @property
-    def input(self) -> TensorSpec:
-        return self.manifest.inputs[0]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input", self.manifest.inputs[0])  # frozen: set once here
 
 
 @dataclass(eq=False)
