@@ -420,7 +420,11 @@ class Connection(asyncio.Protocol):
     def _send(
         self, response: Response, request_id: bytes, keep_alive: bool, head_only: bool
     ) -> None:
-        self._write(encode(response, request_id, keep_alive=keep_alive, head_only=head_only))
+        data = encode(response, request_id, keep_alive=keep_alive, head_only=head_only)
+        if response.tail is None or head_only:
+            self._write(data)
+        elif self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines((data, response.tail))  # one vectored write, no copy
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -28,6 +28,13 @@ class Response:
     content_type: bytes | None = JSON
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # names in lower case
     close: bool = False  # close the connection once this is written
+    # NOTE: bytes sent after ``body`` as they are, not joined to it: a binary tensor of an
+    # image-sized output (a UNet's 512 KiB) was copied three times on its way out, on the loop.
+    tail: memoryview | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.body) + (0 if self.tail is None else self.tail.nbytes)
 
 
 async def answered(response: Response) -> Response:
@@ -73,11 +80,12 @@ _date = _Date()
 def encode(
     response: Response, request_id: bytes, *, keep_alive: bool, head_only: bool = False
 ) -> bytes:
-    """The status line, headers and body; ``head_only`` (a HEAD request) leaves the body out."""
+    """The status line, headers and body (not the tail: written after these bytes as it is);
+    ``head_only`` (a HEAD request) leaves the body out."""
     status = response.status
     lines = [
         b"HTTP/1.1 %d %s\r\ndate: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n"
-        % (status, _REASONS.get(status, b"Unknown"), _date.now(), len(response.body), request_id)
+        % (status, _REASONS.get(status, b"Unknown"), _date.now(), response.length, request_id)
     ]
     if response.content_type is not None:
         lines.append(b"content-type: %s\r\n" % response.content_type)

@@ -303,9 +303,8 @@ def _encode(
     spec = ready.manifest.outputs[0]
     outputs = np.ascontiguousarray(result, dtype="<f4")  # orjson: C order only
     tensor: dict[str, Any] = {"name": spec.name, "datatype": "FP32", "shape": outputs.shape}
-    raw = outputs.tobytes() if binary else b""
     if binary:
-        tensor["parameters"] = {"binary_data_size": len(raw)}
+        tensor["parameters"] = {"binary_data_size": outputs.nbytes}
     else:
         tensor["data"] = outputs.reshape(-1)
     answer: dict[str, Any] = {"model_name": ready.name, "model_version": str(ready.version)}
@@ -316,7 +315,8 @@ def _encode(
     if not binary:
         return HttpResponse(200, body, JSON)
     headers = [(HEADER_LENGTH, str(len(body)).encode())]
-    return HttpResponse(200, body + raw, b"application/octet-stream", headers)
+    raw = outputs.data.cast("B")  # the array's own bytes, kept alive by the view
+    return HttpResponse(200, body, b"application/octet-stream", headers, tail=raw)
 
 
 # ---------------------------------------------------------------- metadata, health, config

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from service.app import create_app
@@ -20,6 +21,7 @@ class Transport:
 
     def __init__(self) -> None:
         self.written = b""
+        self.vectored = 0  # writes of several buffers at once
         self.reading = True
         self.closed = False
 
@@ -28,6 +30,11 @@ class Transport:
 
     def write(self, data: bytes) -> None:
         self.written += data
+
+    def writelines(self, parts: Any) -> None:
+        self.vectored += 1
+        for part in parts:
+            self.written += bytes(part)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -76,6 +83,58 @@ def test_a_request_read_whole_is_answered_within_that_read(store: Path) -> None:
                     break
                 await asyncio.sleep(0)
             assert answers(transport.written)[0][0] == 200
+            connection.connection_lost(None)
+        finally:
+            await app.registry.stop()
+
+    asyncio.run(main())
+
+
+def test_a_binary_output_is_written_after_its_header_without_a_copy(store: Path) -> None:
+    """A V2 answer with a binary output goes out as two buffers in one vectored write (the
+    tensor's bytes are not joined to the header), and reads back as the JSON answer's numbers
+    with a Content-Length that counts both."""
+    settings = Settings(model_store=store, default_model="tiny")
+    app = create_app(settings)
+    x = np.linspace(-1, 1, 3 * 16, dtype="<f4").reshape(3, 16)
+    tensor = {"name": "x", "shape": [3, 2, 8], "datatype": "FP32"}
+
+    async def main() -> None:
+        await app.registry.load_all()
+        try:
+            connection = Connection(http_server(app, settings))
+            transport = Transport()
+            connection.connection_made(transport)  # type: ignore[arg-type]
+            json_body = orjson.dumps({"inputs": [{**tensor, "data": x.reshape(-1).tolist()}]})
+            connection.data_received(post("/v2/models/tiny/infer", json_body))
+            ((status, _, text),) = answers(transport.written)
+            assert status == 200 and transport.vectored == 0, text
+            want = np.asarray(orjson.loads(text)["outputs"][0]["data"], dtype="<f4")
+
+            transport.written = b""
+            header = orjson.dumps(
+                {
+                    "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+                    "parameters": {"binary_data_output": True},
+                }
+            )
+            connection.data_received(
+                post(
+                    "/v2/models/tiny/infer",
+                    header + x.tobytes(),
+                    f"Inference-Header-Content-Length: {len(header)}",
+                )
+            )
+            for _ in range(10):
+                if transport.written:
+                    break
+                await asyncio.sleep(0)
+            ((status, headers, body),) = answers(transport.written)
+            assert status == 200 and transport.vectored == 1, body
+            cut = int(headers["inference-header-content-length"])
+            meta = orjson.loads(body[:cut])["outputs"][0]
+            assert meta["parameters"]["binary_data_size"] == len(body) - cut == want.nbytes
+            assert np.array_equal(np.frombuffer(body[cut:], dtype="<f4"), want)
             connection.connection_lost(None)
         finally:
             await app.registry.stop()

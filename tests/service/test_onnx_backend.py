@@ -29,3 +29,12 @@ def test_a_silent_fall_back_from_cuda_to_the_cpu_is_an_error(
             onnx_backend.OnnxBackend(SHIPPED, BackendOptions(device="cuda"))
         auto = onnx_backend.OnnxBackend(SHIPPED, BackendOptions(device="auto"))
     assert auto.device == "cpu"  # asked for nothing in particular: the CPU is fine
+
+
+def test_the_thread_pool_stops_spinning_when_a_run_returns() -> None:
+    # Spinning between runs took a core from the event loop (docs/performance.md): the session
+    # must carry the setting, whatever the thread count.
+    backend = onnx_backend.OnnxBackend(SHIPPED, BackendOptions(intra_op_threads=2))
+    options = backend._session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.intra_op_num_threads == 2
