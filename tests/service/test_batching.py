@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service import batching
 from service.backends import Array
 from service.batching import Batcher
 from service.errors import (
@@ -614,28 +615,65 @@ def test_inline_mode_yields_to_the_loop_between_batches() -> None:
     arun(main())
 
 
-def test_an_inline_model_that_turns_slow_moves_to_a_worker_thread(
+def burn(seconds: float) -> None:
+    """Spend ``seconds`` of this thread's CPU (a slow model, unlike a sleep or a preemption)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_an_inline_model_that_turns_slow_moves_to_a_thread_and_comes_back_when_fast(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def main() -> None:
         loop_thread = threading.get_ident()
         threads: list[int] = []
+        slow_runs = 5
 
-        def slow(x: Array) -> Array:
+        def turns_fast(x: Array) -> Array:
             threads.append(threading.get_ident())
-            time.sleep(0.01)  # 10 ms, five times the inline limit below
+            if len(threads) <= slow_runs:
+                burn(0.01)  # 10 ms of CPU, five times the inline limit below
             return f(x)
 
-        b = await started(slow, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
+        b = await started(turns_fast, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
         for i in range(5):
             np.testing.assert_array_equal(await b.submit(rows(2, i)), f(rows(2, i)))
         assert threads[:3] == [loop_thread] * 3  # three slow runs in a row, then it moves
-        assert all(t != loop_thread for t in threads[3:])
+        assert all(t != loop_thread for t in threads[3:5]) and not b.inline
+        # Fast again: after enough fast runs in the thread, back on the loop.
+        for i in range(batching._FAST_RUNS_TO_RETURN + 5):
+            await b.submit(rows(1, i))
+        assert b.inline and threads[-1] == loop_thread
+        assert threads.index(loop_thread, 3) == slow_runs + batching._FAST_RUNS_TO_RETURN
         await b.stop()
 
-    with caplog.at_level("WARNING", logger="service.batching"):
+    with caplog.at_level("INFO", logger="service.batching"):
         arun(main())
-    assert "worker thread from now on" in caplog.text
+    assert "running this model in a worker thread" in caplog.text
+    assert "inline on the event loop again" in caplog.text
+
+
+def test_inline_runs_long_in_wall_time_but_not_in_cpu_keep_the_model_on_the_loop() -> None:
+    """Preempted runs on a busy machine (or a profiler's pause) take long without costing the
+    loop's thread anything: even many in a row never move the model off the loop."""
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+
+        def preempted(x: Array) -> Array:
+            threads.append(threading.get_ident())
+            time.sleep(0.03)  # 30 ms of wall time against a 10 ms limit, almost no CPU
+            return f(x)
+
+        b = await started(preempted, max_delay_ms=0, inline=True, inline_limit_ms=10.0)
+        for i in range(6):
+            await b.submit(rows(2, i))
+        assert threads == [loop_thread] * 6 and b.inline
+        await b.stop()
+
+    arun(main())
 
 
 def test_one_slow_inline_run_among_fast_ones_keeps_the_model_on_the_loop() -> None:
@@ -645,9 +683,8 @@ def test_one_slow_inline_run_among_fast_ones_keeps_the_model_on_the_loop() -> No
 
         def hiccup(x: Array) -> Array:
             threads.append(threading.get_ident())
-            if len(threads) % 2:  # every other run: as a preempted run on a busy machine
-                # (30 ms against a 10 ms limit: a fast run would need 10 ms of bad luck to count)
-                time.sleep(0.03)
+            if len(threads) % 2:  # every other run slow: one in a row never moves it
+                burn(0.03)
             return f(x)
 
         b = await started(hiccup, max_delay_ms=0, inline=True, inline_limit_ms=10.0)
