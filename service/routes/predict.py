@@ -14,6 +14,7 @@ from service.errors import InvalidInput
 from service.http.request import Request
 from service.http.response import JSON, Response
 from service.request_body import BodyLimit, json_limit
+from service.routes.json_numbers import inputs_array
 from service.routes.paths import check_version, path_version
 from service.routes.responses import quoted
 from service.routes.strict_json import check_unique_keys, holds_booleans
@@ -37,6 +38,9 @@ class PredictCodec:
         return self._limit
 
     def parse(self, body: bytes, request: Request, name: str | None, number: int | None) -> Parsed:
+        rows = inputs_array(body)
+        if rows is not None:  # the usual body, read without a Python object per number
+            return Parsed((rows, body))
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -62,6 +66,8 @@ class PredictCodec:
 
     def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
         inputs, body = parsed.payload
+        if isinstance(inputs, np.ndarray):
+            return inputs
         if not isinstance(inputs, list):
             raise InvalidInput('"inputs" must be a list of samples')
         try:

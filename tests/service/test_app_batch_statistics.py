@@ -134,7 +134,11 @@ def test_a_probe_is_the_same_alone_and_among_wild_batch_mates_on_a_folded_bn_mod
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             return [await among_mates(client) for _ in range(rounds)]
 
-    settings = Settings(model_store=shipped_store, default_model=model, max_delay_ms=20.0)
+    # NOTE: a fixed wait for batch mates: the adaptive one runs a request that finds the model
+    # idle at once, and on a fast run every request could find it so (then no batch is shared).
+    settings = Settings(
+        model_store=shipped_store, default_model=model, max_delay_ms=20.0, adaptive_delay=False
+    )
     with serve(create_app(settings)) as base:
         alone = outputs(httpx.post(f"{base}/predict", json={"inputs": probe.tolist()}))
         batched = [outputs(r) for r in asyncio.run(all_rounds(base))]
