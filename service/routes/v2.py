@@ -30,6 +30,7 @@ from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.routes.responses import error_body, quoted
 from service.routes.strict_json import check_unique_keys, holds_booleans
+from service.routes.v2_headers import BinaryInput, Header, HeaderMemo
 from service.schemas import (
     LiveAnswer,
     ModelConfig,
@@ -69,6 +70,7 @@ class V2Codec:
         self._binary = BodyLimit(
             settings.max_body_bytes, setting_ref("max_body_bytes", settings.max_body_bytes)
         )
+        self._headers = HeaderMemo()
 
     def version(self, name: str | None, text: str | None) -> int | None:
         assert name is not None  # the path always names the model
@@ -103,57 +105,78 @@ class V2Codec:
         self, body: bytes, request: HttpRequest, name: str | None, number: int | None
     ) -> Parsed:
         assert name is not None
-        text, payload, binary = _split(body, request.head.inference_header_length)
-        if request.head.inference_header_length is not None:  # a JSON body was counted whole
-            check_items(text, self._json)
-        version = _named_model(payload, name, number)
-        timeout = timeout_parameter(payload.get("parameters"))
-        request_id = payload.get("id")
-        return Parsed(_Body(payload, text, binary, request_id), None, version, timeout)
+        declared = request.head.inference_header_length
+        length = _header_length(body, declared)
+        text = body[:length]  # a copy of the JSON header alone (none when it is the whole body)
+        header = self._headers.get(text, name, number) if declared is not None else None
+        if header is None:
+            payload = _payload(text)
+            if declared is not None:  # a JSON body was counted whole
+                check_items(text, self._json)
+            header = Header(
+                payload,
+                text,
+                _named_model(payload, name, number),
+                timeout_parameter(payload.get("parameters")),
+                payload.get("id"),
+            )
+            if declared is not None:
+                self._headers.keep(header, name, number)
+        return Parsed(
+            _Body(header, memoryview(body)[length:]), None, header.version, header.timeout_s
+        )
 
     def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
         wire: _Body = parsed.payload
-        rows = _input_rows(wire.payload, wire.text, wire.binary, ready.input)
-        wire.binary_out = _binary_output(wire.payload, ready.manifest.outputs[0])
+        header, specs = wire.header, (ready.input, ready.manifest.outputs[0])
+        plan = header.plans.get(specs)
+        if plan is not None:  # this header, checked against these specs before
+            wire.binary_out = plan[1]
+            return plan[0].rows(wire.binary)
+        tensor = _input_tensor(header.payload, ready.input)
+        binary = _binary_input(tensor, ready.input)
+        if binary is None:
+            rows = _json_rows(tensor, header.text, wire.binary, ready.input)
+        else:
+            rows = binary.rows(wire.binary)
+        wire.binary_out = _binary_output(header.payload, specs[1])
+        if binary is not None:
+            header.plans[specs] = (binary, wire.binary_out)
         return rows
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> HttpResponse:
         wire: _Body = parsed.payload
-        return _encode(ready, outputs, wire.request_id, wire.binary_out)
+        return _encode(ready, outputs, wire.header.request_id, wire.binary_out)
 
 
 class _Body:
-    """A V2 body as parsed: the JSON object, its text, the binary part after it."""
+    """A V2 body as parsed: its JSON header, the binary part after it, the answer's form."""
 
-    __slots__ = ("binary", "binary_out", "payload", "request_id", "text")
+    __slots__ = ("binary", "binary_out", "header")
 
-    def __init__(
-        self, payload: dict[str, Any], text: bytes, binary: memoryview, request_id: str | None
-    ) -> None:
-        self.payload = payload
-        self.text = text
+    def __init__(self, header: Header, binary: memoryview) -> None:
+        self.header = header
         self.binary = binary
-        self.request_id = request_id
         self.binary_out = False
 
 
-def _split(body: bytes, declared: bytes | None) -> tuple[bytes, dict[str, Any], memoryview]:
-    """The JSON header as text and parsed (a dict), and the binary part after it (empty without
-    the header)."""
-    length = len(body)
-    if declared is not None:
-        count = byte_count(declared)
-        if count is None:
-            shown = declared[:20].decode(errors="replace") + ("..." if len(declared) > 20 else "")
-            raise InvalidInput(
-                f"Inference-Header-Content-Length must be a byte count, got {shown!r}"
-            )
-        if count > len(body):
-            raise InvalidInput(
-                f"Inference-Header-Content-Length is {count} but the body has {len(body)} bytes"
-            )
-        length = count
-    text = body[:length]  # a copy of the JSON header alone (none when it is the whole body)
+def _header_length(body: bytes, declared: bytes | None) -> int:
+    """The JSON header's length: the declared one, or the whole body without the header."""
+    if declared is None:
+        return len(body)
+    count = byte_count(declared)
+    if count is None:
+        shown = declared[:20].decode(errors="replace") + ("..." if len(declared) > 20 else "")
+        raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, got {shown!r}")
+    if count > len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {count} but the body has {len(body)} bytes"
+        )
+    return count
+
+
+def _payload(text: bytes) -> dict[str, Any]:
+    """The JSON header parsed, an object whose keys each appear once."""
     try:
         payload = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -165,7 +188,7 @@ def _split(body: bytes, declared: bytes | None) -> tuple[bytes, dict[str, Any], 
     # their own (the KServe SDK sends "model_name"; see _named_model).
     if "id" in payload and not isinstance(payload["id"], str):
         raise InvalidInput(f'"id" must be a string, got {quoted(payload["id"])}')
-    return text, payload, memoryview(body)[length:]
+    return payload
 
 
 def _named_model(payload: dict[str, Any], name: str, version: int | None) -> int | None:
@@ -190,10 +213,8 @@ def _named_model(payload: dict[str, Any], name: str, version: int | None) -> int
     return number
 
 
-def _input_rows(
-    payload: dict[str, Any], text: bytes, binary: memoryview, spec: TensorSpec
-) -> np.ndarray:
-    """The one input as an array shaped ``(n, *spec.shape)``, in its wire dtype."""
+def _input_tensor(payload: dict[str, Any], spec: TensorSpec) -> dict[str, Any]:
+    """The one input's tensor object, named as the model's input."""
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
@@ -203,33 +224,45 @@ def _input_rows(
         raise InvalidInput(
             f"input is named {quoted(tensor.get('name'))}: this model's input is {spec.name!r}"
         )
+    return tensor
+
+
+def _datatype(tensor: dict[str, Any], spec: TensorSpec) -> tuple[str, str]:
+    """The tensor's V2 datatype and its wire dtype."""
     datatype = tensor.get("datatype")
     dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None or not isinstance(datatype, str):
         raise InvalidInput(
             f"input {spec.name!r} has datatype {quoted(datatype)}: send one of {sorted(DATATYPES)}"
         )
+    return datatype, dtype
+
+
+def _binary_input(tensor: dict[str, Any], spec: TensorSpec) -> BinaryInput | None:
+    """Where the input's rows are in the binary part, checked; None for JSON ``data``."""
+    datatype, dtype = _datatype(tensor, spec)
+    shape = _shape(tensor.get("shape"), spec)
+    size = _binary_size(tensor)
+    if size is None:
+        return None
+    if "data" in tensor:
+        raise InvalidInput(f"input {spec.name!r} has both binary_data_size and JSON data")
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if size != nbytes:
+        raise InvalidInput(
+            f"input {spec.name!r}: binary_data_size is {size} but shape {shape} of "
+            f"{datatype} needs {nbytes} bytes"
+        )
+    return BinaryInput(spec.name, dtype, tuple(shape), size)
+
+
+def _json_rows(
+    tensor: dict[str, Any], text: bytes, binary: memoryview, spec: TensorSpec
+) -> np.ndarray:
+    """The input's JSON ``data`` as an array shaped by its ``shape``, in its wire dtype."""
+    datatype, _ = _datatype(tensor, spec)
     shape = _shape(tensor.get("shape"), spec)
     count = math.prod(shape)
-    size = _binary_size(tensor)
-    if size is not None:
-        if "data" in tensor:
-            raise InvalidInput(f"input {spec.name!r} has both binary_data_size and JSON data")
-        nbytes = count * np.dtype(dtype).itemsize
-        if size != nbytes:
-            raise InvalidInput(
-                f"input {spec.name!r}: binary_data_size is {size} but shape {shape} of "
-                f"{datatype} needs {nbytes} bytes"
-            )
-        if len(binary) != size:
-            raise InvalidInput(
-                f"input {spec.name!r}: binary_data_size is {size} but {len(binary)} bytes "
-                "follow the JSON header"
-            )
-        rows = np.frombuffer(binary, dtype=dtype, count=count)
-        if not rows.flags.aligned:  # the JSON header's length puts the floats anywhere
-            rows = rows.copy()
-        return rows.reshape(shape)
     if len(binary):
         raise InvalidInput(f"{len(binary)} bytes follow the JSON header but no input is binary")
     if "data" not in tensor:
