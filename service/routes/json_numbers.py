@@ -20,14 +20,18 @@ import simdjson
 # NOTE: bodies above this are read the usual way: a parser keeps buffers sized to the largest
 # document it has read, and a few large requests should not pin megabytes for good.
 MAX_FAST_BYTES = 1 << 20
+# NOTE: and bodies below this: for one sample of 64 numbers (352 bytes) orjson is as fast or
+# faster (3.5 against 3.9 us); from 4 samples (1.5 kB) on simdjson wins (6 against 10 us).
+MIN_FAST_BYTES = 1024
 
 _local = threading.local()  # a parser per thread: it may not be shared, nor re-entered
 
 
-def inputs_array(body: bytes) -> np.ndarray | None:
+def inputs_array(body: bytes, min_bytes: int = MIN_FAST_BYTES) -> np.ndarray | None:
     """The ``inputs`` of a body holding that key alone, as float64 shaped by its nesting; None
-    when the body is anything else (then the caller parses it as usual)."""
-    if len(body) > MAX_FAST_BYTES:
+    when the body is anything else, or smaller than ``min_bytes`` (then the caller parses it as
+    usual)."""
+    if not min_bytes <= len(body) <= MAX_FAST_BYTES:
         return None
     parser = getattr(_local, "parser", None)
     if parser is None:

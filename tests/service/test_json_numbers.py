@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.routes.json_numbers import MAX_FAST_BYTES, inputs_array
+from service.routes.json_numbers import MAX_FAST_BYTES, MIN_FAST_BYTES, inputs_array
 
 
 def usual(body: bytes) -> np.ndarray | None:
@@ -34,7 +34,7 @@ def usual(body: bytes) -> np.ndarray | None:
 def test_the_usual_body_is_read_fast_and_equal(shape: tuple[int, ...]) -> None:
     x = np.random.default_rng(0).normal(0, 10, size=shape).round(4)
     body = orjson.dumps({"inputs": x.tolist()})
-    got = inputs_array(body)
+    got = inputs_array(body, min_bytes=0)
     assert got is not None and got.shape == shape and got.dtype == np.float64
     np.testing.assert_array_equal(got, x)
 
@@ -61,7 +61,14 @@ def test_the_usual_body_is_read_fast_and_equal(shape: tuple[int, ...]) -> None:
     ],
 )
 def test_anything_else_is_left_to_the_usual_path(body: bytes) -> None:
-    assert inputs_array(body) is None
+    assert inputs_array(body, min_bytes=0) is None
+
+
+def test_a_small_body_is_left_to_the_usual_path_which_is_as_fast_there() -> None:
+    one = orjson.dumps({"inputs": [[0.5] * 64]})
+    assert len(one) < MIN_FAST_BYTES and inputs_array(one) is None
+    four = orjson.dumps({"inputs": [[0.5] * 64] * 4})
+    assert len(four) >= MIN_FAST_BYTES and inputs_array(four) is not None
 
 
 def test_a_body_over_the_fast_size_is_left_to_the_usual_path() -> None:
@@ -93,7 +100,7 @@ def test_whatever_the_body_the_fast_read_equals_the_usual_one_or_steps_aside(
 ) -> None:
     payload = {"inputs": value, **({"model": "m"} if extra else {})}
     body = orjson.dumps(payload)
-    got, want = inputs_array(body), usual(body)
+    got, want = inputs_array(body, min_bytes=0), usual(body)
     if got is None:
         return  # the usual path reads it (and refuses it when it must)
     assert want is not None, (body, got)
@@ -109,6 +116,6 @@ def test_whatever_the_body_the_fast_read_equals_the_usual_one_or_steps_aside(
 def test_every_regular_nesting_of_numbers_is_read_fast(shape: list[int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     value = regular(shape, lambda: round(float(rng.normal()), 3))
-    got = inputs_array(orjson.dumps({"inputs": value}))
+    got = inputs_array(orjson.dumps({"inputs": value}), min_bytes=0)
     assert got is not None and list(got.shape) == shape
     np.testing.assert_array_equal(got, np.asarray(value))
