@@ -145,6 +145,7 @@ class Batcher:
         self._may_inline = inline  # a model moved to a thread comes back once its runs are fast
         self._inline_limit_s = inline_limit_ms / 1000.0
         self._slow_inline_runs = 0  # in a row; a few in a row, not one, move the model to a thread
+        self._slow_wall = False  # the last inline run took longer than the limit in wall time
         self._fast_thread_runs = 0  # in a row, in the thread; many bring it back to the loop
         self._timeout_s = timeout_s
         self._queue: deque[_Request] = deque()
@@ -528,7 +529,12 @@ class Batcher:
         return _checked(out, len(batch))
 
     def _infer_inline(self, batch: Array, requests: int) -> Array | _Failed:
-        started, started_cpu = time.perf_counter(), time.thread_time()
+        # NOTE: the thread's CPU clock is a system call (the wall clock is not): read only
+        # after a run that took long in wall time, to tell a slow model from a preempted run.
+        # A run fast in wall time was fast in CPU time too (the model runs in this thread).
+        timing_cpu = self._slow_wall
+        started = time.perf_counter()
+        started_cpu = time.thread_time() if timing_cpu else 0.0
         try:
             out = self._run(batch)
         except Exception as exc:
@@ -536,7 +542,11 @@ class Batcher:
         finally:
             seconds = time.perf_counter() - started
             self._measured(len(batch), seconds, requests)
-            self._check_inline_cost(time.thread_time() - started_cpu)
+            self._slow_wall = seconds > self._inline_limit_s
+            if timing_cpu:
+                self._check_inline_cost(time.thread_time() - started_cpu)
+            elif not self._slow_wall:
+                self._check_inline_cost(seconds)
         return _checked(out, len(batch))
 
     def _measured(self, rows: int, seconds: float, requests: int) -> None:

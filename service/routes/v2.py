@@ -30,7 +30,13 @@ from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.routes.responses import error_body, quoted
 from service.routes.strict_json import check_unique_keys, holds_booleans
-from service.routes.v2_headers import BinaryInput, Header, HeaderMemo
+from service.routes.v2_headers import (
+    AnswerHeaders,
+    BinaryInput,
+    Header,
+    HeaderMemo,
+    answer_header,
+)
 from service.schemas import (
     LiveAnswer,
     ModelConfig,
@@ -71,6 +77,7 @@ class V2Codec:
             settings.max_body_bytes, setting_ref("max_body_bytes", settings.max_body_bytes)
         )
         self._headers = HeaderMemo()
+        self._answers = AnswerHeaders()
 
     def version(self, name: str | None, text: str | None) -> int | None:
         assert name is not None  # the path always names the model
@@ -146,7 +153,7 @@ class V2Codec:
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> HttpResponse:
         wire: _Body = parsed.payload
-        return _encode(ready, outputs, wire.header.request_id, wire.binary_out)
+        return _encode(ready, outputs, wire.header.request_id, wire.binary_out, self._answers)
 
 
 class _Body:
@@ -331,25 +338,31 @@ def _binary_output(payload: dict[str, Any], spec: TensorSpec) -> bool:
 
 
 def _encode(
-    ready: ReadyVersion, result: Array, request_id: str | None, binary: bool
+    ready: ReadyVersion,
+    result: Array,
+    request_id: str | None,
+    binary: bool,
+    answers: AnswerHeaders,
 ) -> HttpResponse:
     spec = ready.manifest.outputs[0]
     outputs = np.ascontiguousarray(result, dtype="<f4")  # orjson: C order only
-    tensor: dict[str, Any] = {"name": spec.name, "datatype": "FP32", "shape": outputs.shape}
     if binary:
-        tensor["parameters"] = {"binary_data_size": outputs.nbytes}
-    else:
-        tensor["data"] = outputs.reshape(-1)
+        shape = outputs.shape
+        body = (
+            answers.header(ready.name, ready.version, spec.name, shape)
+            if request_id is None
+            else answer_header(ready.name, ready.version, spec.name, shape, request_id)
+        )
+        headers = [(HEADER_LENGTH, b"%d" % len(body))]
+        raw = outputs.data.cast("B")  # the array's own bytes, kept alive by the view
+        return HttpResponse(200, body, b"application/octet-stream", headers, tail=raw)
+    tensor: dict[str, Any] = {"name": spec.name, "datatype": "FP32", "shape": outputs.shape}
+    tensor["data"] = outputs.reshape(-1)
     answer: dict[str, Any] = {"model_name": ready.name, "model_version": str(ready.version)}
     if request_id is not None:
         answer["id"] = request_id
     answer["outputs"] = [tensor]
-    body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not binary:
-        return HttpResponse(200, body, JSON)
-    headers = [(HEADER_LENGTH, str(len(body)).encode())]
-    raw = outputs.data.cast("B")  # the array's own bytes, kept alive by the view
-    return HttpResponse(200, body, b"application/octet-stream", headers, tail=raw)
+    return HttpResponse(200, orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY), JSON)
 
 
 # ---------------------------------------------------------------- metadata, health, config

@@ -639,13 +639,15 @@ def test_an_inline_model_that_turns_slow_moves_to_a_thread_and_comes_back_when_f
         b = await started(turns_fast, max_delay_ms=0, inline=True, inline_limit_ms=2.0)
         for i in range(5):
             np.testing.assert_array_equal(await b.submit(rows(2, i)), f(rows(2, i)))
-        assert threads[:3] == [loop_thread] * 3  # three slow runs in a row, then it moves
-        assert all(t != loop_thread for t in threads[3:5]) and not b.inline
+        # Three slow runs in a row measured in CPU time (the first is only seen slow in wall
+        # time, which may be a preemption), then it moves.
+        assert threads[:4] == [loop_thread] * 4
+        assert threads[4] != loop_thread and not b.inline
         # Fast again: after enough fast runs in the thread, back on the loop.
         for i in range(batching._FAST_RUNS_TO_RETURN + 5):
             await b.submit(rows(1, i))
         assert b.inline and threads[-1] == loop_thread
-        assert threads.index(loop_thread, 3) == slow_runs + batching._FAST_RUNS_TO_RETURN
+        assert threads.index(loop_thread, 4) == slow_runs + batching._FAST_RUNS_TO_RETURN
         await b.stop()
 
     with caplog.at_level("INFO", logger="service.batching"):

@@ -14,7 +14,7 @@ import pytest
 from service.errors import InvalidInput
 from service.routes import v2 as v2_routes
 from service.routes.v2 import V2Codec
-from service.routes.v2_headers import Header, HeaderMemo
+from service.routes.v2_headers import AnswerHeaders, Header, HeaderMemo, answer_header
 from service.settings import Settings
 from service.store import TensorSpec
 from tests.service.conftest import SHAPE, reference
@@ -109,3 +109,21 @@ def test_the_table_forgets_the_oldest_header_past_its_capacity() -> None:
     assert memo.get(b"h0", "m", None) is None
     assert memo.get(b"h1", "m", None) is kept[1] and memo.get(b"h2", "m", None) is kept[2]
     assert memo.get(b"h2", "m", 1) is None and memo.get(b"h2", "other", None) is None
+
+
+def test_an_answer_header_is_written_once_per_shape_and_says_what_follows() -> None:
+    answers = AnswerHeaders(capacity=2)
+    first = answers.header("m", 3, "logits", (2, 4))
+    assert answers.header("m", 3, "logits", (2, 4)) is first
+    assert orjson.loads(first) == {
+        "model_name": "m",
+        "model_version": "3",
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [2, 4],
+             "parameters": {"binary_data_size": 32}}
+        ],
+    }  # fmt: skip
+    other = orjson.loads(answers.header("m", 3, "logits", (5, 4)))
+    assert other["outputs"][0]["parameters"]["binary_data_size"] == 80
+    with_id = orjson.loads(answer_header("m", 3, "logits", (2, 4), "req-1"))
+    assert with_id["id"] == "req-1" and with_id["outputs"] == orjson.loads(first)["outputs"]
