@@ -112,7 +112,17 @@ def real_networks(t: Targets, result: dict[str, Any] | None) -> None:
                 f"{name} served images/s vs in-process ORT ({ref['threads']} threads), c={c}",
                 ratio(s["images_per_s"], ref["images_per_s"]),
                 SERVED_VS_INPROCESS,
-                detail=f"{s['images_per_s']:.1f} vs {ref['images_per_s']:.1f} images/s; "
+                detail=f"{s['images_per_s']:.1f} vs {ref['images_per_s']:.1f} images/s"
+                + _before_after(m["inprocess"])
+                + "; "
                 f"p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, server "
                 f"{s['cpu_ms_per_request']:.0f} ms CPU/request, {s['errors']} errors",
             )
+
+
+def _before_after(refs: dict[str, Any]) -> str:
+    """The reference's two measurements, when the run took both."""
+    before, after = refs.get("all_cores_before"), refs.get("all_cores_after")
+    if before is None or after is None:
+        return ""
+    return f" (mean of {before['images_per_s']:.1f} before, {after['images_per_s']:.1f} after)"
