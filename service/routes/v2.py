@@ -12,7 +12,7 @@ set, in input order. Outputs asked for as binary come back the same way.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -140,10 +140,10 @@ class V2Codec:
         if plan is not None:  # this header, checked against these specs before
             wire.binary_out = plan[1]
             return plan[0].rows(wire.binary)
-        tensor = _input_tensor(header.payload, ready.input)
-        binary = _binary_input(tensor, ready.input)
+        declared = _input_tensor(header.payload, ready.input)
+        binary = _binary_input(declared, ready.input)
         if binary is None:
-            rows = _json_rows(tensor, header.text, wire.binary, ready.input)
+            rows = _json_rows(declared, header.text, wire.binary, ready.input)
         else:
             rows = binary.rows(wire.binary)
         wire.binary_out = _binary_output(header.payload, specs[1])
@@ -220,8 +220,18 @@ def _named_model(payload: dict[str, Any], name: str, version: int | None) -> int
     return number
 
 
-def _input_tensor(payload: dict[str, Any], spec: TensorSpec) -> dict[str, Any]:
-    """The one input's tensor object, named as the model's input."""
+class _Declared(NamedTuple):
+    """The one input's tensor object and what it declares, checked against the model's input."""
+
+    tensor: dict[str, Any]
+    datatype: str  # V2's name
+    dtype: str  # the wire's little-endian dtype
+    shape: list[int]
+
+
+def _input_tensor(payload: dict[str, Any], spec: TensorSpec) -> _Declared:
+    """The one input's tensor object, named as the model's input, with a datatype and a shape
+    that fit it."""
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
@@ -231,7 +241,8 @@ def _input_tensor(payload: dict[str, Any], spec: TensorSpec) -> dict[str, Any]:
         raise InvalidInput(
             f"input is named {quoted(tensor.get('name'))}: this model's input is {spec.name!r}"
         )
-    return tensor
+    datatype, dtype = _datatype(tensor, spec)
+    return _Declared(tensor, datatype, dtype, _shape(tensor.get("shape"), spec))
 
 
 def _datatype(tensor: dict[str, Any], spec: TensorSpec) -> tuple[str, str]:
@@ -245,10 +256,9 @@ def _datatype(tensor: dict[str, Any], spec: TensorSpec) -> tuple[str, str]:
     return datatype, dtype
 
 
-def _binary_input(tensor: dict[str, Any], spec: TensorSpec) -> BinaryInput | None:
+def _binary_input(declared: _Declared, spec: TensorSpec) -> BinaryInput | None:
     """Where the input's rows are in the binary part, checked; None for JSON ``data``."""
-    datatype, dtype = _datatype(tensor, spec)
-    shape = _shape(tensor.get("shape"), spec)
+    tensor, datatype, dtype, shape = declared
     size = _binary_size(tensor)
     if size is None:
         return None
@@ -264,11 +274,10 @@ def _binary_input(tensor: dict[str, Any], spec: TensorSpec) -> BinaryInput | Non
 
 
 def _json_rows(
-    tensor: dict[str, Any], text: bytes, binary: memoryview, spec: TensorSpec
+    declared: _Declared, text: bytes, binary: memoryview, spec: TensorSpec
 ) -> np.ndarray:
     """The input's JSON ``data`` as an array shaped by its ``shape``, in its wire dtype."""
-    datatype, _ = _datatype(tensor, spec)
-    shape = _shape(tensor.get("shape"), spec)
+    tensor, datatype, _, shape = declared
     count = math.prod(shape)
     if len(binary):
         raise InvalidInput(f"{len(binary)} bytes follow the JSON header but no input is binary")

@@ -656,40 +656,33 @@ def test_an_inline_model_that_turns_slow_moves_to_a_thread_and_comes_back_when_f
     assert "inline on the event loop again" in caplog.text
 
 
-def test_inline_runs_long_in_wall_time_but_not_in_cpu_keep_the_model_on_the_loop() -> None:
+def preempted(run: int) -> None:
+    time.sleep(0.03)  # 30 ms of wall time against a 10 ms limit, almost no CPU
+
+
+def every_other_run_slow(run: int) -> None:
+    if run % 2:
+        burn(0.03)  # slow in CPU, but never twice in a row
+
+
+@pytest.mark.parametrize("pause", [preempted, every_other_run_slow])
+def test_runs_that_are_not_three_slow_in_cpu_in_a_row_keep_the_model_on_the_loop(
+    pause: Callable[[int], None],
+) -> None:
     """Preempted runs on a busy machine (or a profiler's pause) take long without costing the
-    loop's thread anything: even many in a row never move the model off the loop."""
+    loop's thread anything, and one slow run among fast ones says nothing about the model:
+    neither moves it off the loop."""
 
     async def main() -> None:
         loop_thread = threading.get_ident()
         threads: list[int] = []
 
-        def preempted(x: Array) -> Array:
+        def run(x: Array) -> Array:
             threads.append(threading.get_ident())
-            time.sleep(0.03)  # 30 ms of wall time against a 10 ms limit, almost no CPU
+            pause(len(threads))
             return f(x)
 
-        b = await started(preempted, max_delay_ms=0, inline=True, inline_limit_ms=10.0)
-        for i in range(6):
-            await b.submit(rows(2, i))
-        assert threads == [loop_thread] * 6 and b.inline
-        await b.stop()
-
-    arun(main())
-
-
-def test_one_slow_inline_run_among_fast_ones_keeps_the_model_on_the_loop() -> None:
-    async def main() -> None:
-        loop_thread = threading.get_ident()
-        threads: list[int] = []
-
-        def hiccup(x: Array) -> Array:
-            threads.append(threading.get_ident())
-            if len(threads) % 2:  # every other run slow: one in a row never moves it
-                burn(0.03)
-            return f(x)
-
-        b = await started(hiccup, max_delay_ms=0, inline=True, inline_limit_ms=10.0)
+        b = await started(run, max_delay_ms=0, inline=True, inline_limit_ms=10.0)
         for i in range(6):
             await b.submit(rows(2, i))
         assert threads == [loop_thread] * 6 and b.inline

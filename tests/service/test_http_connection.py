@@ -51,6 +51,14 @@ class Transport:
     abort = close
 
 
+async def written(transport: Transport, turns: int = 10) -> None:
+    """Wait a few turns of the loop for an answer to be written."""
+    for _ in range(turns):
+        if transport.written:
+            return
+        await asyncio.sleep(0)
+
+
 def test_a_request_read_whole_is_answered_within_that_read(store: Path) -> None:
     """Head and body in one read: the request starts once the read is parsed through, finds its
     body there, and is answered before the read's callback returns (no task, no turn of the
@@ -78,10 +86,7 @@ def test_a_request_read_whole_is_answered_within_that_read(store: Path) -> None:
             connection.data_received(whole[:-5])
             assert transport.written == b"" and transport.reading
             connection.data_received(whole[-5:])
-            for _ in range(10):
-                if transport.written:
-                    break
-                await asyncio.sleep(0)
+            await written(transport)
             assert answers(transport.written)[0][0] == 200
             connection.connection_lost(None)
         finally:
@@ -125,10 +130,7 @@ def test_a_binary_output_is_written_after_its_header_without_a_copy(store: Path)
                     f"Inference-Header-Content-Length: {len(header)}",
                 )
             )
-            for _ in range(10):
-                if transport.written:
-                    break
-                await asyncio.sleep(0)
+            await written(transport)
             ((status, headers, body),) = answers(transport.written)
             assert status == 200 and transport.vectored == 1, body
             cut = int(headers["inference-header-content-length"])
