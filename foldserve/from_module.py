@@ -29,7 +29,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
 from foldserve.convert import to_float32
-from foldserve.pipeline import BuildResult, ModelCard, Task, build_version, timed
+from foldserve.pipeline import (
+    BuildResult,
+    ModelCard,
+    Task,
+    build_version,
+    check_row_cap,
+    timed,
+)
 from foldserve.stats import set_population_statistics
 from foldserve.tensors import predict, rows_per_step
 from service.errors import FoldingError
@@ -63,6 +70,7 @@ def export(
     progress: bool = False,
     command: str | None = None,
     source: str | None = None,
+    max_batch_size: int | None = None,
 ) -> ExportResult:
     """Fold, export, verify and store ``model`` as the next version of ``name`` in ``store``.
 
@@ -70,10 +78,12 @@ def export(
     ``bn_stats``: "ema" keeps the module's running estimates; "population" recomputes them over
     ``calibration`` (an array, a .npy/.npz file or a folder of images). Default: population
     when calibration data is given, ema otherwise. Without data the checks run on generated
-    inputs. Raises ``FoldserveError`` (nothing stored) when a step refuses the model.
+    inputs. ``max_batch_size``: the row cap written to the manifest (default: ``row_cap``).
+    Raises ``FoldserveError`` (nothing stored) when a step refuses the model.
     """
     shape = _sample_shape(input_shape)
     check_model_name(name)
+    check_row_cap(max_batch_size)
     data = calibration_data.resolve(calibration, shape, seed)
     stats: BatchNormStats = bn_stats or ("ema" if data.generated else "population")
     if stats == "population" and data.generated:
@@ -100,6 +110,7 @@ def export(
         task=task or _default_task(expected, labels),
         sample_shape=shape,
         labels=list(labels or []),
+        max_batch_size=max_batch_size,
     )
     provenance: dict[str, Any] = {
         "entry_point": "export",

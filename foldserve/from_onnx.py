@@ -27,6 +27,7 @@ from foldserve.pipeline import (
     Folded,
     ModelCard,
     Task,
+    check_row_cap,
     store_verified,
     timed,
 )
@@ -58,10 +59,14 @@ def import_onnx(
     input_shape: Sequence[int] | None = None,
     seed: int = 0,
     command: str | None = None,
+    max_batch_size: int | None = None,
 ) -> ImportResult:
-    """Fold, verify and store the ONNX file at ``path`` as the next version of ``name``."""
+    """Fold, verify and store the ONNX file at ``path`` as the next version of ``name``.
+
+    ``max_batch_size``: the row cap written to the manifest (default: ``row_cap``)."""
     path = Path(path)
     check_model_name(name)
+    check_row_cap(max_batch_size)
     seconds: dict[str, float] = {}
     try:
         original = onnx.load(str(path))
@@ -92,6 +97,7 @@ def import_onnx(
         labels=list(labels or []),
         input_name=input_name,
         output_name=output_name,
+        max_batch_size=max_batch_size,
     )
     provenance: dict[str, Any] = {
         "entry_point": "import",

@@ -23,7 +23,7 @@ import onnx
 from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, Features
 from foldserve.verify_export import RTOL, ExportedFile, VerifiedExport, verify_exports
 from service.backends import Array
-from service.errors import VerificationError
+from service.errors import FoldingError, VerificationError
 from service.store import (
     BatchingConfig,
     BatchNormRecord,
@@ -57,6 +57,9 @@ GOLDEN_NUMBERS = 200_000
 # 27 rows of 3x224x224 float32.
 BATCH_INPUT_BYTES = 16 << 20
 DEFAULT_ROW_CAP = 64
+# NOTE: the export proves bitwise batch invariance at every batch size up to the cap: about
+# cap**2 / 2 rows of inference (512: 131k rows).
+MAX_ROW_CAP = 4096
 MAX_RTOL = 1e-3  # the manifest's bound (service.store.Verification)
 NOISE_SAMPLES = 8
 
@@ -72,6 +75,7 @@ class ModelCard:
     labels: list[str] = field(default_factory=list)
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    max_batch_size: int | None = None  # the row cap; None: row_cap(sample_shape)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,15 @@ class BuildResult:
 def row_cap(sample_shape: tuple[int, ...]) -> int:
     sample_bytes = 4 * max(1, math.prod(sample_shape))
     return max(1, min(DEFAULT_ROW_CAP, BATCH_INPUT_BYTES // sample_bytes))
+
+
+def check_row_cap(rows: int | None) -> None:
+    """A row cap asked for: bitwise invariance is proven at every batch size up to it."""
+    if rows is not None and not 1 <= rows <= MAX_ROW_CAP:
+        raise FoldingError(
+            f"max_batch_size={rows}: must be 1 to {MAX_ROW_CAP} (every batch size up to it is "
+            "checked bit for bit at export)"
+        )
 
 
 def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
@@ -241,7 +254,8 @@ def store_verified(
     """Verify ``folded`` against ``expected`` and write it, with its manifest, to ``store``
     (with the side files of ``hidden_statistics``, the drift monitors' maps)."""
     seconds = {} if seconds is None else seconds
-    cap = row_cap(card.sample_shape)
+    check_row_cap(card.max_batch_size)
+    cap = card.max_batch_size or row_cap(card.sample_shape)
     with timed(seconds, "verify"):
         verified = verify_exports(
             folded.files, expected, check_inputs, seed=seed, bitwise_max_rows=cap, rtol=rtol

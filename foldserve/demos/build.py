@@ -85,6 +85,7 @@ def _run(
         task="classification",
         sample_shape=arch.sample_shape,
         labels=list(data.labels),
+        max_batch_size=arch.max_batch_size,
     )
     # The reference is the unfolded model with the statistics being exported, in eval mode.
     expected = predict(chosen, data.x_test)

@@ -215,3 +215,38 @@ def test_cli_imports_with_calibration_data(
     assert manifest.provenance.calibration_samples == 40
     golden = np.asarray(manifest.golden.inputs, dtype=np.float32).reshape(-1, *SHAPE)
     np.testing.assert_array_equal(golden, data[: len(golden)])
+
+
+def test_the_row_cap_is_chosen_proven_up_to_and_served(tmp_path: Path) -> None:
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+    store = tmp_path / "store"
+    argv = ["import", str(original), "--store", str(store), "--name", "net"]
+    assert cli.main([*argv, "--max-batch-size", "5"]) == 0
+    manifest = read_manifest(store / "net" / "1")
+    assert manifest.batching.max_batch_size == 5
+    # What the export proved bit for bit is what the server will batch, no less.
+    assert manifest.verification.bitwise_max_rows == 5
+    x = np.random.default_rng(5).normal(size=(12, *SHAPE)).astype(np.float32)
+    with serve(create_app(Settings(model_store=store, default_model="net"))) as base:
+        (described,) = httpx.get(f"{base}/models/net", timeout=30).json()["versions"]
+        # 12 rows run as batches of at most 5, and come back whole and in order.
+        answer = httpx.post(f"{base}/predict", json={"inputs": x.tolist()}, timeout=30)
+    assert described["batching"]["max_batch_size"] == 5
+    # ... and the server measured the same bitwise invariance on its own runtime at load.
+    assert described["bitwise_batch_invariance"]["measured"] is True
+    assert described["bitwise_batch_invariance"]["max_rows"] == 5
+    assert answer.status_code == 200, answer.text
+    served = np.asarray(answer.json()["outputs"], dtype=np.float32)
+    expected = _original_outputs(original, x)
+    assert np.abs(served - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("rows", ["0", "5000"])
+def test_a_row_cap_out_of_range_is_refused_before_any_work(
+    tmp_path: Path, rows: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+    argv = ["import", str(original), "--store", str(tmp_path), "--name", "net"]
+    assert cli.main([*argv, "--max-batch-size", rows]) == 1
+    assert f"max_batch_size={rows}: must be 1 to 4096" in capsys.readouterr().err
+    assert list_versions(tmp_path, "net") == []

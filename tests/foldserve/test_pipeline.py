@@ -68,7 +68,9 @@ def test_manifest_round_trips_and_describes_the_files(stored_twice: Stored) -> N
         f"--epochs {TINY_EPOCHS} --bn-stats population"
     )
     assert provenance.onnx_opset >= 18
-    assert manifest.batching.max_batch_size == 64 and manifest.batching.max_delay_ms == 2.0
+    # The architecture's own row cap, proven bit for bit at every batch size up to it.
+    assert manifest.batching.max_batch_size == 512 and manifest.batching.max_delay_ms == 2.0
+    assert manifest.verification.bitwise_max_rows == 512
 
 
 def test_the_server_checks_pass_on_the_stored_version(stored_twice: Stored) -> None:

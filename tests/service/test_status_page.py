@@ -18,7 +18,7 @@ import pytest
 from service.app import create_app
 from service.settings import Settings
 from tests.service.browser import Browser, Page, find_chromium, launched
-from tests.service.conftest import ROOT, SHIPPED_STORE, serve
+from tests.service.conftest import ROOT, SHIPPED_STORE, running, serve
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -217,7 +217,8 @@ def test_a_finger_draws_too(browser: Browser, base: str) -> None:
 @needs_chromium
 def test_with_a_key_the_page_says_401_and_takes_the_key(browser: Browser, store: Path) -> None:
     app = create_app(Settings(model_store=store, default_model="digits-mlp", api_key="k-1"))
-    with serve(app, wait_loaded=False) as url:
+    # Loaded first: a 503 from /readyz while the models load is right, but not what this tests.
+    with running(app, key="k-1") as (url, _):
         page = browser.new_page()
         page.goto(f"{url}/?every_ms={EVERY_MS}")
         page.wait_for("document.body.dataset.auth === 'needed'")
