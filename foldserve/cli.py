@@ -13,10 +13,11 @@ import json
 import logging
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from service.errors import FoldingError, FoldserveError
+from service.errors import FoldserveError
 from service.store import BatchNormRecord, Manifest
 
 TASKS = ("classification", "regression", "segmentation")
@@ -58,7 +59,12 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, required=True, help="model store root folder")
     parser.add_argument("--name", required=True, help="model name in the store")
-    parser.add_argument("--labels", type=Path, help="class labels: one per line, or a JSON list")
+    parser.add_argument(
+        "--labels",
+        type=_labels,
+        help="class labels: a file with one per line or a JSON list, or the JSON list itself "
+        '(e.g. \'["cat", "dog"]\')',
+    )
     parser.add_argument("--task", choices=TASKS, help="default: from the labels and output shape")
     parser.add_argument(
         "--calibration",
@@ -178,7 +184,7 @@ def _export(args: argparse.Namespace, command: str) -> int:
         args.input_shape,
         store=args.store,
         name=args.name,
-        labels=_labels(args.labels),
+        labels=args.labels,
         task=args.task,
         bn_stats=args.bn_stats,
         calibration=data,
@@ -205,7 +211,7 @@ def _import(args: argparse.Namespace, command: str) -> int:
         args.onnx,
         store=args.store,
         name=args.name,
-        labels=_labels(args.labels),
+        labels=args.labels,
         task=args.task,
         calibration=data if args.calibration is not None else None,
         input_shape=shape,
@@ -238,10 +244,13 @@ def summary(
     extra: list[tuple[str, str]] | None = None,
 ) -> str:
     """What was stored and what was proven, as a short table."""
+    from foldserve.pipeline import describe_task
+
     check, origin = manifest.verification, manifest.provenance
     bitwise = {True: "yes", False: "no", None: "not measured"}[check.bitwise_batch_invariant]
     rows = [
         *(extra or []),
+        ("task", describe_task(manifest)),
         ("statistics", origin.bn_stats),
         ("checked on", origin.calibration or "-"),
         ("folded with", origin.fold_path),
@@ -283,16 +292,35 @@ def _batch_norm_table(records: tuple[BatchNormRecord, ...]) -> list[str]:
     return lines
 
 
-def _labels(path: Path | None) -> list[str] | None:
-    if path is None:
-        return None
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        labels = json.loads(text)
-        if not isinstance(labels, list):
-            raise FoldingError(f"{path}: a JSON list of labels was expected")
-        return [str(label) for label in labels]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def _labels(given: str) -> list[str]:
+    """``--labels``: read when the command line is, so that a wrong one stops before any work."""
+    inline = given.lstrip().startswith("[")
+    if inline:
+        text, where = given, "the JSON list given"
+    else:
+        try:
+            text, where = Path(given).read_text(), given
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(
+                f"cannot read labels file {given!r} ({exc.strerror or exc}): give a file with one "
+                "label per line or a JSON list, or the JSON list itself"
+            ) from exc
+    if inline or text.lstrip().startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{where}: not a JSON list ({exc.msg})") from exc
+        if not isinstance(parsed, list) or not all(isinstance(x, str | int) for x in parsed):
+            raise argparse.ArgumentTypeError(f"{where}: a JSON list of strings was expected")
+        labels = [str(label) for label in parsed]
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"{where}: holds no labels")
+    repeated = sorted(label for label, n in Counter(labels).items() if n > 1)
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{where}: labels given more than once: {repeated[:5]}")
+    return labels
 
 
 def _ints(text: str) -> list[int]:

@@ -35,6 +35,7 @@ from foldserve.pipeline import (
     Task,
     build_version,
     check_row_cap,
+    task_for,
     timed,
 )
 from foldserve.stats import set_population_statistics
@@ -96,7 +97,8 @@ def export(
     with timed(seconds, "convert"):
         converted = to_float32(copy.deepcopy(model), check_inputs)
     frozen = converted.model
-    _refuse_several_outputs(frozen, check_inputs[:2])
+    # Labels and task checked on two samples: before the statistics, the fold and the checks.
+    chosen_task = task_for(_one_output(frozen, check_inputs[:2]), labels or [], task)
     shifts: dict[str, StatsShift] = {}
     if stats == "population":
         with timed(seconds, "statistics"):
@@ -107,7 +109,7 @@ def export(
     card = ModelCard(
         name=name,
         architecture=f"{type(model).__module__}.{type(model).__qualname__}",
-        task=task or _default_task(expected, labels),
+        task=chosen_task,
         sample_shape=shape,
         labels=list(labels or []),
         max_batch_size=max_batch_size,
@@ -230,7 +232,8 @@ def _refuse_untracked_statistics(model: nn.Module) -> None:
         )
 
 
-def _refuse_several_outputs(model: nn.Module, x: np.ndarray) -> None:
+def _one_output(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The model's output for ``x``; refused unless it is one tensor."""
     with torch.no_grad():
         out = model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     if not isinstance(out, torch.Tensor):
@@ -239,9 +242,4 @@ def _refuse_several_outputs(model: nn.Module, x: np.ndarray) -> None:
             "output; wrap the module so that forward() returns the output to serve (e.g. the "
             "first element in eval mode)"
         )
-
-
-def _default_task(expected: np.ndarray, labels: Sequence[str] | None) -> Task:
-    if labels or (expected.ndim == 2 and expected.shape[1] > 1):
-        return "classification"
-    return "segmentation" if expected.ndim > 2 else "regression"
+    return out.numpy()

@@ -29,6 +29,7 @@ from foldserve.pipeline import (
     Task,
     check_row_cap,
     store_verified,
+    task_for,
     timed,
 )
 from foldserve.tensors import Features
@@ -81,6 +82,7 @@ def import_onnx(
     check_inputs = data.check_inputs()
     with timed(seconds, "reference"):
         expected = _run(original, check_inputs, input_name)
+    chosen_task = task_for(expected, labels or [], task)
     with timed(seconds, "fold"):
         result = fold_onnx_batch_norms(original)
     folded = Folded(
@@ -92,7 +94,7 @@ def import_onnx(
     card = ModelCard(
         name=name,
         architecture=f"imported ONNX graph {original.graph.name or path.name!r}",
-        task=task or ("classification" if labels or expected.ndim == 2 else "regression"),
+        task=chosen_task,
         sample_shape=shape,
         labels=list(labels or []),
         input_name=input_name,

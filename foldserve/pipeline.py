@@ -102,6 +102,43 @@ def row_cap(sample_shape: tuple[int, ...]) -> int:
     return max(1, min(DEFAULT_ROW_CAP, BATCH_INPUT_BYTES // sample_bytes))
 
 
+def task_for(expected: Array, labels: Sequence[str], task: Task | None = None) -> Task:
+    """The task stated, or the one the reference outputs and the labels imply; labels that do not
+    fit the outputs are refused here, before any fold or check runs.
+
+    Several output columns are classes (predictions: the arg-max, as a label or an index), one
+    column is a number (regression), an output with spatial axes is segmentation; labels make
+    any output classes.
+    """
+    per_sample = math.prod(expected.shape[1:])
+    if labels and len(labels) != per_sample:
+        raise FoldingError(
+            f"{len(labels)} labels for {per_sample} outputs per sample: give one label per "
+            "output column, or none"
+        )
+    if task is not None:
+        return task
+    if labels or (expected.ndim == 2 and expected.shape[1] > 1):
+        return "classification"
+    return "segmentation" if expected.ndim > 2 else "regression"
+
+
+def describe_task(manifest: Manifest) -> str:
+    """The task as the summary says it, with what it means for the answers."""
+    columns = math.prod(manifest.outputs[0].shape)
+    if manifest.task == "classification" and manifest.labels:
+        return f"classification ({len(manifest.labels)} labels)"
+    if manifest.task == "classification":
+        return (
+            f"classification ({columns} columns, no labels: predictions are column indices; "
+            "--task regression if they are not classes)"
+        )
+    if manifest.task == "regression":
+        values = f"{columns} value{'' if columns == 1 else 's'}"
+        return f"regression ({values} per sample, no predictions)"
+    return "segmentation (an output per pixel, no predictions)"
+
+
 def check_row_cap(rows: int | None) -> None:
     """A row cap asked for: bitwise invariance is proven at every batch size up to it."""
     if rows is not None and not 1 <= rows <= MAX_ROW_CAP:

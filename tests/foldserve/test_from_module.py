@@ -406,3 +406,20 @@ def test_a_model_with_several_outputs_is_refused_with_advice(tmp_path: Path) -> 
 
     with pytest.raises(FoldingError, match="returns a tuple, not one tensor"):
         foldserve.export(_with_statistics(TwoHeads(), (4,)), (4,), store=tmp_path, name="two")
+
+
+def test_labels_that_do_not_fit_the_output_are_refused_before_the_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _with_statistics(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), (4,))
+
+    def no_statistics(*_: object, **__: object) -> None:
+        raise AssertionError("statistics computed before the labels were checked")
+
+    monkeypatch.setattr("foldserve.from_module.set_population_statistics", no_statistics)
+    data = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    with pytest.raises(FoldingError, match="2 labels for 3 outputs per sample"):
+        foldserve.export(
+            model, (4,), store=tmp_path, name="m", labels=["a", "b"], calibration=data
+        )
+    assert list_versions(tmp_path, "m") == []

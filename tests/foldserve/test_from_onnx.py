@@ -250,3 +250,91 @@ def test_a_row_cap_out_of_range_is_refused_before_any_work(
     assert cli.main([*argv, "--max-batch-size", rows]) == 1
     assert f"max_batch_size={rows}: must be 1 to 4096" in capsys.readouterr().err
     assert list_versions(tmp_path, "net") == []
+
+
+def _regressor() -> nn.Module:
+    """One output column: a number per sample, not a class."""
+    torch.manual_seed(1)
+    return _with_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 1),
+        )
+    )
+
+
+def test_one_output_column_without_labels_is_served_as_regression(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = _legacy_export(_regressor(), tmp_path / "reg.onnx")
+    store = tmp_path / "store"
+    assert cli.main(["import", str(original), "--store", str(store), "--name", "reg"]) == 0
+    assert "regression (1 value per sample, no predictions)" in capsys.readouterr().out
+    assert read_manifest(store / "reg" / "1").task == "regression"
+    x = np.random.default_rng(4).normal(size=(3, *SHAPE)).astype(np.float32)
+    with serve(create_app(Settings(model_store=store, default_model="reg"))) as base:
+        answer = httpx.post(f"{base}/predict", json={"inputs": x.tolist()}, timeout=30).json()
+    # The values themselves, not the arg-max of one column (always 0).
+    assert answer["predictions"] is None
+    expected = _original_outputs(original, x)
+    np.testing.assert_allclose(np.asarray(answer["outputs"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_labels_inline_or_from_a_file_and_the_summary_says_the_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+    store = tmp_path / "store"
+    argv = ["import", str(original), "--store", str(store), "--name", "net"]
+    assert cli.main([*argv, "--labels", '["w", "x", "y", "z"]']) == 0
+    assert "classification (4 labels)" in capsys.readouterr().out
+    (tmp_path / "labels.txt").write_text("a\nb\n\nc\nd\n")
+    assert cli.main([*argv, "--labels", str(tmp_path / "labels.txt")]) == 0
+    assert read_manifest(store / "net" / "1").labels == ["w", "x", "y", "z"]
+    assert read_manifest(store / "net" / "2").labels == ["a", "b", "c", "d"]
+    assert cli.main(argv) == 0  # no labels, four columns: classes named by their index
+    assert "4 columns, no labels: predictions are column indices" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ("missing.txt", "cannot read labels file 'missing.txt'"),
+        ('["a", "b"', "the JSON list given: not a JSON list"),
+        ('["a", "a", "b", "c"]', "labels given more than once: ['a']"),
+        ("[]", "the JSON list given: holds no labels"),
+    ],
+)
+def test_a_bad_labels_argument_is_one_line_before_any_work(
+    tmp_path: Path, labels: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = tmp_path / "never-read.onnx"  # argument errors come before the file is opened
+    argv = ["import", str(original), "--store", str(tmp_path), "--name", "net"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*argv, "--labels", labels])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_labels_that_do_not_fit_the_outputs_are_refused_before_the_fold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+
+    def no_fold(*_: object) -> None:
+        raise AssertionError("folded before the labels were checked")
+
+    monkeypatch.setattr("foldserve.from_onnx.fold_onnx_batch_norms", no_fold)
+    argv = ["import", str(original), "--store", str(tmp_path), "--name", "net"]
+    assert cli.main([*argv, "--labels", '["a", "b", "c"]']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "refused: net was not stored: 3 labels for 4 outputs per sample: give one label per "
+        "output column, or none"
+    )
+    assert list_versions(tmp_path, "net") == []
