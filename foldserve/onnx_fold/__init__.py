@@ -4,16 +4,18 @@ Each BatchNormalization (BN), in graph order, goes to the first place that keeps
 as ``foldserve.fold`` does for torch modules:
 
 1. ``folded_into_previous``: its input comes only from a Conv, a ConvTranspose, a Gemm, or a MatMul
-   with a constant (K, N) weight on a 2-D activation (optionally through an Add of a constant
-   bias); that layer's output channels are scaled and shifted.
+   with a constant (K, N) weight on a 2-D activation (a MatMul or a Conv optionally through an
+   Add of a constant per-channel bias); that layer's output channels are scaled and shifted.
 2. ``folded_into_next``: its output feeds only a Conv that never pads, a Gemm, or a MatMul with a
    constant (K, N) weight on a 2-D activation; that layer's input channels are scaled and the
    shift becomes (part of) its bias.
 3. ``frozen_affine``: otherwise it becomes ``Add(Mul(x, scale), shift)`` with constants shaped
    (C, 1, ..., 1) for the input's rank.
 
-A layer is rewritten only when nothing else sees the change: its weight and bias must be constants
-read by that node alone, and (folding into the previous layer) its output must feed only the BN.
+Identity nodes on the data path are removed first (their readers read their input), so a BN
+behind one still reaches its layer. A layer is rewritten only when nothing else sees the change:
+its weight and bias must be constants read by that node alone, and (folding into the previous
+layer) its output must feed only the BN.
 A constant is an initializer that is not also a graph input (from IR 4 on, those can be
 overridden at run time), a ``Constant`` node, or an ``Identity`` of one (the legacy torch exporter
 deduplicates equal initializers through Identity nodes). Rewritten tensors get new initializers;
@@ -66,6 +68,7 @@ def fold_onnx_batch_norms(model: onnx.ModelProto) -> OnnxFoldResult:
     _check(model, "the input model is not valid ONNX")
     work = deepcopy(model)
     graph = _Graph(work)
+    graph.bypass_identities()
     _refuse_batch_statistics(work, graph)
     records = tuple(_fold_one(graph, node) for node in graph.batch_norms())
     graph.write_back(work)

@@ -42,6 +42,31 @@ class _Graph:
         self._taken = set(_names(graph))
         self._detached: set[str] = set()  # tensors no longer read by us; dropped if dead at the end
 
+    def bypass_identities(self) -> None:
+        """Remove Identity nodes on the data path: their readers read the Identity's input.
+
+        NOTE: some exporters (paddle2onnx) put an Identity between a layer and its BN, which hid
+        the layer from the fold: the BN became a frozen affine instead of folded. An Identity of a
+        constant stays (the legacy torch exporter shares weights through them; read directly,
+        a shared weight would no longer be any one layer's own), and so does one that names a
+        graph output or is read inside a subgraph.
+        """
+        for node in [n for n in self.nodes if n.op_type == "Identity" and _default(n)]:
+            (source,), (target,) = node.input, node.output
+            if target in self.outputs or self.constant(source) is not None:
+                continue
+            readers = self.consumers(target)
+            if any(
+                list(reader.input).count(target) != _reads(reader).count(target)
+                for reader in readers
+            ):
+                continue  # read inside a subgraph
+            for reader in readers:
+                for i, name in enumerate(reader.input):
+                    if name == target:
+                        reader.input[i] = source
+            self.nodes.pop(self._index(node))
+
     def batch_norms(self) -> list[onnx.NodeProto]:
         return [node for node in self.nodes if _is_batch_norm(node)]
 

@@ -125,6 +125,53 @@ def _matmul_add_then_bn(graph: _Graph, add: onnx.NodeProto, bn: _BatchNorm) -> s
     return None
 
 
+def _conv_add_then_bn(graph: _Graph, add: onnx.NodeProto, bn: _BatchNorm) -> str | None:
+    # (conv(x, W) + b) s + t = conv(x, W s) + (b s + t), per output channel: scale W's rows (and
+    # the conv's own bias), rewrite the Add's constant.
+    for side in (0, 1):
+        conv = graph.producer(add.input[side])
+        if conv is None or conv.op_type != "Conv" or not _default(conv):
+            continue
+        weight = graph.own_constant(conv, 1)
+        bias = graph.own_constant(add, 1 - side)
+        if weight is None or weight.ndim < 3 or weight.shape[0] != bn.features or bias is None:
+            continue
+        per_channel = _per_channel(bias, bn.features, weight.ndim)
+        own_bias = graph.own_optional(conv, 2, np.zeros(bn.features))
+        if per_channel is None or own_bias is None or own_bias.shape != (bn.features,):
+            continue
+        if not graph.feeds_only(add.input[side], add):
+            continue
+        scale = _trailing_ones(bn.scale.reshape(-1, 1), weight.ndim)
+        new_weight = (weight.astype(np.float64) * scale).astype(weight.dtype)
+        if len(conv.input) > 2 and conv.input[2]:
+            _set_weight_and_bias(graph, conv, new_weight, own_bias.astype(np.float64) * bn.scale)
+        else:
+            graph.set_input(conv, 1, new_weight, absent="")
+        new_bias = (per_channel * bn.scale + bn.shift).reshape(
+            (1, bn.features) + (1,) * (weight.ndim - 2)
+        )
+        graph.set_input(add, 1 - side, new_bias.astype(bias.dtype), absent="")
+        return conv.name or conv.output[0]
+    return None
+
+
+def _per_channel(bias: Array, channels: int, rank: int) -> Float64 | None:
+    """A constant added to (N, C, *spatial) as one value per channel, as a (C,) vector; None when
+    it varies along another axis (or over samples)."""
+    if bias.ndim > rank:
+        return None
+    shape = (1,) * (rank - bias.ndim) + bias.shape
+    if shape[0] != 1 or shape[1] not in (1, channels) or any(d != 1 for d in shape[2:]):
+        return None
+    return np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def _add_then_bn(graph: _Graph, add: onnx.NodeProto, bn: _BatchNorm) -> str | None:
+    """A bias added after a MatMul or a Conv (exporters that keep a layer's bias apart)."""
+    return _matmul_add_then_bn(graph, add, bn) or _conv_add_then_bn(graph, add, bn)
+
+
 def _is_row_vector(shape: tuple[int, ...], columns: int) -> bool:
     """Whether a bias of ``shape`` broadcasts over (rows, columns) the same for every row."""
     return (
@@ -137,5 +184,5 @@ _PREVIOUS_RULES: dict[str, _PreviousRule] = {
     "ConvTranspose": _conv_transpose_then_bn,
     "Gemm": _gemm_then_bn,
     "MatMul": _matmul_then_bn,
-    "Add": _matmul_add_then_bn,
+    "Add": _add_then_bn,
 }

@@ -826,3 +826,41 @@ def test_unknown_rank_without_a_conv_like_neighbour_is_refused() -> None:
     model = reshaped_bn_model(helper.make_node("Relu", ["z"], ["y"], name="relu"), [])
     with pytest.raises(FoldingError, match=r"'bn': the rank of its input is unknown"):
         fold_onnx_batch_norms(model)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("bias_shape", [(1, 4, 1, 1), (4, 1, 1), (1,)])
+def test_a_conv_bias_added_apart_and_an_identity_are_looked_through(
+    conv_bias: bool, bias_shape: tuple[int, ...]
+) -> None:
+    """paddle2onnx's pattern: Conv, then Add of the layer's bias, then an Identity, then the BN.
+    The BN folds into the conv (not a frozen Mul/Add) and the Identity is gone."""
+    rng = np.random.default_rng(3)
+    initializers = [weights("w", [4, 3, 3, 3], 1), tensor("b_add", rng.standard_normal(bias_shape))]
+    if conv_bias:
+        initializers.append(tensor("b_conv", rng.standard_normal(4)))
+    conv = helper.make_node(
+        "Conv", ["x", "w", *(["b_conv"] if conv_bias else [])], ["h"], name="conv", pads=[1] * 4
+    )
+    add = helper.make_node("Add", ["h", "b_add"], ["biased"], name="add")
+    identity = helper.make_node("Identity", ["biased"], ["same"], name="identity")
+    bn, stats = batch_norm("bn", "same", "n", 4, seed=5)
+    relu = helper.make_node("Relu", ["n"], ["y"], name="relu")
+    model = make(
+        [conv, add, identity, bn, relu],
+        initializers + stats,
+        [value("x", ["N", 3, 6, 6])],
+        [output("y", 4)],
+    )
+    result = fold_and_check(model, (3, 6, 6), [("bn", "folded_into_previous", "conv")])
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Add", "Relu"]
+
+
+def test_an_identity_naming_a_graph_output_is_kept() -> None:
+    w = weights("w", [3, 3], 0)
+    gemm = helper.make_node("Gemm", ["x", "w"], ["h"], name="gemm")
+    bn, stats = batch_norm("bn", "h", "n", 3, seed=1)
+    identity = helper.make_node("Identity", ["n"], ["y"], name="identity")
+    model = make([gemm, bn, identity], [w, *stats], [value("x", ["N", 3])], [output("y", 2)])
+    result = fold_and_check(model, (3,), [("bn", "folded_into_previous", "gemm")])
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm", "Identity"]
