@@ -419,7 +419,5 @@ def test_labels_that_do_not_fit_the_output_are_refused_before_the_statistics(
     monkeypatch.setattr("foldserve.from_module.set_population_statistics", no_statistics)
     data = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
     with pytest.raises(FoldingError, match="2 labels for 3 outputs per sample"):
-        foldserve.export(
-            model, (4,), store=tmp_path, name="m", labels=["a", "b"], calibration=data
-        )
+        foldserve.export(model, (4,), store=tmp_path, name="m", labels=["a", "b"], calibration=data)
     assert list_versions(tmp_path, "m") == []
