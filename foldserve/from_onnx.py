@@ -20,7 +20,12 @@ import onnxruntime as ort
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
 from foldserve.input_statistics import onnx_input_statistics
-from foldserve.onnx_fold import dynamic_batch_problem, fold_onnx_batch_norms, make_batch_dynamic
+from foldserve.onnx_fold import (
+    dynamic_batch_problem,
+    fold_onnx_batch_norms,
+    make_batch_dynamic,
+    re_export_advice,
+)
 from foldserve.pipeline import (
     FILENAMES,
     BuildResult,
@@ -81,7 +86,7 @@ def import_onnx(
     data = calibration_data.resolve(calibration, shape, seed)
     check_inputs = data.check_inputs()
     with timed(seconds, "reference"):
-        expected = _run(original, check_inputs, input_name)
+        expected = _run(original, check_inputs, input_name, made_dynamic)
     chosen_task = task_for(expected, labels or [], task)
     with timed(seconds, "fold"):
         result = fold_onnx_batch_norms(original)
@@ -161,15 +166,36 @@ def _signature(
     return graph_input.name, graph_output.name, shape
 
 
-def _run(model: onnx.ModelProto, inputs: Features, input_name: str) -> Array:
-    """The original graph's outputs in ONNX Runtime on the CPU: the reference to verify against."""
+def _run(
+    model: onnx.ModelProto, inputs: Features, input_name: str, made_dynamic: bool = False
+) -> Array:
+    """The original graph's outputs in ONNX Runtime on the CPU: the reference to verify against.
+
+    ``made_dynamic``: the file's fixed batch was replaced by a symbolic one, so a failure on a
+    batch of several samples means the batch is baked in somewhere else (an Expand or a Concat
+    to batch 1): refused as that, with the exporter's advice.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.log_severity_level = 4  # the refusal below says it; no red line of its own on stderr
     try:
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         (outputs,) = session.run(None, {input_name: inputs})
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise FoldingError(f"ONNX Runtime cannot run the original graph: {exc}") from exc
-    return np.asarray(outputs, dtype=np.float32)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if made_dynamic:
+            raise FoldingError(
+                f"the graph hard-codes its batch size past its inputs: ONNX Runtime cannot run "
+                f"it on {len(inputs)} samples at once ({first_line}); "
+                f"{re_export_advice(model)}"
+            ) from exc
+        raise FoldingError(f"ONNX Runtime cannot run the original graph: {first_line}") from exc
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if outputs.ndim == 0 or len(outputs) != len(inputs):
+        raise FoldingError(
+            f"the graph answers {len(inputs)} samples with an output of shape "
+            f"{list(outputs.shape)}: it hard-codes its batch size; {re_export_advice(model)}"
+        )
+    return outputs

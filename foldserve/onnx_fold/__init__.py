@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from foldserve.onnx_fold.batch import dynamic_batch_problem, make_batch_dynamic
+from foldserve.onnx_fold.batch import dynamic_batch_problem, make_batch_dynamic, re_export_advice
 from foldserve.onnx_fold.graph import _Graph
 from foldserve.onnx_fold.placement import _fold_one
 from foldserve.onnx_fold.protos import _is_batch_norm
@@ -54,7 +54,13 @@ from foldserve.onnx_fold.refusals import _refuse_batch_statistics
 from service.errors import FoldingError
 from service.store import BatchNormRecord
 
-__all__ = ["OnnxFoldResult", "dynamic_batch_problem", "fold_onnx_batch_norms", "make_batch_dynamic"]
+__all__ = [
+    "OnnxFoldResult",
+    "dynamic_batch_problem",
+    "fold_onnx_batch_norms",
+    "make_batch_dynamic",
+    "re_export_advice",
+]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,35 @@ def dynamic_batch_problem(model: onnx.ModelProto) -> str | None:
     for value in _real_inputs(model.graph):
         batch = _fixed_batch(value)
         if batch is not None:
-            return _fixed_batch_message(value.name, batch)
+            return _fixed_batch_message(model, value.name, batch)
     return None
+
+
+def re_export_advice(model: onnx.ModelProto) -> str:
+    """How the exporter that wrote ``model`` (its ``producer_name``) makes the batch dynamic."""
+    producer = model.producer_name.lower()
+    inputs = _real_inputs(model.graph)
+    name = inputs[0].name if inputs else "input"
+    if producer.startswith("pytorch"):
+        return (
+            "re-export with a dynamic batch: torch.onnx.export(..., dynamo=True, "
+            f"dynamic_shapes=...) or, with the legacy exporter, dynamic_axes={{{name!r}: "
+            "{0: 'batch'}} for the input and the output"
+        )
+    if producer in ("tf2onnx", "keras2onnx"):
+        return (
+            "re-export with a dynamic batch: leave the batch out of the Keras Input (no "
+            "batch_size) or give tf.TensorSpec((None, ...)), or pass tf2onnx --inputs "
+            f"{name}[-1,...]"
+        )
+    if producer == "paddle2onnx":
+        return (
+            "re-export with a dynamic batch: save the model with paddle.static.InputSpec"
+            "(shape=[None, ...]) and do not fix the input shape in paddle2onnx"
+        )
+    if producer in ("skl2onnx", "onnxmltools"):
+        return "re-export with a dynamic batch: initial_types with None as the batch dimension"
+    return "re-export with a dynamic (symbolic) batch dimension on every input and output"
 
 
 def make_batch_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -40,7 +67,7 @@ def make_batch_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
             shape.dim[0].Clear()
             shape.dim[0].dim_param = "batch"
     del result.graph.value_info[:]  # hints recorded with the old fixed batch
-    advice = _fixed_batch_message(inputs[0].name, min(batches))
+    advice = _fixed_batch_message(model, inputs[0].name, min(batches))
     _refuse_baked_reshape(result, batches, advice)
     _refuse_fixed_output_batch(result, advice)
     return result
@@ -53,12 +80,8 @@ def _fixed_batch(value: onnx.ValueInfoProto) -> int | None:
     return dim.dim_value if dim.HasField("dim_value") else None
 
 
-def _fixed_batch_message(name: str, batch: int) -> str:
-    axes = f"{{{name!r}: {{0: 'batch'}}}}"
-    return (
-        f"input {name!r} has a fixed batch dimension of {batch}: re-export with a dynamic batch, "
-        f"e.g. torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes={axes}"
-    )
+def _fixed_batch_message(model: onnx.ModelProto, name: str, batch: int) -> str:
+    return f"input {name!r} has a fixed batch dimension of {batch}: {re_export_advice(model)}"
 
 
 def _refuse_baked_reshape(model: onnx.ModelProto, batches: set[int], advice: str) -> None:

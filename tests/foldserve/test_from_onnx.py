@@ -338,3 +338,75 @@ def test_labels_that_do_not_fit_the_outputs_are_refused_before_the_fold(
         "output column, or none"
     )
     assert list_versions(tmp_path, "net") == []
+
+
+def _token_concat_model(producer: str) -> onnx.ModelProto:
+    """x (1, 4) -> Concat with a constant (1, 4) token on axis 1 -> BN -> MatMul: the token was
+    expanded to the export's batch of 1, so no other batch size runs (as a ViT's class token)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Concat", ["token", "x"], ["joined"], name="join_token", axis=1),
+        helper.make_node("BatchNormalization", ["joined", "s", "b", "m", "v"], ["n"], name="bn"),
+        helper.make_node("MatMul", ["n", "w"], ["y"], name="head"),
+    ]
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((1, 4)).astype(np.float32), "token"),
+        numpy_helper.from_array(np.ones(8, dtype=np.float32), "s"),
+        numpy_helper.from_array(np.zeros(8, dtype=np.float32), "b"),
+        numpy_helper.from_array(np.zeros(8, dtype=np.float32), "m"),
+        numpy_helper.from_array(np.ones(8, dtype=np.float32), "v"),
+        numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "token",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.producer_name = producer
+    return model
+
+
+@pytest.mark.parametrize(
+    ("producer", "advice"),
+    [
+        ("tf2onnx", "leave the batch out of the Keras Input"),
+        ("pytorch", "dynamic_axes={'x': {0: 'batch'}}"),
+        ("paddle2onnx", "paddle.static.InputSpec(shape=[None, ...])"),
+        ("", "re-export with a dynamic (symbolic) batch dimension"),
+    ],
+)
+def test_a_batch_baked_in_past_the_inputs_is_one_clear_refusal_with_the_exporters_advice(
+    tmp_path: Path, producer: str, advice: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "token.onnx"
+    onnx.save(_token_concat_model(producer), path)
+    argv = ["import", str(path), "--store", str(tmp_path), "--name", "token"]
+    assert cli.main(argv) == 1
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line: no onnxruntime log line of its own
+    assert lines[0].startswith("refused: token was not stored: ")
+    assert "hard-codes its batch size" in lines[0] and advice in lines[0]
+    assert list_versions(tmp_path, "token") == []
+
+
+def test_a_batch_that_only_running_reveals_is_refused_as_such(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Where shape inference learns nothing, running the graph on several samples does."""
+    from foldserve.from_onnx import _run
+
+    model = _token_concat_model("tf2onnx")
+    for value_info in (model.graph.input[0], model.graph.output[0]):
+        value_info.type.tensor_type.shape.dim[0].dim_param = "batch"  # as make_batch_dynamic
+    x = np.zeros((16, 4), dtype=np.float32)
+    with pytest.raises(FoldingError) as refused:
+        _run(model, x, "x", made_dynamic=True)
+    message = refused.value.message
+    assert message.startswith("the graph hard-codes its batch size past its inputs: ONNX Runtime")
+    assert "on 16 samples at once" in message and "join_token" in message
+    assert "tf2onnx --inputs x[-1,...]" in message
+    assert capfd.readouterr().err == ""  # onnxruntime's own log line is not printed

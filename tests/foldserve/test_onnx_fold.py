@@ -738,11 +738,22 @@ def test_dynamic_batch_has_no_problem() -> None:
     assert dynamic_batch_problem(helper.make_model(graph)) is None
 
 
-def test_fixed_batch_is_reported_with_the_fix() -> None:
-    problem = dynamic_batch_problem(flatten_model(1))
+@pytest.mark.parametrize(
+    ("producer", "fix"),
+    [
+        ("pytorch", "dynamic_axes={'x': {0: 'batch'}}"),
+        ("tf2onnx", "tf2onnx --inputs x[-1,...]"),
+        ("skl2onnx", "initial_types with None as the batch dimension"),
+        ("", "a dynamic (symbolic) batch dimension on every input and output"),
+    ],
+)
+def test_fixed_batch_is_reported_with_the_exporters_fix(producer: str, fix: str) -> None:
+    model = flatten_model(1)
+    model.producer_name = producer
+    problem = dynamic_batch_problem(model)
     assert problem is not None
     assert "input 'x' has a fixed batch dimension of 1" in problem
-    assert "dynamic_axes={'x': {0: 'batch'}}" in problem
+    assert fix in problem
 
 
 @pytest.mark.parametrize("shape", [None, [0, -1], [-1, 6]])
