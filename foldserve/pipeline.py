@@ -236,6 +236,7 @@ def build_version(
         # On the copy folding starts from (norms baked in), as the folded files were made.
         baked = prepare_eval_copy(model)
         noise = float32_noise(baked, check_inputs[:NOISE_SAMPLES])
+        del baked  # a copy of every weight, not needed while the exports are checked
     try:
         return store_verified(
             folded,

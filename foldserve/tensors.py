@@ -37,11 +37,12 @@ def predict(model: nn.Module, x: Features, batch_size: int = 512) -> npt.NDArray
     return torch.cat(chunks).float().numpy()
 
 
-def rows_per_step(sample_shape: tuple[int, ...], elements: int = 1 << 22) -> int:
+def rows_per_step(sample_shape: tuple[int, ...], elements: int = 1 << 20) -> int:
     """Samples per forward pass so that one step's input holds about ``elements`` numbers.
 
     NOTE: bounds the memory of statistics, checks and prediction over big inputs (a 3x224x224
-    sample is 150,528 numbers: 27 per step) while small tabular samples still go 512 at a time.
+    sample is 150,528 numbers: 6 per step; at 27 per step a ResNet-50's activations took more
+    than a gigabyte) while small tabular samples still go 512 at a time.
     """
     per_sample = max(1, int(np.prod(sample_shape)))
     return max(1, min(512, elements // per_sample))

@@ -421,3 +421,38 @@ def test_labels_that_do_not_fit_the_output_are_refused_before_the_statistics(
     with pytest.raises(FoldingError, match="2 labels for 3 outputs per sample"):
         foldserve.export(model, (4,), store=tmp_path, name="m", labels=["a", "b"], calibration=data)
     assert list_versions(tmp_path, "m") == []
+
+
+def test_the_batch_checks_of_a_large_input_are_bounded_and_the_summary_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """3x160x160 (76,800 values): the server's batch sizes with fewer probes, and the bitwise
+    check up to the batch size that fits 16M input values, not the whole row cap."""
+    from foldserve.verify_export import bitwise_rows, invariance_plan
+
+    shape = (3, 160, 160)
+    assert invariance_plan(76_800, 54) == (5, (2, 7, 32))  # 5 probes, not 16
+    assert invariance_plan(150_528, 27) == (11, (2, 7))  # 3x224x224: 11 probes, not 16
+    assert invariance_plan(64, 512) == (16, (2, 7, 32))  # small inputs: as before
+    module = textwrap.dedent(
+        """
+        from torch import nn
+
+        def build():
+            return nn.Sequential(
+                nn.Conv2d(3, 4, 3, stride=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+            )
+        """
+    )
+    (tmp_path / "wide.py").write_text(module)
+    argv = ["export", "--model", f"{tmp_path / 'wide.py'}:build", "--input-shape", "3,160,160"]
+    assert cli.main([*argv, "--store", str(tmp_path / "store"), "--name", "wide"]) == 0
+    manifest = read_manifest(tmp_path / "store" / "wide" / "1")
+    cap = manifest.batching.max_batch_size
+    assert cap == 54  # 16 MiB of float32 rows
+    rows = manifest.verification.bitwise_max_rows
+    assert rows == bitwise_rows(np.zeros((8, *shape), np.float32), cap) == 20
+    assert f"1..20 of the cap's {cap} rows: the check stops at 16.8M input values" in (
+        capsys.readouterr().out
+    )
