@@ -116,7 +116,7 @@ class CancerMLP(nn.Module):
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
-        # NOTE: 512 rows of this MLP run in about 0.15 ms on one core, most of it the call's own
+        # NOTE: 512 rows of this MLP run in about 0.2 ms on one core, most of it the call's own
         # cost: a cap of 64 ran each 64-row request alone (issue 17: 70 us of onnxruntime per
         # request), a cap of 512 lets a burst of them share one run.
         Architecture(
