@@ -29,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
 from foldserve.convert import to_float32
+from foldserve.input_statistics import calibration_input_statistics
 from foldserve.pipeline import (
     BuildResult,
     ModelCard,
@@ -135,6 +136,7 @@ def export(
         stats_shifts=shifts,
         seed=seed,
         seconds=seconds,
+        data_statistics=calibration_input_statistics(data),
     )
     return ExportResult(build, shifts, data.description)
 

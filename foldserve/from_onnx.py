@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
-from foldserve.input_statistics import onnx_input_statistics
+from foldserve.input_statistics import calibration_input_statistics, onnx_input_statistics
 from foldserve.onnx_fold import (
     dynamic_batch_problem,
     fold_onnx_batch_norms,
@@ -125,7 +125,9 @@ def import_onnx(
         provenance,
         seed=seed,
         seconds=seconds,
-        input_statistics=onnx_input_statistics(original, "as_imported"),
+        # The graph's input BN, or (none: folded or decomposed by the exporter) the data's own.
+        input_statistics=onnx_input_statistics(original, "as_imported")
+        or calibration_input_statistics(data),
     )
     return ImportResult(build, made_dynamic)
 

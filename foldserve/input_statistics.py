@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import onnx
 
+from foldserve.calibration import Calibration
+from foldserve.tensors import rows_per_step
 from service.monitor_maps import MAX_WEIGHTS, encode
 from service.store import HiddenStatistics, InputStatistics, SideFile
 
@@ -317,6 +319,48 @@ def onnx_input_statistics(model: onnx.ModelProto, source: Source) -> InputStatis
             eps=float(eps[0]),
         )
     return None
+
+
+def calibration_input_statistics(data: Calibration) -> InputStatistics | None:
+    """The calibration data's own mean and variance per feature (per channel, spatial positions
+    pooled, for (C, *spatial) samples): the drift monitor's reference for a model with no input
+    BatchNorm (exporters that fold or decompose it leave none). None for generated inputs.
+
+    One pass in steps (the data may be memory-mapped or decoded images), the steps' moments
+    merged exactly (Chan et al.), in float64.
+    """
+    if data.generated:
+        return None
+    samples = data.samples
+    shape = tuple(samples[:1].shape[1:])
+    per_channel = len(shape) > 1
+    count, mean, m2 = 0, np.zeros(0), np.zeros(0)
+    step = rows_per_step(shape)
+    for start in range(0, len(samples), step):
+        chunk = np.asarray(samples[start : start + step], dtype=np.float64)
+        values = chunk.reshape(len(chunk), shape[0], -1) if per_channel else chunk[..., None]
+        values = values.transpose(1, 0, 2).reshape(values.shape[1], -1)  # (features, n)
+        n = values.shape[1]
+        chunk_mean = values.mean(axis=1)
+        chunk_m2 = ((values - chunk_mean[:, None]) ** 2).sum(axis=1)
+        if count == 0:
+            count, mean, m2 = n, chunk_mean, chunk_m2
+            continue
+        delta = chunk_mean - mean
+        total = count + n
+        mean = mean + delta * n / total
+        m2 = m2 + chunk_m2 + delta**2 * count * n / total
+        count = total
+    if count == 0:
+        return None
+    return InputStatistics(
+        layer="input",
+        axis="channel" if per_channel else "feature",
+        source="calibration",
+        mean=_floats(mean),
+        var=_floats(m2 / count),
+        eps=0.0,
+    )
 
 
 def _floats(values: np.ndarray) -> tuple[float, ...]:

@@ -213,9 +213,11 @@ def build_version(
     stats_shifts: Mapping[str, StatsShift] | None = None,
     seed: int = 0,
     seconds: dict[str, float] | None = None,
+    data_statistics: InputStatistics | None = None,
 ) -> BuildResult:
     """Fold ``model`` (eval mode, float32, statistics frozen), verify it against ``expected``
-    (its outputs on ``check_inputs``) and store it as the next version of ``card.name``."""
+    (its outputs on ``check_inputs``) and store it as the next version of ``card.name``.
+    ``data_statistics``: the drift reference when the model has no input BatchNorm."""
     import torch
 
     from foldserve.fold import prepare_eval_copy
@@ -225,7 +227,7 @@ def build_version(
     seconds = {} if seconds is None else seconds
     example = torch.from_numpy(np.ascontiguousarray(check_inputs[:2]))
     # Before folding erases them: the input BN's statistics, for drift monitoring.
-    observed = module_input_statistics(model, example, provenance["bn_stats"])
+    observed = module_input_statistics(model, example, provenance["bn_stats"]) or data_statistics
     # And of the hidden BNs whose input is an affine map of the raw input, with that map.
     hidden = module_hidden_statistics(model, example, provenance["bn_stats"])
     with timed(seconds, "fold+export"):

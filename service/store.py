@@ -86,12 +86,16 @@ class InputStatistics(_Strict):
     (``service.drift``) and never uses them to change the model.
     """
 
-    layer: str = Field(description="the monitored BatchNorm: the one reading the model's input")
+    layer: str = Field(
+        description="the monitored BatchNorm: the one reading the model's input; 'input' when "
+        "the model has none and the statistics are the calibration data's own (source "
+        "'calibration')"
+    )
     axis: Literal["feature", "channel"] = Field(
         description="feature: one statistic per input of (n, F) samples; channel: per index of "
         "axis 1 of (n, C, *spatial) samples, spatial positions pooled"
     )
-    source: Literal["ema", "population", "as_imported"]
+    source: Literal["ema", "population", "as_imported", "calibration"]
     mean: tuple[float, ...]
     var: tuple[float, ...]
     eps: float = Field(ge=0.0)

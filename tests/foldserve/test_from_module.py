@@ -456,3 +456,19 @@ def test_the_batch_checks_of_a_large_input_are_bounded_and_the_summary_says_so(
     assert f"1..20 of the cap's {cap} rows: the check stops at 16.8M input values" in (
         capsys.readouterr().out
     )
+
+
+def test_a_module_without_an_input_batch_norm_gets_the_calibration_datas_statistics(
+    tmp_path: Path,
+) -> None:
+    model = _with_statistics(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), (4,))
+    data = (np.random.default_rng(1).normal(size=(500, 4)) * [1, 2, 3, 4] + 7).astype(np.float32)
+    result = foldserve.export(model, (4,), store=tmp_path, name="m", calibration=data)
+    reference = result.build.manifest.input_statistics
+    assert reference is not None and reference.source == "calibration"
+    assert (reference.layer, reference.axis, reference.eps) == ("input", "feature", 0.0)
+    np.testing.assert_allclose(reference.mean, data.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(reference.var, data.var(axis=0, dtype=np.float64), rtol=1e-6)
+    # Generated inputs say nothing of real ones: no reference then.
+    bare = foldserve.export(model, (4,), store=tmp_path, name="g")
+    assert bare.build.manifest.input_statistics is None

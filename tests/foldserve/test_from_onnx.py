@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -410,3 +411,48 @@ def test_a_batch_that_only_running_reveals_is_refused_as_such(
     assert "on 16 samples at once" in message and "join_token" in message
     assert "tf2onnx --inputs x[-1,...]" in message
     assert capfd.readouterr().err == ""  # onnxruntime's own log line is not printed
+
+
+def test_without_an_input_batch_norm_drift_is_measured_against_the_calibration_data(
+    tmp_path: Path,
+) -> None:
+    """The graph's first BN reads a conv's output: the drift reference is the data's own
+    per-channel mean and variance, and the manifest says so."""
+    original = _legacy_export(_network(), tmp_path / "net.onnx")
+    rng = np.random.default_rng(2)
+    offsets = np.array([0.0, 5.0, -3.0], dtype=np.float32)[None, :, None, None]
+    data = (rng.normal(size=(300, *SHAPE)) * [[[[1.0]], [[2.0]], [[0.5]]]] + offsets).astype(
+        np.float32
+    )
+    store = tmp_path / "store"
+    result = foldserve.import_onnx(original, store=store, name="net", calibration=data)
+    reference = result.build.manifest.input_statistics
+    assert reference is not None
+    assert (reference.layer, reference.axis, reference.source) == (
+        "input",
+        "channel",
+        "calibration",
+    )
+    np.testing.assert_allclose(reference.mean, data.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(reference.var, data.var(axis=(0, 2, 3), dtype=np.float64), rtol=1e-6)
+    # Served: inputs like the data score low, inputs shifted by two of their deviations high.
+    shifted = data[:200] + 2 * np.array([1.0, 2.0, 0.5], dtype=np.float32)[None, :, None, None]
+    for rows, low in ((data[:200], True), (shifted, False)):
+        with serve(create_app(Settings(model_store=store, default_model="net"))) as base:
+            answer = httpx.post(f"{base}/predict", json={"inputs": rows.tolist()}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            drift = _drift_after(base, len(rows))
+        assert drift["available"] and drift["layer"] == "input"
+        assert drift["score"] < 0.2 if low else drift["score"] > 1.0, drift
+
+
+def _drift_after(base: str, samples: int) -> dict[str, Any]:
+    """The drift report once the server has folded in the latest ``samples`` rows."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        drift = httpx.get(f"{base}/models/net/drift", timeout=30).json()
+        if drift.get("samples", 0) >= samples or time.monotonic() > deadline:
+            return dict(drift)
+        time.sleep(0.05)
