@@ -70,12 +70,20 @@ def test_running_statistics_of_an_image_input_bn_are_recorded_per_channel(
     assert stats.var == pytest.approx((0.25, 4.0, 1.0))
 
 
-def test_a_model_without_an_input_bn_records_none(tmp_path: Path) -> None:
+def test_a_model_without_an_input_bn_records_its_calibration_datas_statistics(
+    tmp_path: Path,
+) -> None:
     torch.manual_seed(0)
-    # The first BN reads the Linear's output, not the input: nothing to compare inputs with.
+    # The first BN reads the Linear's output, not the input: the data is the only reference.
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    result = foldserve.export(model, (6,), store=tmp_path, name="plain", calibration=_features())
-    assert result.build.manifest.input_statistics is None
+    data = _features()
+    result = foldserve.export(model, (6,), store=tmp_path, name="plain", calibration=data)
+    reference = result.build.manifest.input_statistics
+    assert reference is not None and (reference.layer, reference.source) == ("input", "calibration")
+    np.testing.assert_allclose(reference.mean, np.asarray(data).mean(axis=0), rtol=1e-6, atol=1e-9)
+    # Without data (generated inputs) there is nothing to compare inputs with.
+    bare = foldserve.export(model, (6,), store=tmp_path, name="bare")
+    assert bare.build.manifest.input_statistics is None
 
 
 def _legacy_onnx(model: nn.Module, path: Path, shape: tuple[int, ...]) -> Path:
