@@ -57,7 +57,8 @@ def _legacy_export(model: nn.Module, path: Path, *, fixed_batch: int | None = No
     return path
 
 
-def _network() -> nn.Module:
+def _network(outputs: int = 4) -> nn.Module:
+    """Four output columns (classes), or one (a number per sample: regression)."""
     torch.manual_seed(0)
     return _with_statistics(
         nn.Sequential(
@@ -69,7 +70,7 @@ def _network() -> nn.Module:
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(8, 4),
+            nn.Linear(8, outputs),
         )
     )
 
@@ -253,25 +254,10 @@ def test_a_row_cap_out_of_range_is_refused_before_any_work(
     assert list_versions(tmp_path, "net") == []
 
 
-def _regressor() -> nn.Module:
-    """One output column: a number per sample, not a class."""
-    torch.manual_seed(1)
-    return _with_statistics(
-        nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1, bias=False),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4, 1),
-        )
-    )
-
-
 def test_one_output_column_without_labels_is_served_as_regression(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    original = _legacy_export(_regressor(), tmp_path / "reg.onnx")
+    original = _legacy_export(_network(outputs=1), tmp_path / "reg.onnx")
     store = tmp_path / "store"
     assert cli.main(["import", str(original), "--store", str(store), "--name", "reg"]) == 0
     assert "regression (1 value per sample, no predictions)" in capsys.readouterr().out

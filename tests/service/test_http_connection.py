@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +61,30 @@ async def written(transport: Transport, turns: int = 10) -> None:
         await asyncio.sleep(0)
 
 
+@contextlib.asynccontextmanager
+async def connected(store: Path) -> AsyncIterator[tuple[Connection, Transport]]:
+    """One connection of the production server to the tiny model's app, loaded; lost and
+    stopped on the way out."""
+    settings = Settings(model_store=store, default_model="tiny")
+    app = create_app(settings)
+    await app.registry.load_all()
+    try:
+        connection = Connection(http_server(app, settings))
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        yield connection, transport
+        connection.connection_lost(None)
+    finally:
+        await app.registry.stop()
+
+
 def test_a_request_read_whole_is_answered_within_that_read(store: Path) -> None:
     """Head and body in one read: the request starts once the read is parsed through, finds its
     body there, and is answered before the read's callback returns (no task, no turn of the
     loop); the connection keeps reading for the next one."""
-    settings = Settings(model_store=store, default_model="tiny")
-    app = create_app(settings)
 
     async def main() -> None:
-        await app.registry.load_all()
-        try:
-            connection = Connection(http_server(app, settings))
-            transport = Transport()
-            connection.connection_made(transport)  # type: ignore[arg-type]
+        async with connected(store) as (connection, transport):
             for _ in range(3):
                 transport.written = b""
                 connection.data_received(post("/predict", ONE))
@@ -88,9 +101,6 @@ def test_a_request_read_whole_is_answered_within_that_read(store: Path) -> None:
             connection.data_received(whole[-5:])
             await written(transport)
             assert answers(transport.written)[0][0] == 200
-            connection.connection_lost(None)
-        finally:
-            await app.registry.stop()
 
     asyncio.run(main())
 
@@ -99,17 +109,11 @@ def test_a_binary_output_is_written_after_its_header_without_a_copy(store: Path)
     """A V2 answer with a binary output goes out as two buffers in one vectored write (the
     tensor's bytes are not joined to the header), and reads back as the JSON answer's numbers
     with a Content-Length that counts both."""
-    settings = Settings(model_store=store, default_model="tiny")
-    app = create_app(settings)
     x = np.linspace(-1, 1, 3 * 16, dtype="<f4").reshape(3, 16)
     tensor = {"name": "x", "shape": [3, 2, 8], "datatype": "FP32"}
 
     async def main() -> None:
-        await app.registry.load_all()
-        try:
-            connection = Connection(http_server(app, settings))
-            transport = Transport()
-            connection.connection_made(transport)  # type: ignore[arg-type]
+        async with connected(store) as (connection, transport):
             json_body = orjson.dumps({"inputs": [{**tensor, "data": x.reshape(-1).tolist()}]})
             connection.data_received(post("/v2/models/tiny/infer", json_body))
             ((status, _, text),) = answers(transport.written)
@@ -137,8 +141,5 @@ def test_a_binary_output_is_written_after_its_header_without_a_copy(store: Path)
             meta = orjson.loads(body[:cut])["outputs"][0]
             assert meta["parameters"]["binary_data_size"] == len(body) - cut == want.nbytes
             assert np.array_equal(np.frombuffer(body[cut:], dtype="<f4"), want)
-            connection.connection_lost(None)
-        finally:
-            await app.registry.stop()
 
     asyncio.run(main())
