@@ -5,7 +5,6 @@ the event loop (a full batch measured at load). Decided once, at load, off the e
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 
 from service.backends import Backend
 from service.errors import ConfigError
+from service.packing import packing
 from service.settings import BatchingOverride, Settings, setting_ref
 from service.store import Manifest
 from service.verify import golden_inputs
@@ -64,7 +64,7 @@ def plan(settings: Settings, name: str, version: int, manifest: Manifest) -> Pla
     cap = _first(own.max_batch_size, s.max_batch_size, m.max_batch_size)
     delay = _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
     # NOTE: the batcher queues validated rows, which are float32.
-    sample_bytes = 4 * math.prod(manifest.inputs[0].shape)
+    sample_bytes = 4 * packing(manifest.inputs).values
     by_bytes = s.max_queue_bytes // sample_bytes
     bytes_limit = setting_ref("max_queue_bytes", s.max_queue_bytes)
     if by_bytes < 1:

@@ -29,6 +29,7 @@ from service.finite import all_finite, within_float32
 from service.http.request import Request
 from service.http.response import Response, failure
 from service.keys import Keys
+from service.packing import Packing
 from service.registry import Registry
 from service.request_body import BodyLimit, body_decoder, read_body, read_body_now
 from service.shedding import ShedLog, requested_timeout
@@ -69,8 +70,8 @@ class Codec(Protocol):
         names must agree with (400)."""
         ...
 
-    def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
-        """The input array, in its wire dtype, as the version's input spec reads it."""
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
+        """One array per input of the version, in the manifest's order, in its wire dtype."""
         ...
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response: ...
@@ -108,6 +109,14 @@ def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
     return rows.astype(np.float32)
 
 
+def validate_inputs(tensors: list[np.ndarray], inputs: Packing) -> Array:
+    """Each input checked against its spec, then one row per sample (``service.packing``)."""
+    if inputs.single:
+        return validate_rows(tensors[0], inputs.specs[0])
+    checked = [validate_rows(t, spec) for t, spec in zip(tensors, inputs.specs, strict=True)]
+    return inputs.pack(checked)
+
+
 def _non_finite(spec: TensorSpec) -> InvalidInput:
     return InvalidInput(
         f"input {spec.name!r} holds non-finite values (NaN, infinity or beyond float32 range)"
@@ -119,6 +128,7 @@ def predictions(ready: ReadyVersion, outputs: Array) -> list[str] | list[int] | 
     manifest = ready.manifest
     if manifest.task != "classification" or not len(outputs):
         return None
+    outputs = ready.signature.outputs.part(outputs, 0)  # the labels name the first output's values
     best = (outputs if outputs.ndim == 2 else outputs.reshape(len(outputs), -1)).argmax(axis=1)
     if manifest.labels:
         return [manifest.labels[i] for i in best.tolist()]
@@ -197,7 +207,7 @@ class DataPlane:
                 request.served(ready.name, ready.version)
                 ticket = ready.admission.enter_now()
             assert ticket is not None and ready is not None
-            rows = validate_rows(codec.rows(parsed, ready), ready.input)
+            rows = validate_inputs(codec.rows(parsed, ready), ready.signature.inputs)
             request.rows = rows
             if not ticket.admit_now(len(rows), deadline):
                 await ticket.admit_when_room(len(rows), deadline)
@@ -224,7 +234,8 @@ class DataPlane:
         ready.figures.answered(
             len(rows), finished - request.started, submitted - request.started, finished - returned
         )
-        ready.drift.observe(rows)  # answered rows only; folded in later, off the event loop
+        # answered rows only; folded in later, off the event loop
+        ready.drift.observe(ready.signature.inputs.part(rows, 0))
         return response
 
     def _final(

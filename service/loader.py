@@ -18,6 +18,7 @@ from service.batching_policy import (
 )
 from service.drift import DriftMonitor
 from service.errors import ConfigError, VerificationError, logged_message, public_message
+from service.packing import Signature
 from service.settings import Settings, setting_ref, torchscript_not_allowed
 from service.store import (
     Fingerprint,
@@ -102,11 +103,14 @@ def _load(
     check_files(directory, manifest)
     path = directory / model_file.path
     threads = settings.intra_op_threads or 1
-    backend = learned.backend = load_backend(fmt, path, BackendOptions(settings.device, threads))
+    signature = Signature.of(manifest)
+    options = BackendOptions(settings.device, threads)
+    backend = learned.backend = load_backend(fmt, path, options, signature)
     one_row = one_row_ms(backend, manifest)
     wanted = threads_for(settings, one_row, cpus)
     if wanted != threads:
-        backend = learned.backend = load_backend(fmt, path, BackendOptions(settings.device, wanted))
+        options = BackendOptions(settings.device, wanted)
+        backend = learned.backend = load_backend(fmt, path, options, signature)
         threads = wanted
     log.info(
         "model %s v%s: one row takes %.2f ms on one thread, so %d intra-op thread%s (%s)",

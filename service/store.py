@@ -203,7 +203,11 @@ class Provenance(_Strict):
 
 
 class Golden(_Strict):
-    """A few samples and the outputs the exported model gives; the server re-checks them at load."""
+    """A few samples and the outputs the exported model gives; the server re-checks them at load.
+
+    Each row holds one sample's tensors flattened and put side by side in the manifest's order
+    (``service.packing``): for a model of one input and one output, simply its values.
+    """
 
     inputs: list[list[float]]
     outputs: list[list[float]]
@@ -224,7 +228,9 @@ class Manifest(_Strict):
     task: Literal["classification", "regression", "segmentation"]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    labels: list[str]
+    labels: list[str] = Field(
+        description="one per value of the first output, the one a classifier's predictions read"
+    )
     files: tuple[ModelFile, ...]
     batch_norm: tuple[BatchNormRecord, ...]
     verification: Verification
@@ -232,7 +238,9 @@ class Manifest(_Strict):
     golden: Golden
     batching: BatchingConfig = BatchingConfig()
     input_statistics: InputStatistics | None = Field(
-        None, description="the input BatchNorm's frozen statistics (None: no input BatchNorm)"
+        None,
+        description="the frozen statistics of the BatchNorm reading the (first) input (None: "
+        "no input BatchNorm)",
     )
     hidden_statistics: tuple[HiddenStatistics, ...] = Field(
         (), description="hidden BatchNorms monitored through a map of the input (see its docs)"
@@ -241,11 +249,17 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         """Refuse a manifest whose parts disagree, before any model is loaded from it."""
-        if len(self.inputs) != 1 or len(self.outputs) != 1:
-            raise ValueError("foldserve serves models with exactly one input and one output")
-        in_size, out_size = math.prod(self.inputs[0].shape), math.prod(self.outputs[0].shape)
-        if self.labels and len(self.labels) != out_size:
-            raise ValueError(f"{len(self.labels)} labels for {out_size} outputs per sample")
+        for side, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [spec.name for spec in specs]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"{side} must be at least one, each with its own name: {names}")
+        in_size = sum(math.prod(spec.shape) for spec in self.inputs)
+        out_size = sum(math.prod(spec.shape) for spec in self.outputs)
+        labeled = math.prod(self.outputs[0].shape)
+        if self.labels and len(self.labels) != labeled:
+            raise ValueError(
+                f"{len(self.labels)} labels for {labeled} values of output {self.outputs[0].name!r}"
+            )
         golden = self.golden
         if not golden.inputs or len(golden.inputs) != len(golden.outputs):
             raise ValueError("golden inputs and outputs must be non-empty and of equal count")

@@ -15,6 +15,7 @@ import numpy as np
 
 from service.backends import Array, Backend
 from service.errors import VerificationError
+from service.packing import packing
 from service.store import Manifest, sha256_file
 
 # Float32 batched kernels reorder sums (differences ~1e-7 of an output's scale); a BN using batch
@@ -115,8 +116,8 @@ def max_relative_diff(actual: Array, expected: Array) -> float:
 
 def check_golden(backend: Backend, manifest: Manifest) -> float:
     inputs = golden_inputs(manifest)
-    out_shape = manifest.outputs[0].shape
-    expected = np.asarray(manifest.golden.outputs, dtype=np.float32).reshape(-1, *out_shape)
+    expected = packing(manifest.outputs).rows(manifest.golden.outputs)
+    out_shape = expected.shape[1:]
     actual = backend.run(inputs)
     if actual.shape != expected.shape:
         raise VerificationError(
@@ -241,8 +242,8 @@ def wild_mates(inputs: Array, rng: np.random.Generator, count: int = 64) -> Arra
 
 
 def golden_inputs(manifest: Manifest) -> Array:
-    shape = manifest.inputs[0].shape
-    return np.asarray(manifest.golden.inputs, dtype=np.float32).reshape(-1, *shape)
+    """The golden samples as rows (several inputs side by side: ``service.packing``)."""
+    return packing(manifest.inputs).rows(manifest.golden.inputs)
 
 
 def invariance_batch_sizes(sample_values: int, max_rows: int | None = None) -> tuple[int, ...]:
@@ -276,7 +277,7 @@ def verify_loaded_model(
     check_no_batch_statistics(backend)
     golden_diff = check_golden(backend, manifest)
     inputs = golden_inputs(manifest)
-    sizes = invariance_batch_sizes(math.prod(manifest.inputs[0].shape), max_rows)
+    sizes = invariance_batch_sizes(packing(manifest.inputs).values, max_rows)
     rng = np.random.default_rng(0)
     # The artifact states its own tolerance, but batch invariance is the product's promise:
     # the server never accepts a looser bound than its own.

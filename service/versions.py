@@ -12,7 +12,8 @@ from service.batching import Batcher
 from service.batching_policy import BatchingChoice
 from service.drift import DriftMonitor
 from service.loader import Learned
-from service.store import Manifest, TensorSpec
+from service.packing import Signature
+from service.store import Manifest
 from service.telemetry import Figures
 
 
@@ -37,10 +38,10 @@ class ReadyVersion:
     batching: BatchingChoice
     drift: DriftMonitor
     figures: Figures
-    input: TensorSpec = field(init=False)  # the manifest's one input, read on every request
+    signature: Signature = field(init=False)  # the manifest's tensors, read on every request
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input", self.manifest.inputs[0])  # frozen: set once here
+        object.__setattr__(self, "signature", Signature.of(self.manifest))  # frozen: set once
 
 
 @dataclass(eq=False)

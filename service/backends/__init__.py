@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from service.errors import ConfigError
 from service.settings import BackendName, Device
+
+if TYPE_CHECKING:
+    from service.packing import Signature
 
 Array = npt.NDArray[np.float32]
 
@@ -29,7 +32,8 @@ class Backend(Protocol):
     device: str
 
     def run(self, batch: Array) -> Array:
-        """Run one batch (batch dimension first) and return the outputs, one row per input row."""
+        """Run one batch (batch dimension first) and return the outputs, one row per input row
+        (several inputs or outputs side by side in each row: ``service.packing``)."""
         ...
 
     def batch_statistics_ops(self) -> list[str]:
@@ -37,11 +41,15 @@ class Backend(Protocol):
         ...
 
 
-def load_backend(fmt: BackendName, path: Path, options: BackendOptions) -> Backend:
+def load_backend(
+    fmt: BackendName, path: Path, options: BackendOptions, signature: Signature | None = None
+) -> Backend:
+    """The runtime for ``path``; ``signature``: the manifest's inputs and outputs, fed and read
+    by name (None: the program's one input and its first output)."""
     if fmt == "onnx":
         from service.backends.onnx import OnnxBackend
 
-        return OnnxBackend(path, options)
+        return OnnxBackend(path, options, signature)
     if fmt == "torchscript":
         try:
             from service.backends.torchscript import TorchScriptBackend
@@ -49,5 +57,5 @@ def load_backend(fmt: BackendName, path: Path, options: BackendOptions) -> Backe
             raise ConfigError(
                 "backend 'torchscript' needs torch: pip install 'foldserve[torchscript]'"
             ) from exc
-        return TorchScriptBackend(path, options)
+        return TorchScriptBackend(path, options, signature)
     raise ConfigError(f"unknown backend {fmt!r}: use 'onnx' or 'torchscript'")

@@ -11,7 +11,8 @@ import onnx
 import onnxruntime as ort
 
 from service.backends import Array, BackendOptions
-from service.errors import BackendError, ConfigError
+from service.errors import BackendError, ConfigError, VerificationError
+from service.packing import Signature
 from service.settings import BackendName
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
 class OnnxBackend:
     format: BackendName = "onnx"
 
-    def __init__(self, path: Path, options: BackendOptions) -> None:
+    def __init__(
+        self, path: Path, options: BackendOptions, signature: Signature | None = None
+    ) -> None:
         self._path = path
         session_options = ort.SessionOptions()
         # NOTE: one intra-op thread per session; small models gain nothing from more and
@@ -74,17 +77,35 @@ class OnnxBackend:
                 f"{self._session.get_providers()}: check the GPU driver and that the container "
                 "sees the GPU (--gpus all), or set FOLDSERVE_DEVICE=cpu"
             )
-        self._input_name = self._session.get_inputs()[0].name
-        self._output_names = [self._session.get_outputs()[0].name]
+        graph_inputs = [i.name for i in self._session.get_inputs()]
+        graph_outputs = [o.name for o in self._session.get_outputs()]
+        self._signature = signature
+        if signature is None or (signature.inputs.single and signature.outputs.single):
+            # NOTE: by position, as files were always fed: one input, the first output.
+            self._input_names = graph_inputs[:1]
+            self._output_names = graph_outputs[:1]
+        else:
+            _check_names(path, "inputs", signature.inputs.names, graph_inputs, every=True)
+            _check_names(path, "outputs", signature.outputs.names, graph_outputs, every=False)
+            self._input_names = list(signature.inputs.names)
+            self._output_names = list(signature.outputs.names)
+        self._input_name = self._input_names[0]
 
     def run(self, batch: Array) -> Array:
+        signature = self._signature
         try:
-            (outputs,) = self._session.run(self._output_names, {self._input_name: batch})
+            if signature is None or len(self._input_names) == 1:
+                feeds = {self._input_name: batch}
+            else:
+                feeds = dict(zip(self._input_names, signature.inputs.unpack(batch), strict=True))
+            outputs = self._session.run(self._output_names, feeds)
         except Exception as exc:
             raise BackendError(
                 f"onnxruntime failed on a batch of {len(batch)} rows", detail=str(exc)
             ) from exc
-        return np.asarray(outputs, dtype=np.float32)
+        if signature is None:
+            return np.asarray(outputs[0], dtype=np.float32)
+        return signature.outputs.from_runtime(outputs)
 
     def batch_statistics_ops(self) -> list[str]:
         # Check the file as written, not ORT's optimized graph: the file is what we vouch for.
@@ -93,6 +114,18 @@ class OnnxBackend:
         for function in model.functions:
             found += _find_ops(function.node, f"function {function.name}")
         return found
+
+
+def _check_names(
+    path: Path, side: str, manifest: tuple[str, ...], graph: list[str], *, every: bool
+) -> None:
+    """The manifest's tensors must be the graph's (all of its inputs: each one must be fed)."""
+    missing = [name for name in manifest if name not in graph]
+    unfed = [name for name in graph if name not in manifest] if every else []
+    if missing or unfed:
+        raise VerificationError(
+            f"{path.name}: the manifest's {side} {list(manifest)} are not the graph's {graph}"
+        )
 
 
 def _find_ops(nodes: Iterable[onnx.NodeProto], where: str) -> list[str]:

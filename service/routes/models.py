@@ -51,8 +51,13 @@ def describe(entry: VersionRecord) -> dict[str, Any]:
         info["batching"] = {**dataclasses.asdict(ready.batching), "inline": ready.batcher.inline}
     manifest = learned.manifest
     if manifest is not None:
-        spec = manifest.inputs[0]
-        info.update(task=manifest.task, input_shape=spec.shape, labels=manifest.labels)
+        info.update(
+            task=manifest.task,
+            input_shape=manifest.inputs[0].shape,  # the first input's: kept for older clients
+            inputs=[{"name": s.name, "shape": s.shape} for s in manifest.inputs],
+            outputs=[{"name": s.name, "shape": s.shape} for s in manifest.outputs],
+            labels=manifest.labels,
+        )
         claim = manifest.verification
         bits = learned.bitwise
         info["bitwise_batch_invariance"] = {

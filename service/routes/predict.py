@@ -64,35 +64,63 @@ class PredictCodec:
         _agree("version", number, version)
         return Parsed((payload["inputs"], body), model, version)
 
-    def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
         inputs, body = parsed.payload
         if isinstance(inputs, np.ndarray):
-            return inputs
-        if not isinstance(inputs, list):
-            raise InvalidInput('"inputs" must be a list of samples')
-        try:
-            # NOTE: no dtype here on purpose: numpy would turn "1.5" or null into floats
-            # silently; validation refuses non-numeric kinds and casts to float32 itself.
-            rows = np.asarray(inputs)
-        except ValueError:
-            raise InvalidInput('"inputs" samples must all have the same shape') from None
-        # Booleans alone make a bool array, which validation refuses; among numbers they become
-        # 1 and 0 of an integer or float array, which it cannot tell apart.
-        if rows.dtype.kind in "iuf" and holds_booleans(body, inputs):
-            raise InvalidInput('"inputs" must hold numbers only (got true or false among them)')
-        return rows
+            return [inputs]
+        names = ready.signature.inputs.names
+        if isinstance(inputs, dict):
+            return [_samples(inputs, name, body) for name in _named_inputs(inputs, names)]
+        if len(names) > 1:
+            shown = ", ".join(f'"{name}": [sample, ...]' for name in names)
+            raise InvalidInput(f'this model takes {len(names)} inputs: send "inputs": {{{shown}}}')
+        return [_samples({"inputs": inputs}, "inputs", body)]
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response:
+        packed = ready.signature.outputs
+        # NOTE: orjson writes C order only: every array passed is contiguous.
+        shown: Array | dict[str, Array] = (
+            np.ascontiguousarray(outputs)
+            if packed.single
+            else {name: packed.part(outputs, i) for i, name in enumerate(packed.names)}
+        )
         body = orjson.dumps(
             {
                 "model": ready.name,
                 "version": ready.version,
-                "outputs": np.ascontiguousarray(outputs),  # orjson: C order only
+                "outputs": shown,
                 "predictions": predictions(ready, outputs),
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         return Response(200, body, JSON)
+
+
+def _named_inputs(inputs: dict[str, Any], names: tuple[str, ...]) -> tuple[str, ...]:
+    """The model's input names, once the body's object names exactly them."""
+    if inputs.keys() != set(names):
+        sent = ", ".join(quoted(name) for name in inputs)
+        raise InvalidInput(f'"inputs" names [{sent}]: this model takes {list(names)}')
+    return names
+
+
+def _samples(inputs: dict[str, Any], name: str, body: bytes) -> np.ndarray:
+    """One input's samples as an array (``name``: its key in ``inputs``)."""
+    samples = inputs[name]
+    field = '"inputs"' if name == "inputs" else f'input "{name}"'
+    if not isinstance(samples, list):
+        raise InvalidInput(f"{field} must be a list of samples")
+    try:
+        # NOTE: no dtype here on purpose: numpy would turn "1.5" or null into floats
+        # silently; validation refuses non-numeric kinds and casts to float32 itself.
+        rows = np.asarray(samples)
+    except ValueError:
+        raise InvalidInput(f"{field} samples must all have the same shape") from None
+    # Booleans alone make a bool array, which validation refuses; among numbers they become
+    # 1 and 0 of an integer or float array, which it cannot tell apart.
+    if rows.dtype.kind in "iuf" and holds_booleans(body, samples):
+        raise InvalidInput(f"{field} must hold numbers only (got true or false among them)")
+    return rows
 
 
 def _named(field: str, kind: type[Any], value: Any) -> Any:

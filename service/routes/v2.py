@@ -25,6 +25,7 @@ from service.errors import FoldserveError, InvalidInput, ModelNotReady, PayloadT
 from service.http.request import Request as HttpRequest
 from service.http.response import JSON
 from service.http.response import Response as HttpResponse
+from service.packing import Packing
 from service.request_body import BodyLimit, byte_count, check_items, json_limit, megabytes
 from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
@@ -33,8 +34,11 @@ from service.routes.strict_json import check_unique_keys, holds_booleans
 from service.routes.v2_headers import (
     AnswerHeaders,
     BinaryInput,
+    BinaryInputs,
+    ChosenOutputs,
     Header,
     HeaderMemo,
+    Plan,
     answer_header,
 )
 from service.schemas import (
@@ -97,7 +101,7 @@ class V2Codec:
         if ready is not None and header is not None and total is not None and total > header:
             # At 8 bytes a value at most (FP64, INT64), the binary part holds at least this
             # many rows: refused before it is read when the queue could never hold them.
-            values = math.prod(ready.input.shape)
+            values = ready.signature.inputs.values
             rows = (total - header) // (8 * values)
             limit = ready.admission.max_queue_rows
             if rows > limit:
@@ -133,38 +137,46 @@ class V2Codec:
             _Body(header, memoryview(body)[length:]), None, header.version, header.timeout_s
         )
 
-    def rows(self, parsed: Parsed, ready: ReadyVersion) -> np.ndarray:
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
         wire: _Body = parsed.payload
-        header, specs = wire.header, (ready.input, ready.manifest.outputs[0])
-        plan = header.plans.get(specs)
-        if plan is not None:  # this header, checked against these specs before
-            wire.binary_out = plan[1]
-            return plan[0].rows(wire.binary)
-        declared = _input_tensor(header.payload, ready.input)
-        binary = _binary_input(declared, ready.input)
-        if binary is None:
-            rows = _json_rows(declared, header.text, wire.binary, ready.input)
-        else:
-            rows = binary.rows(wire.binary)
-        wire.binary_out = _binary_output(header.payload, specs[1])
-        if binary is not None:
-            header.plans[specs] = (binary, wire.binary_out)
-        return rows
+        header, signature = wire.header, ready.signature
+        plan = header.plans.get(signature)
+        if plan is not None:  # this header, checked against these tensors before
+            wire.outputs = plan.outputs
+            return plan.rows(wire.binary)
+        declared = _input_tensors(header.payload, signature.inputs)
+        arrays: list[np.ndarray | None] = [None] * len(signature.inputs.specs)
+        binaries: list[BinaryInput] = []
+        offset = 0
+        for tensor in declared:
+            binary = _binary_input(tensor, signature.inputs, offset)
+            if binary is None:
+                arrays[tensor.position] = _json_rows(tensor, header.text, signature.inputs)
+            else:
+                binaries.append(binary)
+                offset += binary.size
+        reader = BinaryInputs(tuple(binaries), offset)
+        for binary, rows in zip(binaries, reader.rows(wire.binary), strict=True):
+            arrays[binary.index] = rows
+        wire.outputs = _chosen_outputs(header.payload, signature.outputs)
+        if len(binaries) == len(arrays):
+            header.plans[signature] = Plan(reader, wire.outputs)
+        return [rows for rows in arrays if rows is not None]  # each input is declared once
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> HttpResponse:
         wire: _Body = parsed.payload
-        return _encode(ready, outputs, wire.header.request_id, wire.binary_out, self._answers)
+        return _encode(ready, outputs, wire.header.request_id, wire.outputs, self._answers)
 
 
 class _Body:
     """A V2 body as parsed: its JSON header, the binary part after it, the answer's form."""
 
-    __slots__ = ("binary", "binary_out", "header")
+    __slots__ = ("binary", "header", "outputs")
 
     def __init__(self, header: Header, binary: memoryview) -> None:
         self.header = header
         self.binary = binary
-        self.binary_out = False
+        self.outputs: ChosenOutputs = ()
 
 
 def _header_length(body: bytes, declared: bytes | None) -> int:
@@ -221,28 +233,44 @@ def _named_model(payload: dict[str, Any], name: str, version: int | None) -> int
 
 
 class _Declared(NamedTuple):
-    """The one input's tensor object and what it declares, checked against the model's input."""
+    """One input's tensor object and what it declares, checked against that model input."""
 
     tensor: dict[str, Any]
+    position: int  # of the model's input it is, in the manifest's order
     datatype: str  # V2's name
     dtype: str  # the wire's little-endian dtype
     shape: list[int]
 
 
-def _input_tensor(payload: dict[str, Any], spec: TensorSpec) -> _Declared:
-    """The one input's tensor object, named as the model's input, with a datatype and a shape
-    that fit it."""
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
-        raise InvalidInput(f'"inputs" must be a list of one tensor {spec.name!r}, got {got}')
-    tensor: dict[str, Any] = inputs[0]
-    if tensor.get("name") != spec.name:
-        raise InvalidInput(
-            f"input is named {quoted(tensor.get('name'))}: this model's input is {spec.name!r}"
-        )
-    datatype, dtype = _datatype(tensor, spec)
-    return _Declared(tensor, datatype, dtype, _shape(tensor.get("shape"), spec))
+def _input_tensors(payload: dict[str, Any], inputs: Packing) -> list[_Declared]:
+    """The input tensor objects in the request's order: each of the model's inputs once, by
+    name, with a datatype and a shape that fit it."""
+    tensors = payload.get("inputs")
+    names = inputs.names
+    if (
+        not isinstance(tensors, list)
+        or len(tensors) != len(names)
+        or not all(isinstance(tensor, dict) for tensor in tensors)
+    ):
+        got = len(tensors) if isinstance(tensors, list) else type(tensors).__name__
+        wanted = f"one tensor {names[0]!r}" if inputs.single else f"{len(names)} tensors {names}"
+        raise InvalidInput(f'"inputs" must be a list of {wanted}, got {got}')
+    declared: list[_Declared] = []
+    seen: set[str] = set()
+    for tensor in tensors:
+        name = tensor.get("name")
+        if not isinstance(name, str) or name not in names:
+            model = f"input is {names[0]!r}" if inputs.single else f"inputs are {list(names)}"
+            raise InvalidInput(f"input is named {quoted(name)}: this model's {model}")
+        if name in seen:
+            raise InvalidInput(f"input {name!r} is sent twice")
+        seen.add(name)
+        index = names.index(name)
+        spec = inputs.specs[index]
+        datatype, dtype = _datatype(tensor, spec)
+        shape = _shape(tensor.get("shape"), spec)
+        declared.append(_Declared(tensor, index, datatype, dtype, shape))
+    return declared
 
 
 def _datatype(tensor: dict[str, Any], spec: TensorSpec) -> tuple[str, str]:
@@ -256,45 +284,44 @@ def _datatype(tensor: dict[str, Any], spec: TensorSpec) -> tuple[str, str]:
     return datatype, dtype
 
 
-def _binary_input(declared: _Declared, spec: TensorSpec) -> BinaryInput | None:
-    """Where the input's rows are in the binary part, checked; None for JSON ``data``."""
-    tensor, datatype, dtype, shape = declared
+def _binary_input(declared: _Declared, inputs: Packing, offset: int) -> BinaryInput | None:
+    """Where the input's rows are in the binary part (from ``offset``), checked; None for JSON
+    ``data``."""
+    tensor, index, datatype, dtype, shape = declared
+    name = inputs.names[index]
     size = _binary_size(tensor)
     if size is None:
         return None
     if "data" in tensor:
-        raise InvalidInput(f"input {spec.name!r} has both binary_data_size and JSON data")
+        raise InvalidInput(f"input {name!r} has both binary_data_size and JSON data")
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if size != nbytes:
         raise InvalidInput(
-            f"input {spec.name!r}: binary_data_size is {size} but shape {shape} of "
+            f"input {name!r}: binary_data_size is {size} but shape {shape} of "
             f"{datatype} needs {nbytes} bytes"
         )
-    return BinaryInput(spec.name, dtype, tuple(shape), size)
+    return BinaryInput(name, index, dtype, tuple(shape), size, offset)
 
 
-def _json_rows(
-    declared: _Declared, text: bytes, binary: memoryview, spec: TensorSpec
-) -> np.ndarray:
+def _json_rows(declared: _Declared, text: bytes, inputs: Packing) -> np.ndarray:
     """The input's JSON ``data`` as an array shaped by its ``shape``, in its wire dtype."""
-    tensor, datatype, _, shape = declared
+    tensor, index, datatype, _, shape = declared
+    name = inputs.names[index]
     count = math.prod(shape)
-    if len(binary):
-        raise InvalidInput(f"{len(binary)} bytes follow the JSON header but no input is binary")
     if "data" not in tensor:
-        raise InvalidInput(f'input {spec.name!r} has no "data" and no binary_data_size')
+        raise InvalidInput(f'input {name!r} has no "data" and no binary_data_size')
     try:
         # NOTE: no dtype here on purpose: numpy would turn "1.5" or null into numbers silently.
         rows = np.asarray(tensor["data"])
     except ValueError:
-        raise InvalidInput(f'input {spec.name!r}: "data" is ragged') from None
+        raise InvalidInput(f'input {name!r}: "data" is ragged') from None
     numbers = "iu" if datatype.startswith("INT") else "fiu"
     # Booleans among numbers become 1 and 0 of a numeric array: looked for in the JSON itself.
     if rows.dtype.kind not in numbers or holds_booleans(text, tensor["data"]):
-        raise InvalidInput(f'input {spec.name!r}: "data" must hold {datatype} numbers only')
+        raise InvalidInput(f'input {name!r}: "data" must hold {datatype} numbers only')
     if rows.size != count:
         raise InvalidInput(
-            f'input {spec.name!r}: shape {shape} needs {count} values, "data" holds {rows.size}'
+            f'input {name!r}: shape {shape} needs {count} values, "data" holds {rows.size}'
         )
     return rows.reshape(shape)
 
@@ -320,39 +347,81 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
     return size
 
 
-def _binary_output(payload: dict[str, Any], spec: TensorSpec) -> bool:
-    """Whether the output goes back as raw bytes: per output, else the request's default."""
+def _chosen_outputs(payload: dict[str, Any], outputs: Packing) -> ChosenOutputs:
+    """The outputs the answer holds, in its order, and whether each goes back as raw bytes:
+    those the request names (each its own choice, else the request's default), or all."""
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput('"parameters" must be an object')
-    binary = parameters.get("binary_data_output", False)
-    outputs = payload.get("outputs")
-    if outputs is None or outputs == []:
-        return binary is True
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+    default = parameters.get("binary_data_output", False) is True
+    requested = payload.get("outputs")
+    if requested is None or requested == []:
+        return tuple((index, default) for index in range(len(outputs.names)))
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         raise InvalidInput('"outputs" must be a list of {"name": ...} objects')
-    for requested in outputs:
-        if requested.get("name") != spec.name:
-            raise InvalidInput(
-                f"output {quoted(requested.get('name'))} does not exist: this model's output is "
-                f"{spec.name!r}"
+    chosen: list[tuple[int, bool]] = []
+    for output in requested:
+        name = output.get("name")
+        if not isinstance(name, str) or name not in outputs.names:
+            model = (
+                f"output is {outputs.names[0]!r}"
+                if outputs.single
+                else f"outputs are {list(outputs.names)}"
             )
-        own = requested.get("parameters") or {}
+            raise InvalidInput(f"output {quoted(name)} does not exist: this model's {model}")
+        own = output.get("parameters") or {}
         if not isinstance(own, dict):
             raise InvalidInput('"parameters" must be an object')
         if own.get("classification"):
             raise InvalidInput("the classification extension is not supported")
-        binary = own.get("binary_data", binary)
-    return binary is True
+        index = outputs.names.index(name)
+        if any(index == done for done, _ in chosen):
+            raise InvalidInput(f"output {name!r} is asked for twice")
+        chosen.append((index, own.get("binary_data", default) is True))
+    return tuple(chosen)
 
 
 def _encode(
     ready: ReadyVersion,
     result: Array,
     request_id: str | None,
-    binary: bool,
+    chosen: ChosenOutputs,
     answers: AnswerHeaders,
 ) -> HttpResponse:
+    outputs = ready.signature.outputs
+    if len(chosen) == 1 and outputs.single:
+        return _encode_one(ready, result, request_id, chosen[0][1], answers)
+    tensors: list[dict[str, Any]] = []
+    raw: list[bytes] = []
+    for index, binary in chosen:
+        values = np.ascontiguousarray(outputs.part(result, index), dtype="<f4")
+        tensor: dict[str, Any] = {
+            "name": outputs.names[index],
+            "datatype": "FP32",
+            "shape": values.shape,
+        }
+        if binary:
+            tensor["parameters"] = {"binary_data_size": values.nbytes}
+            raw.append(values.tobytes())
+        else:
+            tensor["data"] = values.reshape(-1)
+        tensors.append(tensor)
+    answer: dict[str, Any] = {"model_name": ready.name, "model_version": str(ready.version)}
+    if request_id is not None:
+        answer["id"] = request_id
+    answer["outputs"] = tensors
+    body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not raw:
+        return HttpResponse(200, body, JSON)
+    headers = [(HEADER_LENGTH, b"%d" % len(body))]
+    tail = memoryview(b"".join(raw))
+    return HttpResponse(200, body, b"application/octet-stream", headers, tail=tail)
+
+
+def _encode_one(
+    ready: ReadyVersion, result: Array, request_id: str | None, binary: bool, answers: AnswerHeaders
+) -> HttpResponse:
+    """The answer of a model with one output (the usual case: its binary header is kept)."""
     spec = ready.manifest.outputs[0]
     outputs = np.ascontiguousarray(result, dtype="<f4")  # orjson: C order only
     if binary:

@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from service.errors import InvalidInput
-from service.store import TensorSpec
+from service.packing import Signature
 
 MAX_HEADERS = 256  # distinct headers kept per codec (a few per model and client in practice)
 MAX_TEXT_BYTES = 2048  # longer headers are parsed every time
@@ -34,22 +34,69 @@ class BinaryInput:
     """Where a binary input's rows are in the body, checked against the model's input."""
 
     name: str
+    index: int  # of the model's input, in the manifest's order
     dtype: str  # the wire's little-endian dtype
     shape: tuple[int, ...]  # the whole tensor, rows first
     size: int  # bytes
+    offset: int  # where its bytes start in the binary part
 
     def rows(self, binary: memoryview) -> np.ndarray:
-        if len(binary) != self.size:
-            raise InvalidInput(
-                f"input {self.name!r}: binary_data_size is {self.size} but {len(binary)} bytes "
-                "follow the JSON header"
-            )
         rows = np.frombuffer(
-            binary, dtype=self.dtype, count=self.size // np.dtype(self.dtype).itemsize
+            binary,
+            dtype=self.dtype,
+            count=self.size // np.dtype(self.dtype).itemsize,
+            offset=self.offset,
         )
         if not rows.flags.aligned:  # the JSON header's length puts the numbers anywhere
             rows = rows.copy()
         return rows.reshape(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryInputs:
+    """The binary inputs of a request in the order their bytes come, and the bytes they need:
+    exactly what follows the JSON header."""
+
+    inputs: tuple[BinaryInput, ...]
+    size: int
+
+    def rows(self, binary: memoryview) -> list[np.ndarray]:
+        """Each binary input's rows, in the order their bytes come."""
+        if len(binary) != self.size:
+            if not self.inputs:
+                raise InvalidInput(
+                    f"{len(binary)} bytes follow the JSON header but no input is binary"
+                )
+            told = (
+                f"input {self.inputs[0].name!r}: binary_data_size is {self.size}"
+                if len(self.inputs) == 1
+                else f"the binary inputs' binary_data_size add up to {self.size}"
+            )
+            raise InvalidInput(f"{told} but {len(binary)} bytes follow the JSON header")
+        return [binary_input.rows(binary) for binary_input in self.inputs]
+
+
+# The outputs an answer holds, in its order: (the output's index in the manifest, as raw bytes).
+ChosenOutputs = tuple[tuple[int, bool], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a header said, checked against one version's tensors: where each input's bytes are
+    (every input binary) and the outputs to answer with."""
+
+    inputs: BinaryInputs
+    outputs: ChosenOutputs
+
+    def rows(self, binary: memoryview) -> list[np.ndarray]:
+        """Every input's rows, in the manifest's order."""
+        arrays = self.inputs.rows(binary)
+        if len(arrays) == 1:
+            return arrays
+        ordered: list[np.ndarray] = [arrays[0]] * len(arrays)
+        for binary_input, rows in zip(self.inputs.inputs, arrays, strict=True):
+            ordered[binary_input.index] = rows
+        return ordered
 
 
 @dataclass(slots=True)
@@ -61,10 +108,8 @@ class Header:
     version: int | None  # the version to run, the path's and the body's agreed
     timeout_s: float | None
     request_id: str | None
-    # (input spec, output spec) -> the binary input and whether the output goes back binary
-    plans: dict[tuple[TensorSpec, TensorSpec], tuple[BinaryInput, bool]] = field(
-        default_factory=dict
-    )
+    # the tensors of the version it was checked against -> what it says for them
+    plans: dict[Signature, Plan] = field(default_factory=dict)
 
 
 class HeaderMemo:

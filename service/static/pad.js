@@ -8,7 +8,7 @@ const DIGITS_SHAPES = ["64", "1,8,8", "8,8"]; // sklearn's load_digits: 8x8 pixe
 
 function digitsModels() {
   return state.models.filter((m) =>
-    m.versions.some((v) => v.status === "ready" && v.input_shape && DIGITS_SHAPES.includes(v.input_shape.join(","))),
+    m.versions.some((v) => v.status === "ready" && v.input_shape && (v.inputs || []).length <= 1 && DIGITS_SHAPES.includes(v.input_shape.join(","))),
   );
 }
 

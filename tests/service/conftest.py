@@ -175,22 +175,32 @@ def add_onnx_version(
     root: Path,
     name: str,
     onnx_bytes: bytes,
-    golden_inputs: np.ndarray,
+    golden_inputs: np.ndarray | dict[str, np.ndarray],
     *,
     labels: list[str] | None = None,
     bitwise_claim: tuple[bool, int] | None = None,
     batching: BatchingConfig | None = None,
 ) -> Path:
-    """Store any one-input, one-output ONNX model with a manifest; golden outputs are what
-    onnxruntime computes on it for ``golden_inputs`` in one batch, as the exporter records them.
+    """Store any ONNX model with a manifest; golden outputs are what onnxruntime computes on it
+    for ``golden_inputs`` in one batch, as the exporter records them. A model of several inputs
+    takes them as a dict by name; every graph output is an output of the manifest.
 
     ``bitwise_claim`` is what the exporter would have recorded: (bitwise_batch_invariant, rows).
     """
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    golden_inputs = np.ascontiguousarray(golden_inputs, dtype=np.float32)
-    (golden_outputs,) = session.run(None, {inp.name: golden_inputs})
+    named = (
+        golden_inputs
+        if isinstance(golden_inputs, dict)
+        else {session.get_inputs()[0].name: golden_inputs}
+    )
+    feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in named.items()}
+    output_names = [out.name for out in session.get_outputs()]
+    results = dict(zip(output_names, session.run(None, feeds), strict=True))
     claim, claim_rows = bitwise_claim if bitwise_claim is not None else (None, None)
+
+    def golden_rows(arrays: dict[str, np.ndarray]) -> list[list[float]]:
+        flat = [a.reshape(len(a), -1) for a in arrays.values()]
+        return np.concatenate(flat, axis=1).tolist()
 
     def manifest(version: int, digests: dict[str, str]) -> Manifest:
         return Manifest(
@@ -198,8 +208,8 @@ def add_onnx_version(
             version=version,
             architecture="test graph",
             task="classification" if labels else "regression",
-            inputs=(TensorSpec(name=inp.name, shape=golden_inputs.shape[1:]),),
-            outputs=(TensorSpec(name=out.name, shape=golden_outputs.shape[1:]),),
+            inputs=tuple(TensorSpec(name=k, shape=v.shape[1:]) for k, v in feeds.items()),
+            outputs=tuple(TensorSpec(name=k, shape=v.shape[1:]) for k, v in results.items()),
             labels=labels or [],
             files=(
                 ModelFile(
@@ -216,7 +226,7 @@ def add_onnx_version(
                 batch_statistics_ops=0,
                 max_abs_diff={"onnx": 0.0},
                 batch_invariance_max_diff=0.0,
-                samples_checked=len(golden_inputs),
+                samples_checked=len(next(iter(feeds.values()))),
                 bitwise_batch_invariant=claim,
                 bitwise_max_rows=claim_rows,
             ),
@@ -228,10 +238,7 @@ def add_onnx_version(
                 command="tests/service/conftest.py",
                 created_at="2026-01-01T00:00:00Z",
             ),
-            golden=Golden(
-                inputs=golden_inputs.reshape(len(golden_inputs), -1).tolist(),
-                outputs=golden_outputs.reshape(len(golden_outputs), -1).tolist(),
-            ),
+            golden=Golden(inputs=golden_rows(feeds), outputs=golden_rows(results)),
             batching=batching or BatchingConfig(),
         )
 

@@ -29,6 +29,7 @@ import pytest
 from service.app import create_app
 from service.settings import Settings
 from tests.service.conftest import SHAPE, Artifacts, add_version, reference, running
+from tests.service.pair_model import add_pair_version, pair_inputs, pair_reference
 
 HERE = Path(__file__).parent / "real_clients"
 KEY, MANAGEMENT_KEY = "client-key-1", "manage-key-2"
@@ -84,8 +85,11 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
     python = clients_python()
     root = tmp_path / "store"
     add_version(root, artifacts)
+    add_pair_version(root)
     x = np.random.default_rng(3).normal(size=(3, *SHAPE)).astype(np.float32)
     expected = reference(root, x)
+    pair = pair_inputs(2, seed=4)
+    pair_expected = pair_reference(pair)
     settings = Settings(
         model_store=root,
         default_model="tiny",
@@ -100,6 +104,7 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
             "management_key": MANAGEMENT_KEY,
             "model": "tiny",
             "inputs": x.tolist(),
+            "several": {"model": "pair", "inputs": {k: v.tolist() for k, v in pair.items()}},
         }
         done = subprocess.run(
             [str(python), str(HERE / "run_clients.py")],
@@ -126,7 +131,7 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
     assert triton["infer_after_unload"]["status"] == "404"
     assert triton["index_without_key"]["status"] == "401"
     for name in ("stats_all", "stats_model", "stats_version"):
-        (stat,) = triton[name]["model_stats"]
+        (stat,) = [s for s in triton[name]["model_stats"] if s["name"] == "tiny"]
         assert (stat["name"], stat["version"]) == ("tiny", "1")
         assert stat["inference_count"] == 2 * len(x)  # the two calls before the unload
         assert stat["inference_stats"]["success"]["count"] == 2
@@ -134,7 +139,7 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
         for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
             assert stat["inference_stats"][stage]["count"] >= 2, stage
             assert int(stat["inference_stats"][stage]["ns"]) > 0, stage
-    assert triton["index"] == [{"name": "tiny", "version": "1", "state": "READY", "reason": ""}]
+    assert {"name": "tiny", "version": "1", "state": "READY", "reason": ""} in triton["index"]
     assert triton["unload"] is None and triton["load"] is None
 
     for name in ("is_server_live", "is_server_ready", "is_model_ready"):
@@ -146,3 +151,13 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
     assert kserve["model_metadata"]["name"] == "tiny"
     assert kserve["model_metadata"]["inputs"][0]["shape"] == [-1, *SHAPE]
     assert kserve["model_ready"] == {"name": "tiny", "ready": True}
+
+    several = results["several_tritonclient"]
+    assert [i["name"] for i in several["metadata"]["inputs"]] == ["a", "b"]
+    assert several["infer_all"]["order"] == ["logits", "scaled"]
+    assert several["infer_asked"]["order"] == ["scaled", "logits"]
+    for call in ("infer_all", "infer_asked"):
+        for name in ("logits", "scaled"):
+            close(several[call][name], pair_expected[name])
+    for name in ("logits", "scaled"):
+        close(results["several_kserve"]["infer"][name], pair_expected[name])

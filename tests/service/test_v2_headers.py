@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from service.errors import InvalidInput
+from service.packing import Signature, packing
 from service.routes import v2 as v2_routes
 from service.routes.v2 import V2Codec
 from service.routes.v2_headers import AnswerHeaders, Header, HeaderMemo, answer_header
@@ -87,18 +88,17 @@ def test_a_kept_header_is_checked_again_against_another_input() -> None:
     out = TensorSpec(name="y", shape=(2,))
 
     def version(shape: tuple[int, ...]) -> Any:
-        return SimpleNamespace(
-            input=TensorSpec(name="x", shape=shape), manifest=SimpleNamespace(outputs=[out])
-        )
+        inputs = packing((TensorSpec(name="x", shape=shape),))
+        return SimpleNamespace(signature=Signature(inputs, packing((out,))))
 
     fits, changed = version((4,)), version((2, 2))
     first = codec.parse(body, request, "m", None)  # type: ignore[arg-type]
-    np.testing.assert_array_equal(codec.rows(first, fits), [[0, 1, 2, 3]])
+    np.testing.assert_array_equal(codec.rows(first, fits), [[[0, 1, 2, 3]]])
     again = codec.parse(body, request, "m", None)  # type: ignore[arg-type]
     assert again.payload.header is first.payload.header  # kept
     with pytest.raises(InvalidInput, match=r"shape must be \[n, 2, 2\]"):
         codec.rows(again, changed)
-    np.testing.assert_array_equal(codec.rows(again, fits), [[0, 1, 2, 3]])
+    np.testing.assert_array_equal(codec.rows(again, fits), [[[0, 1, 2, 3]]])
 
 
 def test_the_table_forgets_the_oldest_header_past_its_capacity() -> None:

@@ -143,11 +143,63 @@ async def with_kserve(config: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def several_with_tritonclient(config: dict[str, Any]) -> dict[str, Any]:
+    """A model of several inputs and outputs: one input binary and one JSON, in the reverse of
+    the model's order; then its outputs asked for in another order, one binary, one JSON."""
+    client = triton.InferenceServerClient(url=config["url"].removeprefix("http://"))
+    key = {"Authorization": f"Bearer {config['key']}"}
+    several = config["several"]
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in several["inputs"].items()}
+    results: dict[str, Any] = {}
+
+    def infer(ask: list[tuple[str, bool]] | None) -> dict[str, Any]:
+        tensors = []
+        for i, (name, x) in enumerate(reversed(arrays.items())):
+            tensor = triton.InferInput(name, list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=i == 0)
+            tensors.append(tensor)
+        outputs = None
+        if ask is not None:
+            outputs = [triton.InferRequestedOutput(n, binary_data=b) for n, b in ask]
+        answer = client.infer(several["model"], tensors, outputs=outputs, headers=dict(key))
+        names = [output["name"] for output in answer.get_response()["outputs"]]
+        return {"order": names, **{n: answer.as_numpy(n).tolist() for n in names}}
+
+    attempt(results, "metadata", lambda: client.get_model_metadata(several["model"], headers=key))
+    attempt(results, "infer_all", lambda: infer(None))
+    attempt(results, "infer_asked", lambda: infer([("scaled", True), ("logits", False)]))
+    client.close()
+    return results
+
+
+async def several_with_kserve(config: dict[str, Any]) -> dict[str, Any]:
+    url, several = config["url"], config["several"]
+    key = {"Authorization": f"Bearer {config['key']}"}
+    client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=30))
+    results: dict[str, Any] = {}
+    try:
+        tensors = []
+        for name, values in several["inputs"].items():
+            x = np.asarray(values, dtype=np.float32)
+            tensor = InferInput(name=name, shape=list(x.shape), datatype="FP32")
+            tensor.set_data_from_numpy(x, binary_data=name == "b")
+            tensors.append(tensor)
+        request = InferRequest(model_name=several["model"], infer_inputs=tensors)
+        answer = await client.infer(url, request, model_name=several["model"], headers=key)
+        results["infer"] = {output.name: output.as_numpy().tolist() for output in answer.outputs}
+    except Exception as exc:
+        results["infer"] = {"raised": type(exc).__name__, "message": str(exc)}
+    await client.close()
+    return results
+
+
 def main() -> None:
     config = json.load(sys.stdin)
     results = {
         "tritonclient": with_tritonclient(config),
         "kserve": asyncio.run(with_kserve(config)),
+        "several_tritonclient": several_with_tritonclient(config),
+        "several_kserve": asyncio.run(several_with_kserve(config)),
     }
     json.dump(results, sys.stdout, default=str)
 
