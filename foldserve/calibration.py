@@ -15,6 +15,8 @@ import numpy as np
 
 from foldserve.tensors import Features, Samples
 from service.errors import FoldingError
+from service.packing import packing
+from service.store import TensorSpec
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 # NOTE: enough samples to probe every output and batch size; bounded in bytes so generated
@@ -37,21 +39,22 @@ class Calibration:
 
 
 CalibrationSource = (
-    str | Path | np.ndarray | Calibration | Callable[[tuple[int, ...]], Calibration] | None
+    str | Path | np.ndarray | Calibration | Callable[[tuple[TensorSpec, ...]], Calibration] | None
 )
 
 
 def resolve(given: CalibrationSource, shape: tuple[int, ...], seed: int = 0) -> Calibration:
     """What an entry point was given as calibration, as a ``Calibration`` (None: generated).
 
-    A callable is called with the sample shape: the ONNX import learns it from the file.
+    A callable is called with the input (one, of ``shape``): the ONNX import learns it from the
+    file.
     """
     if given is None:
         return generated(shape, seed)
     if isinstance(given, Calibration):
         return given
     if callable(given):
-        return given(shape)
+        return given((TensorSpec(name="input", shape=shape),))
     if isinstance(given, np.ndarray):
         if tuple(given.shape[1:]) != shape or len(given) < 2:
             raise FoldingError(
@@ -105,6 +108,37 @@ def load(
         raise FoldingError(f"calibration data {path} holds {len(samples)} samples; need 2 or more")
     return Calibration(
         samples=samples, description=f"{path} ({len(samples)} samples)", generated=False
+    )
+
+
+def load_inputs(
+    path: Path, inputs: tuple[TensorSpec, ...], *, limit: int | None = None
+) -> Calibration:
+    """Calibration samples of a model of several inputs: an ``.npz`` file with one array per
+    input, named as the input, as many samples in each; in memory, each sample's inputs side by
+    side in one row (``service.packing``)."""
+    if path.suffix != ".npz":
+        raise FoldingError(
+            f"calibration data {path}: a model of several inputs takes an .npz file with one "
+            f"array per input, named {[spec.name for spec in inputs]}"
+        )
+    with np.load(path) as archive:
+        names = list(archive.keys())
+        missing = [spec.name for spec in inputs if spec.name not in names]
+        if missing:
+            raise FoldingError(f"{path} has no array for inputs {missing}; it holds {names}")
+        arrays = [_checked(np.asarray(archive[spec.name]), path, spec.shape) for spec in inputs]
+    arrays = [array[:limit] for array in arrays] if limit is not None else arrays
+    counts = {spec.name: len(array) for spec, array in zip(inputs, arrays, strict=True)}
+    if len(set(counts.values())) != 1:
+        raise FoldingError(f"{path}: the inputs hold different numbers of samples {counts}")
+    samples = packing(inputs).pack([np.asarray(a, dtype=np.float32) for a in arrays])
+    if len(samples) < 2:
+        raise FoldingError(f"calibration data {path} holds {len(samples)} samples; need 2 or more")
+    return Calibration(
+        samples=samples,
+        description=f"{path} ({len(samples)} samples of inputs {list(counts)})",
+        generated=False,
     )
 
 

@@ -17,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from service.errors import FoldserveError
-from service.store import BatchNormRecord, Manifest
+from service.errors import FoldingError, FoldserveError
+from service.store import BatchNormRecord, Manifest, TensorSpec
 
 TASKS = ("classification", "regression", "segmentation")
 
@@ -93,7 +93,12 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON for FACTORY")
     parser.add_argument("--checkpoint", type=Path, help="a state_dict (or a whole saved module)")
     parser.add_argument(
-        "--input-shape", type=_ints, required=True, help="one sample's shape, e.g. 3,224,224"
+        "--input-shape",
+        type=_named_ints,
+        action="append",
+        required=True,
+        help="one sample's shape, e.g. 3,224,224; for a forward of several tensors, each one's "
+        "by name, in forward's order: --input-shape image=3,224,224 --input-shape meta=5",
     )
     parser.add_argument(
         "--bn-stats",
@@ -178,10 +183,17 @@ def _export(args: argparse.Namespace, command: str) -> int:
     source = args.model + (f" with {json.dumps(args.model_kwargs)}" if args.model_kwargs else "")
     if args.checkpoint is not None:
         source += f", checkpoint {args.checkpoint}"
-    data = _calibration(args, tuple(args.input_shape), calibration)
+    shapes = _input_shapes(args.input_shape)
+    if isinstance(shapes, list):
+        data = _calibration(args, tuple(shapes), calibration)
+    elif args.calibration is not None:  # several inputs: an .npz of one array per input
+        specs = tuple(TensorSpec(name=n, shape=tuple(d)) for n, d in shapes.items())
+        data = calibration.load_inputs(Path(args.calibration), specs, limit=args.calibration_limit)
+    else:
+        data = None
     result = export(
         model,
-        args.input_shape,
+        shapes,
         store=args.store,
         name=args.name,
         labels=args.labels,
@@ -204,8 +216,10 @@ def _import(args: argparse.Namespace, command: str) -> int:
 
     shape = tuple(args.input_shape) if args.input_shape else None
 
-    def data(sample_shape: tuple[int, ...]) -> Any:  # the file tells the shape
-        return _calibration(args, sample_shape, calibration)
+    def data(inputs: tuple[TensorSpec, ...]) -> Any:  # the file tells the inputs
+        if len(inputs) == 1:
+            return _calibration(args, inputs[0].shape, calibration)
+        return calibration.load_inputs(Path(args.calibration), inputs, limit=args.calibration_limit)
 
     result = import_onnx(
         args.onnx,
@@ -261,6 +275,8 @@ def summary(
     bitwise = {True: "yes", False: "no", None: "not measured"}[check.bitwise_batch_invariant]
     rows = [
         *(extra or []),
+        ("inputs", _tensors(manifest.inputs)),
+        ("outputs", _tensors(manifest.outputs)),
         ("task", describe_task(manifest)),
         ("statistics", origin.bn_stats),
         ("checked on", origin.calibration or "-"),
@@ -288,6 +304,11 @@ def summary(
     files = ", ".join(f"{f.path} ({f.size_bytes / 1024:.0f} KiB)" for f in manifest.files)
     lines += ["", f"files: {files}", f"reproduce: {origin.command}"]
     return "\n".join(lines)
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> str:
+    """Each tensor's name and per-sample shape, as a request names them."""
+    return ", ".join(f"{spec.name} {'x'.join(map(str, spec.shape))}" for spec in specs)
 
 
 def _batch_norm_table(records: tuple[BatchNormRecord, ...]) -> list[str]:
@@ -342,6 +363,25 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers like 3,224,224, got {text!r}")
     return values
+
+
+def _named_ints(text: str) -> tuple[str | None, list[int]]:
+    """``3,224,224`` or ``image=3,224,224``."""
+    name, _, dims = text.rpartition("=")
+    return (name or None), _ints(dims)
+
+
+def _input_shapes(given: list[tuple[str | None, list[int]]]) -> list[int] | dict[str, list[int]]:
+    """One unnamed shape, or several named ones (each name once)."""
+    if len(given) == 1 and given[0][0] is None:
+        return given[0][1]
+    names = [name for name, _ in given]
+    if None in names or len(set(names)) != len(names):
+        raise FoldingError(
+            "--input-shape: give one sample's shape once, or each input's by name once "
+            "(--input-shape image=3,224,224 --input-shape meta=5)"
+        )
+    return {str(name): dims for name, dims in given}
 
 
 def _floats(text: str) -> list[float]:

@@ -69,8 +69,26 @@ class FoldResult:
     records: tuple[BatchNormRecord, ...]  # one per BatchNorm of the original, in graph order
 
 
-def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> FoldResult:
-    """Fold or freeze every BatchNorm of ``model``; ``example`` (batch >= 2) fixes the shapes."""
+Examples = torch.Tensor | tuple[torch.Tensor, ...]  # one input's batch, or one per input
+
+
+def as_examples(example: Examples) -> tuple[torch.Tensor, ...]:
+    """One batch per input of the model, each of at least 2 samples."""
+    examples = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if not examples or any(e.dim() < 2 or e.shape[0] < 2 for e in examples):
+        raise FoldingError(
+            f"example must be a batch of at least 2 samples, got shape {_shapes(examples)}"
+        )
+    return examples
+
+
+def _shapes(examples: tuple[torch.Tensor, ...]) -> str:
+    return ", ".join(str(tuple(e.shape)) for e in examples) or "no tensor"
+
+
+def fold_batch_norms(model: nn.Module, example: Examples) -> FoldResult:
+    """Fold or freeze every BatchNorm of ``model``; ``example`` (batch >= 2; one per input of a
+    model of several) fixes the shapes."""
     graph_module = _trace_eval_copy(model, example)
     graph = _GraphFacts(graph_module)
     records: list[BatchNormRecord] = []
@@ -144,20 +162,17 @@ def _weight_and_bias(batch_norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor
     return torch.ones(features, dtype=torch.float64), torch.zeros(features, dtype=torch.float64)
 
 
-def _trace_eval_copy(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    if example.dim() < 2 or example.shape[0] < 2:
-        raise FoldingError(
-            f"example must be a batch of at least 2 samples, got shape {tuple(example.shape)}"
-        )
+def _trace_eval_copy(model: nn.Module, example: Examples) -> fx.GraphModule:
+    examples = as_examples(example)
     # NOTE: eval before tracing, so `self.training` branches and functional dropout are traced in
     # their inference form.
     copy = prepare_eval_copy(model)
     with torch.no_grad():
         try:
-            expected = copy(example)
+            expected = copy(*examples)
         except Exception as exc:
             raise FoldingError(
-                f"example of shape {tuple(example.shape)} does not run through the model: {exc}"
+                f"example of shape {_shapes(examples)} does not run through the model: {exc}"
             ) from exc
     try:
         graph_module = fx.symbolic_trace(copy)
@@ -166,7 +181,7 @@ def _trace_eval_copy(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     _refuse_functional_batch_norm(graph_module)
     try:
         with torch.no_grad():
-            traced = ShapeProp(graph_module).propagate(example)
+            traced = ShapeProp(graph_module).propagate(*examples)
     except Exception as exc:
         raise UntraceableError(
             f"torch.fx traced {type(model).__name__} into a program that does not run on the "
@@ -232,8 +247,22 @@ def refuse_hooks(model: nn.Module) -> None:
 
 
 def _check_trace_is_faithful(name: str, expected: object, traced: object) -> None:
-    if not (isinstance(expected, torch.Tensor) and isinstance(traced, torch.Tensor)):
-        raise FoldingError(f"{name} must return one tensor, got {type(expected).__name__}")
+    outputs, traced_outputs = _tensors(name, expected), _tensors(name, traced)
+    if len(outputs) != len(traced_outputs):
+        raise UntraceableError(f"torch.fx traced {name} into a program of other outputs")
+    for output, traced_output in zip(outputs, traced_outputs, strict=True):
+        _check_same_output(name, output, traced_output)
+
+
+def _tensors(name: str, result: object) -> list[torch.Tensor]:
+    """A forward's outputs: one tensor, or a tuple of them (``foldserve.several.Named``)."""
+    items = [result] if isinstance(result, torch.Tensor) else result
+    if not isinstance(items, tuple | list) or not all(isinstance(t, torch.Tensor) for t in items):
+        raise FoldingError(f"{name} must return one tensor, got {type(result).__name__}")
+    return list(items)
+
+
+def _check_same_output(name: str, expected: torch.Tensor, traced: torch.Tensor) -> None:
     finite = expected[torch.isfinite(expected)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     # NOTE: non-finite outputs must match too (isclose: inf == inf, NaN == NaN); refusing them

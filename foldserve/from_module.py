@@ -16,7 +16,7 @@ import importlib.util
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
 from foldserve.convert import to_float32
-from foldserve.input_statistics import calibration_input_statistics
+from foldserve.input_statistics import calibration_input_statistics, first_input
 from foldserve.pipeline import (
     BuildResult,
     ModelCard,
@@ -39,12 +39,16 @@ from foldserve.pipeline import (
     task_for,
     timed,
 )
+from foldserve.several import Packed, signature_of
 from foldserve.stats import set_population_statistics
-from foldserve.tensors import predict, rows_per_step
+from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, predict, rows_per_step
 from service.errors import FoldingError
-from service.store import StatsShift, check_model_name
+from service.packing import Signature, packing
+from service.store import StatsShift, TensorSpec, check_model_name
 
 BatchNormStats = Literal["ema", "population"]
+# One sample's shape, or each input's by name (in the order forward takes them).
+InputShape = Sequence[int] | Mapping[str, Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class ExportResult:
 
 def export(
     model: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: InputShape,
     *,
     store: str | Path,
     name: str,
@@ -76,17 +80,23 @@ def export(
 ) -> ExportResult:
     """Fold, export, verify and store ``model`` as the next version of ``name`` in ``store``.
 
-    ``input_shape`` is one sample's shape, any rank (features, C,H,W images, C,D,H,W volumes).
+    ``input_shape`` is one sample's shape, any rank (features, C,H,W images, C,D,H,W volumes),
+    or for a forward of several tensors each one's, by name, in the order forward takes them
+    (``{"image": (3, 224, 224), "meta": (5,)}``). forward may return a tensor, or a tuple, list,
+    dict or dataclass of tensors (``foldserve.several`` names them); with several, calibration
+    data is an ``.npz`` file with one array per input, named as the input.
     ``bn_stats``: "ema" keeps the module's running estimates; "population" recomputes them over
     ``calibration`` (an array, a .npy/.npz file or a folder of images). Default: population
     when calibration data is given, ema otherwise. Without data the checks run on generated
     inputs. ``max_batch_size``: the row cap written to the manifest (default: ``row_cap``).
     Raises ``FoldserveError`` (nothing stored) when a step refuses the model.
     """
-    shape = _sample_shape(input_shape)
+    inputs = _input_specs(input_shape)
+    sides = packing(inputs)
+    shape = sides.row_shape
     check_model_name(name)
     check_row_cap(max_batch_size)
-    data = calibration_data.resolve(calibration, shape, seed)
+    data = _calibration(calibration, inputs, seed)
     stats: BatchNormStats = bn_stats or ("ema" if data.generated else "population")
     if stats == "population" and data.generated:
         raise FoldingError(
@@ -95,16 +105,22 @@ def export(
     _refuse_untracked_statistics(model)
     seconds: dict[str, float] = {}
     check_inputs = data.check_inputs()
+    # Labels, task and outputs checked on two samples: before the statistics, fold and checks.
+    signature = _signature(model, inputs, check_inputs[:2])
+    several = not (signature.inputs.single and signature.outputs.single)
+    runner = Packed(model, signature) if several else model  # rows in, rows out
     with timed(seconds, "convert"):
-        converted = to_float32(copy.deepcopy(model), check_inputs)
+        converted = to_float32(copy.deepcopy(runner), check_inputs)
     frozen = converted.model
-    # Labels and task checked on two samples: before the statistics, the fold and the checks.
-    chosen_task = task_for(_one_output(frozen, check_inputs[:2]), labels or [], task)
+    first_output = signature.outputs.part(predict(frozen, check_inputs[:2]), 0)
+    chosen_task = task_for(first_output, labels or [], task)
     shifts: dict[str, StatsShift] = {}
     if stats == "population":
         with timed(seconds, "statistics"):
             step = rows_per_step(shape)
             shifts = set_population_statistics(frozen, data.samples, step, progress=progress)
+            if several:  # named as in the model itself, not in its wrapper
+                shifts = {k.removeprefix(Packed.PREFIX): v for k, v in shifts.items()}
     with timed(seconds, "reference"):
         expected = predict(frozen, check_inputs, rows_per_step(shape))
     card = ModelCard(
@@ -114,6 +130,8 @@ def export(
         sample_shape=shape,
         labels=list(labels or []),
         max_batch_size=max_batch_size,
+        inputs=signature.inputs.specs if several else (),
+        outputs=signature.outputs.specs if several else (),
     )
     provenance: dict[str, Any] = {
         "entry_point": "export",
@@ -127,7 +145,7 @@ def export(
         "command": command or f"foldserve.export(..., name={name!r}, bn_stats={stats!r})",
     }
     build = build_version(
-        frozen,
+        frozen.named.model if isinstance(frozen, Packed) else frozen,
         card,
         check_inputs,
         expected,
@@ -136,7 +154,7 @@ def export(
         stats_shifts=shifts,
         seed=seed,
         seconds=seconds,
-        data_statistics=calibration_input_statistics(data),
+        data_statistics=calibration_input_statistics(first_input(data, sides)),
     )
     return ExportResult(build, shifts, data.description)
 
@@ -234,14 +252,51 @@ def _refuse_untracked_statistics(model: nn.Module) -> None:
         )
 
 
-def _one_output(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    """The model's output for ``x``; refused unless it is one tensor."""
-    with torch.no_grad():
-        out = model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    if not isinstance(out, torch.Tensor):
-        raise FoldingError(
-            f"the model returns a {type(out).__name__}, not one tensor: foldserve serves one "
-            "output; wrap the module so that forward() returns the output to serve (e.g. the "
-            "first element in eval mode)"
+def _input_specs(
+    input_shape: InputShape,
+) -> tuple[TensorSpec, ...]:
+    if isinstance(input_shape, Mapping):
+        if not input_shape:
+            raise FoldingError("input shapes: give at least one input's")
+        return tuple(
+            TensorSpec(name=str(name), shape=_sample_shape(dims))
+            for name, dims in input_shape.items()
         )
-    return out.numpy()
+    return (TensorSpec(name=INPUT_NAME, shape=_sample_shape(input_shape)),)
+
+
+def _calibration(
+    given: CalibrationSource, inputs: tuple[TensorSpec, ...], seed: int
+) -> calibration_data.Calibration:
+    """The samples to calibrate and check on, each sample's inputs side by side."""
+    if len(inputs) == 1:
+        return calibration_data.resolve(given, inputs[0].shape, seed)
+    if given is None:
+        return calibration_data.generated(packing(inputs).row_shape, seed)
+    if isinstance(given, calibration_data.Calibration):
+        return given
+    if isinstance(given, str | Path):
+        return calibration_data.load_inputs(Path(given), inputs)
+    raise FoldingError(
+        f"the model takes {len(inputs)} inputs {[spec.name for spec in inputs]}: give "
+        "calibration data as an .npz file with one array per input, named as the input"
+    )
+
+
+def _signature(model: nn.Module, inputs: tuple[TensorSpec, ...], rows: np.ndarray) -> Signature:
+    """The inputs as given and the outputs as one run shows them; the single output of a model
+    of one input keeps the name the exported graphs always gave it."""
+    try:
+        signature = signature_of(model, inputs, rows)
+    except TypeError as exc:  # forward takes other arguments than the shapes given
+        raise FoldingError(
+            f"the model's forward does not take the {len(inputs)} input(s) given "
+            f"({', '.join(spec.name for spec in inputs)}): {exc}; give each input's shape, by "
+            "name, in the order forward takes them"
+        ) from exc
+    if signature.inputs.single and signature.outputs.single:
+        (output,) = signature.outputs.specs
+        return Signature(
+            signature.inputs, packing((output.model_copy(update={"name": OUTPUT_NAME}),))
+        )
+    return signature

@@ -1,8 +1,8 @@
 """``foldserve import MODEL.onnx``: an ONNX file from any exporter into a verified model version.
 
-Check the graph (one float32 input and output, a dynamic batch) -> fold every BatchNormalization
-at the ONNX level -> verify the folded graph against the original, both run in ONNX Runtime ->
-store. Needs no torch.
+Check the graph (float32 inputs and outputs, any number of each, a dynamic batch) -> fold every
+BatchNormalization at the ONNX level -> verify the folded graph against the original, both run in
+ONNX Runtime -> store. Needs no torch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ import onnxruntime as ort
 
 from foldserve import calibration as calibration_data
 from foldserve.calibration import CalibrationSource
-from foldserve.input_statistics import calibration_input_statistics, onnx_input_statistics
+from foldserve.input_statistics import (
+    calibration_input_statistics,
+    first_input,
+    onnx_input_statistics,
+)
 from foldserve.onnx_fold import (
     dynamic_batch_problem,
     fold_onnx_batch_norms,
@@ -41,7 +45,8 @@ from foldserve.tensors import Features
 from foldserve.verify_export import ExportedFile
 from service.backends import Array
 from service.errors import FoldingError
-from service.store import check_model_name, sha256_file
+from service.packing import Packing, packing
+from service.store import TensorSpec, check_model_name, sha256_file
 
 
 @dataclass(frozen=True)
@@ -78,16 +83,22 @@ def import_onnx(
         original = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise FoldingError(f"{path}: not a readable ONNX file: {exc}") from exc
-    input_name, output_name, shape = _signature(original, input_shape)
+    inputs, output_names = _signature(original, input_shape)
+    sides = packing(inputs)
     made_dynamic = False
     if (problem := dynamic_batch_problem(original)) is not None:
         original = make_batch_dynamic(original)  # raises with re-export advice if it cannot
         made_dynamic = True
-    data = calibration_data.resolve(calibration, shape, seed)
+    data = _calibration(calibration, inputs, seed)
     check_inputs = data.check_inputs()
     with timed(seconds, "reference"):
-        expected = _run(original, check_inputs, input_name, made_dynamic)
-    chosen_task = task_for(expected, labels or [], task)
+        results = _run(original, check_inputs, sides, output_names, made_dynamic)
+    outputs = tuple(
+        TensorSpec(name=name, shape=result.shape[1:])
+        for name, result in zip(output_names, results, strict=True)
+    )
+    expected = packing(outputs).pack(results)
+    chosen_task = task_for(results[0], labels or [], task)
     with timed(seconds, "fold"):
         result = fold_onnx_batch_norms(original)
     folded = Folded(
@@ -100,11 +111,11 @@ def import_onnx(
         name=name,
         architecture=f"imported ONNX graph {original.graph.name or path.name!r}",
         task=chosen_task,
-        sample_shape=shape,
+        sample_shape=sides.row_shape,
         labels=list(labels or []),
-        input_name=input_name,
-        output_name=output_name,
         max_batch_size=max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
     )
     provenance: dict[str, Any] = {
         "entry_point": "import",
@@ -126,31 +137,44 @@ def import_onnx(
         seed=seed,
         seconds=seconds,
         # The graph's input BN, or (none: folded or decomposed by the exporter) the data's own.
-        input_statistics=onnx_input_statistics(original, "as_imported")
-        or calibration_input_statistics(data),
+        input_statistics=onnx_input_statistics(original, "as_imported", inputs[0].name)
+        or calibration_input_statistics(first_input(data, sides)),
     )
     return ImportResult(build, made_dynamic)
 
 
 def _signature(
     model: onnx.ModelProto, input_shape: Sequence[int] | None
-) -> tuple[str, str, tuple[int, ...]]:
+) -> tuple[tuple[TensorSpec, ...], list[str]]:
+    """Every data input with its per-sample shape, and every output's name, in the graph's
+    order; all float32."""
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
+    if not inputs or not model.graph.output:
         raise FoldingError(
-            f"the graph has {len(inputs)} inputs and {len(model.graph.output)} outputs; "
-            "foldserve serves models with exactly one of each"
+            f"the graph has {len(inputs)} data inputs and {len(model.graph.output)} outputs: "
+            "a model needs at least one of each"
         )
-    (graph_input,), graph_output = inputs, model.graph.output[0]
-    for value in (graph_input, graph_output):
+    for value in (*inputs, *model.graph.output):
         elem_type = value.type.tensor_type.elem_type
         if elem_type != onnx.TensorProto.FLOAT:
             raise FoldingError(
                 f"{value.name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; foldserve serves "
                 "float32: convert the model (e.g. onnxconverter_common.float16 to float32) first"
             )
-    dims = graph_input.type.tensor_type.shape.dim
+    if input_shape is not None and len(inputs) > 1:
+        raise FoldingError(
+            f"--input-shape gives one input's shape, but the graph has {len(inputs)} inputs "
+            f"{[i.name for i in inputs]}: re-export it with fixed per-sample dims"
+        )
+    specs = tuple(
+        TensorSpec(name=value.name, shape=_sample_shape(value, input_shape)) for value in inputs
+    )
+    return specs, [value.name for value in model.graph.output]
+
+
+def _sample_shape(value: onnx.ValueInfoProto, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    dims = value.type.tensor_type.shape.dim
     fixed = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:])
     if input_shape is not None:
         shape = tuple(int(d) for d in input_shape)
@@ -158,19 +182,43 @@ def _signature(
             raise FoldingError(f"--input-shape {shape} does not fit the graph's input {fixed}")
     elif not dims or 0 in fixed:
         raise FoldingError(
-            f"input {graph_input.name!r} has symbolic or unknown sample dims {fixed}: "
+            f"input {value.name!r} has symbolic or unknown sample dims {fixed}: "
             "give one sample's shape with --input-shape"
         )
     else:
         shape = fixed
     if not shape or math.prod(shape) < 1:
-        raise FoldingError(f"input {graph_input.name!r} has no per-sample dims")
-    return graph_input.name, graph_output.name, shape
+        raise FoldingError(f"input {value.name!r} has no per-sample dims")
+    return shape
+
+
+def _calibration(
+    given: CalibrationSource, inputs: tuple[TensorSpec, ...], seed: int
+) -> calibration_data.Calibration:
+    """The samples to check on, their inputs side by side when there are several."""
+    if callable(given) and not isinstance(given, calibration_data.Calibration):
+        return given(inputs)  # the CLI's: it loads what it was told to, for these inputs
+    if len(inputs) == 1:
+        return calibration_data.resolve(given, inputs[0].shape, seed)
+    if given is None:
+        return calibration_data.generated(packing(inputs).row_shape, seed)
+    if isinstance(given, str | Path):
+        return calibration_data.load_inputs(Path(given), inputs)
+    if isinstance(given, calibration_data.Calibration):
+        return given  # made by the caller, its rows side by side
+    raise FoldingError(
+        f"the graph has {len(inputs)} inputs {[spec.name for spec in inputs]}: give calibration "
+        "data as an .npz file with one array per input, named as the input"
+    )
 
 
 def _run(
-    model: onnx.ModelProto, inputs: Features, input_name: str, made_dynamic: bool = False
-) -> Array:
+    model: onnx.ModelProto,
+    inputs: Features,
+    sides: Packing,
+    output_names: list[str],
+    made_dynamic: bool = False,
+) -> list[Array]:
     """The original graph's outputs in ONNX Runtime on the CPU: the reference to verify against.
 
     ``made_dynamic``: the file's fixed batch was replaced by a symbolic one, so a failure on a
@@ -180,11 +228,12 @@ def _run(
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 4  # the refusal below says it; no red line of its own on stderr
+    feeds = dict(zip(sides.names, sides.unpack(inputs), strict=True))
     try:
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        (outputs,) = session.run(None, {input_name: inputs})
+        results = session.run(output_names, feeds)
     except Exception as exc:  # onnxruntime raises its own untyped errors
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if made_dynamic:
@@ -194,10 +243,11 @@ def _run(
                 f"{re_export_advice(model)}"
             ) from exc
         raise FoldingError(f"ONNX Runtime cannot run the original graph: {first_line}") from exc
-    outputs = np.asarray(outputs, dtype=np.float32)
-    if outputs.ndim == 0 or len(outputs) != len(inputs):
-        raise FoldingError(
-            f"the graph answers {len(inputs)} samples with an output of shape "
-            f"{list(outputs.shape)}: it hard-codes its batch size; {re_export_advice(model)}"
-        )
+    outputs = [np.asarray(result, dtype=np.float32) for result in results]
+    for name, output in zip(output_names, outputs, strict=True):
+        if output.ndim == 0 or len(output) != len(inputs):
+            raise FoldingError(
+                f"the graph answers {len(inputs)} samples with an output {name!r} of shape "
+                f"{list(output.shape)}: it hard-codes its batch size; {re_export_advice(model)}"
+            )
     return outputs

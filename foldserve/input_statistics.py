@@ -31,6 +31,7 @@ import onnx
 from foldserve.calibration import Calibration
 from foldserve.tensors import rows_per_step
 from service.monitor_maps import MAX_WEIGHTS, encode
+from service.packing import Packing
 from service.store import HiddenStatistics, InputStatistics, SideFile
 
 if TYPE_CHECKING:
@@ -296,13 +297,20 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def onnx_input_statistics(model: onnx.ModelProto, source: Source) -> InputStatistics | None:
-    """The statistics of the first BatchNormalization whose X is the graph's data input."""
+def onnx_input_statistics(
+    model: onnx.ModelProto, source: Source, input_name: str | None = None
+) -> InputStatistics | None:
+    """The statistics of the first BatchNormalization whose X is a data input of the graph
+    (``input_name``: that one only, the first of several, which drift monitors)."""
     from foldserve.onnx_fold.graph import _Graph
     from foldserve.onnx_fold.statistics import _statistics
 
     graph = _Graph(model)
-    inputs = {value.name: value for value in model.graph.input if value.name in graph.data_inputs}
+    inputs = {
+        value.name: value
+        for value in model.graph.input
+        if value.name in graph.data_inputs and input_name in (None, value.name)
+    }
     for node in graph.batch_norms():
         value = inputs.get(node.input[0])
         if value is None:
@@ -319,6 +327,15 @@ def onnx_input_statistics(model: onnx.ModelProto, source: Source) -> InputStatis
             eps=float(eps[0]),
         )
     return None
+
+
+def first_input(data: Calibration, inputs: Packing) -> Calibration:
+    """The calibration of a model's first input alone, the one the drift reference describes
+    (a model of several inputs has each sample's inputs side by side: ``service.packing``)."""
+    if inputs.single or data.generated:
+        return data
+    first = inputs.part(np.asarray(data.samples[:], dtype=np.float32), 0)
+    return Calibration(first, data.description, generated=False)
 
 
 def calibration_input_statistics(data: Calibration) -> InputStatistics | None:

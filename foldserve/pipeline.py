@@ -24,6 +24,7 @@ from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, Features
 from foldserve.verify_export import RTOL, ExportedFile, VerifiedExport, verify_exports
 from service.backends import Array
 from service.errors import FoldingError, VerificationError
+from service.packing import Signature, packing
 from service.store import (
     BatchingConfig,
     BatchNormRecord,
@@ -40,9 +41,9 @@ from service.store import (
 )
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
+    from foldserve.fold import Examples
     from foldserve.input_statistics import HiddenMonitor
 
 # NOTE: torch is imported inside the functions that fold modules: `foldserve import` (ONNX files)
@@ -76,6 +77,17 @@ class ModelCard:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     max_batch_size: int | None = None  # the row cap; None: row_cap(sample_shape)
+    # A model of several inputs or outputs: every one, named, in the order the files take and
+    # give them (sample_shape is then the row of all inputs side by side: service.packing).
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self.inputs or (TensorSpec(name=self.input_name, shape=self.sample_shape),)
+
+    def output_specs(self, expected: Array) -> tuple[TensorSpec, ...]:
+        """``expected``: the reference outputs, rows first (their shape, for one output)."""
+        return self.outputs or (TensorSpec(name=self.output_name, shape=expected.shape[1:]),)
 
 
 @dataclass(frozen=True)
@@ -126,12 +138,14 @@ def task_for(expected: Array, labels: Sequence[str], task: Task | None = None) -
 def describe_task(manifest: Manifest) -> str:
     """The task as the summary says it, with what it means for the answers."""
     columns = math.prod(manifest.outputs[0].shape)
+    # NOTE: predictions read the first output: with several, the summary says which.
+    read = f" of output {manifest.outputs[0].name!r}" if len(manifest.outputs) > 1 else ""
     if manifest.task == "classification" and manifest.labels:
-        return f"classification ({len(manifest.labels)} labels)"
+        return f"classification ({len(manifest.labels)} labels{read})"
     if manifest.task == "classification":
         return (
-            f"classification ({columns} columns, no labels: predictions are column indices; "
-            "--task regression if they are not classes)"
+            f"classification ({columns} columns{read}, no labels: predictions are column "
+            "indices; --task regression if they are not classes)"
         )
     if manifest.task == "regression":
         values = f"{columns} value{'' if columns == 1 else 's'}"
@@ -148,26 +162,36 @@ def check_row_cap(rows: int | None) -> None:
         )
 
 
-def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
+def fold_and_serialize(
+    model: nn.Module,
+    example: Examples,
+    input_names: Sequence[str] = (INPUT_NAME,),
+    output_names: Sequence[str] = (OUTPUT_NAME,),
+) -> Folded:
     """Fold with torch.fx and write ONNX + TorchScript; if fx cannot trace the model faithfully,
-    export it unfolded to ONNX and fold there (ONNX only: TorchScript would keep the BNs)."""
-    from foldserve.fold import UntraceableError, fold_batch_norms, prepare_eval_copy
+    export it unfolded to ONNX and fold there (ONNX only: TorchScript would keep the BNs).
+
+    ``example``: one batch per input; a model of several inputs or outputs takes them by
+    position and returns a tuple (``foldserve.several.Named``), written under these names."""
+    from foldserve.fold import UntraceableError, as_examples, fold_batch_norms, prepare_eval_copy
     from foldserve.serialize import export_onnx, export_torchscript
 
+    examples = as_examples(example)
     try:
-        fold = fold_batch_norms(model, example)
+        fold = fold_batch_norms(model, examples)
     except UntraceableError as exc:
         from foldserve.onnx_fold import fold_onnx_batch_norms
 
         copy = prepare_eval_copy(model)
         note = f"folded in ONNX: {exc.message}"
-        unfolded = export_onnx(copy, example, optimize=False)
-        if not _runs(unfolded, example.numpy()):
+        unfolded = export_onnx(copy, examples, False, input_names, output_names)
+        feeds = dict(zip(input_names, (e.numpy() for e in examples), strict=True))
+        if not _runs(unfolded, feeds):
             # NOTE: unoptimized, the exporter sometimes writes graphs ONNX Runtime cannot run
             # (a bias built at run time with the weight's shape, seen in MONAI's 3-D HighResNet).
             # Its optimizer repairs them but folds some Conv+BN pairs itself: those BNs are then
             # gone before our fold, and missing from the report.
-            unfolded = export_onnx(copy, example, optimize=True)
+            unfolded = export_onnx(copy, examples, True, input_names, output_names)
             note += "; exported with torch's ONNX optimizer, which folded some BNs itself"
         result = fold_onnx_batch_norms(onnx.load_model_from_string(unfolded))
         content = result.model.SerializeToString()
@@ -179,9 +203,13 @@ def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
         )
     return Folded(
         files=[
-            ExportedFile("onnx", FILENAMES["onnx"], export_onnx(fold.module, example)),
             ExportedFile(
-                "torchscript", FILENAMES["torchscript"], export_torchscript(fold.module, example)
+                "onnx",
+                FILENAMES["onnx"],
+                export_onnx(fold.module, examples, True, input_names, output_names),
+            ),
+            ExportedFile(
+                "torchscript", FILENAMES["torchscript"], export_torchscript(fold.module, examples)
             ),
         ],
         records=fold.records,
@@ -189,14 +217,14 @@ def fold_and_serialize(model: nn.Module, example: torch.Tensor) -> Folded:
     )
 
 
-def _runs(model: bytes, example: np.ndarray) -> bool:
+def _runs(model: bytes, feeds: dict[str, np.ndarray]) -> bool:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a graph that cannot run is an answer here, not an error
     try:
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        session.run(None, {session.get_inputs()[0].name: example})
+        session.run(None, feeds)
     except Exception:  # onnxruntime raises its own untyped errors
         return False
     return True
@@ -222,21 +250,41 @@ def build_version(
 
     from foldserve.fold import prepare_eval_copy
     from foldserve.input_statistics import module_hidden_statistics, module_input_statistics
+    from foldserve.several import Named, Packed
     from foldserve.tensors import float32_noise
 
     seconds = {} if seconds is None else seconds
-    example = torch.from_numpy(np.ascontiguousarray(check_inputs[:2]))
-    # Before folding erases them: the input BN's statistics, for drift monitoring.
-    observed = module_input_statistics(model, example, provenance["bn_stats"]) or data_statistics
-    # And of the hidden BNs whose input is an affine map of the raw input, with that map.
-    hidden = module_hidden_statistics(model, example, provenance["bn_stats"])
+    inputs, outputs = card.input_specs(), card.output_specs(expected)
+    signature = Signature(packing(inputs), packing(outputs))
+    rows = np.ascontiguousarray(check_inputs[:2])
+    observed: InputStatistics | None = data_statistics
+    hidden: list[HiddenMonitor] = []
+    if signature.inputs.single and signature.outputs.single:
+        one = torch.from_numpy(rows)
+        # Before folding erases them: the input BN's statistics, for drift monitoring.
+        observed = module_input_statistics(model, one, provenance["bn_stats"]) or observed
+        # And of the hidden BNs whose input is an affine map of the raw input, with that map.
+        hidden = module_hidden_statistics(model, one, provenance["bn_stats"])
+        folding: nn.Module = model
+        example: Examples = one
+    else:
+        # NOTE: several inputs or outputs: drift watches the first input, through the data's
+        # own statistics (data_statistics); the BN-based monitors look for one input tensor.
+        example = tuple(torch.from_numpy(t) for t in signature.inputs.unpack(rows))
+        folding = Named(model, len(signature.inputs.specs), signature.outputs.names)
     with timed(seconds, "fold+export"):
-        folded = fold_and_serialize(model, example)
+        folded = fold_and_serialize(
+            folding, example, signature.inputs.names, signature.outputs.names
+        )
+        if folding is not model:  # the BatchNorms as the model itself names them
+            folded = _renamed(folded, Named.PREFIX)
     if stats_shifts:
         folded = _with_shifts(folded, stats_shifts)
     with timed(seconds, "verify"):
         # On the copy folding starts from (norms baked in), as the folded files were made.
         baked = prepare_eval_copy(model)
+        if folding is not model:
+            baked = Packed(baked, signature)
         noise = float32_noise(baked, check_inputs[:NOISE_SAMPLES])
         del baked  # a copy of every weight, not needed while the exports are checked
     try:
@@ -296,9 +344,16 @@ def store_verified(
     seconds = {} if seconds is None else seconds
     check_row_cap(card.max_batch_size)
     cap = card.max_batch_size or row_cap(card.sample_shape)
+    inputs, outputs = card.input_specs(), card.output_specs(expected)
     with timed(seconds, "verify"):
         verified = verify_exports(
-            folded.files, expected, check_inputs, seed=seed, bitwise_max_rows=cap, rtol=rtol
+            folded.files,
+            expected,
+            check_inputs,
+            seed=seed,
+            bitwise_max_rows=cap,
+            rtol=rtol,
+            signature=Signature(packing(inputs), packing(outputs)),
         )
     contents = {export.filename: export.content for export in folded.files}
     contents.update({monitor.filename: monitor.content for monitor in hidden_statistics})
@@ -310,8 +365,8 @@ def store_verified(
             version=version,
             architecture=card.architecture,
             task=card.task,
-            inputs=(TensorSpec(name=card.input_name, shape=card.sample_shape),),
-            outputs=(TensorSpec(name=card.output_name, shape=tuple(expected.shape[1:])),),
+            inputs=inputs,
+            outputs=outputs,
             labels=card.labels,
             files=tuple(
                 ModelFile(
@@ -355,6 +410,17 @@ def onnx_opset(model: bytes) -> int:
 def _with_shifts(folded: Folded, shifts: Mapping[str, StatsShift]) -> Folded:
     records = tuple(
         record.model_copy(update={"stats_shift": shifts.get(record.name)})
+        for record in folded.records
+    )
+    return Folded(folded.files, records, folded.fold_path, folded.note)
+
+
+def _renamed(folded: Folded, prefix: str) -> Folded:
+    def own(name: str | None) -> str | None:
+        return None if name is None else name.removeprefix(prefix)
+
+    records = tuple(
+        record.model_copy(update={"name": own(record.name), "target": own(record.target)})
         for record in folded.records
     )
     return Folded(folded.files, records, folded.fold_path, folded.note)

@@ -21,6 +21,7 @@ from service.backends import Array, Backend, BackendOptions, load_backend
 from service.batching_policy import THREADS_FROM_MS
 from service.cpus import usable_cpus
 from service.errors import VerificationError
+from service.packing import Signature
 from service.store import ModelFormat, Verification
 from service.verify import (
     BITWISE_BUDGET_VALUES,
@@ -90,11 +91,13 @@ def verify_exports(
     rtol: float = RTOL,
     seed: int = 0,
     bitwise_max_rows: int = 0,
+    signature: Signature | None = None,
 ) -> VerifiedExport:
     """Check every exported file against ``expected``, the unfolded eval-mode model's outputs on
     ``held_out``; with ``bitwise_max_rows`` > 1, also measure bitwise batch invariance in ONNX
     Runtime up to that many rows, or as many as ``bitwise_rows`` allows (recorded, never refused:
-    the tolerance check is the gate)."""
+    the tolerance check is the gate). ``signature``: the model's inputs and outputs, for one of
+    several (their rows side by side: ``service.packing``)."""
     outputs: dict[ModelFormat, Array] = {}
     max_abs_diff: dict[ModelFormat, float] = {}
     max_rel_diff: dict[ModelFormat, float] = {}
@@ -108,7 +111,7 @@ def verify_exports(
         for export in exports:
             path = Path(folder) / export.filename
             path.write_bytes(export.content)
-            backend = _loaded(export.format, path, held_out[:1])
+            backend = _loaded(export.format, path, held_out[:1], signature)
             check_no_batch_statistics(backend)
             # In the steps the reference was computed in (27 images of 3x224x224 at once held
             # more than a gigabyte of activations); the same steps, so a model that mixes the
@@ -156,10 +159,12 @@ def verify_exports(
     return VerifiedExport(verification=verification, outputs=outputs)
 
 
-def _loaded(fmt: ModelFormat, path: Path, one_row: Array) -> Backend:
+def _loaded(
+    fmt: ModelFormat, path: Path, one_row: Array, signature: Signature | None = None
+) -> Backend:
     """The backend as the server would load it here: all usable cores for a model slow enough
     to gain from them (service.batching_policy's rule), one thread for the others."""
-    backend = load_backend(fmt, path, BackendOptions(device="cpu"))
+    backend = load_backend(fmt, path, BackendOptions(device="cpu"), signature)
     cpus = usable_cpus()
     if cpus == 1:
         return backend
@@ -168,7 +173,7 @@ def _loaded(fmt: ModelFormat, path: Path, one_row: Array) -> Backend:
     backend.run(one_row)
     if (time.perf_counter() - started) * 1000.0 < THREADS_FROM_MS:
         return backend
-    return load_backend(fmt, path, BackendOptions(device="cpu", intra_op_threads=cpus))
+    return load_backend(fmt, path, BackendOptions(device="cpu", intra_op_threads=cpus), signature)
 
 
 def _run_in_steps(backend: Backend, x: Array, rows: int) -> Array:

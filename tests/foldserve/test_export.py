@@ -18,7 +18,7 @@ from foldserve.tensors import predict
 from foldserve.verify_export import ATOL, ExportedFile, verify_exports
 from service.backends import BackendOptions
 from service.backends.onnx import OnnxBackend
-from service.errors import VerificationError
+from service.errors import FoldingError, VerificationError
 
 
 def _example(data: Dataset) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_batch_statistics_without_a_batch_norm_op_are_caught(
 
 
 def test_an_example_batch_of_one_is_refused(trained_mlp: nn.Module) -> None:
-    with pytest.raises(ValueError, match=">= 2 samples"):
+    with pytest.raises(FoldingError, match="a batch of at least 2 samples"):
         export_onnx(trained_mlp, torch.zeros(1, 64))
 
 

@@ -394,18 +394,20 @@ def test_a_float32_tensor_kept_as_a_plain_attribute_is_exported(tmp_path: Path) 
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_model_with_several_outputs_is_refused_with_advice(tmp_path: Path) -> None:
-    class TwoHeads(nn.Module):
+def test_a_model_returning_more_than_tensors_is_refused_with_advice(tmp_path: Path) -> None:
+    """Several tensors are served (tests/foldserve/test_export_several_tensors.py); a value
+    that is no tensor cannot be."""
+
+    class WithLoss(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            h = self.body(x)
-            return h, h.relu()
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+            return self.body(x), 0.5
 
-    with pytest.raises(FoldingError, match="returns a tuple, not one tensor"):
-        foldserve.export(_with_statistics(TwoHeads(), (4,)), (4,), store=tmp_path, name="two")
+    with pytest.raises(FoldingError, match="output 'output_1' is a float, not a tensor"):
+        foldserve.export(_with_statistics(WithLoss(), (4,)), (4,), store=tmp_path, name="two")
 
 
 def test_labels_that_do_not_fit_the_output_are_refused_before_the_statistics(

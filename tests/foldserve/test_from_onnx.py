@@ -19,8 +19,9 @@ import foldserve
 from foldserve import cli
 from service.app import create_app
 from service.errors import FoldingError
+from service.packing import packing
 from service.settings import Settings
-from service.store import list_versions, read_manifest
+from service.store import TensorSpec, list_versions, read_manifest
 from tests.service.conftest import serve
 
 SHAPE = (3, 8, 8)
@@ -391,7 +392,8 @@ def test_a_batch_that_only_running_reveals_is_refused_as_such(
         value_info.type.tensor_type.shape.dim[0].dim_param = "batch"  # as make_batch_dynamic
     x = np.zeros((16, 4), dtype=np.float32)
     with pytest.raises(FoldingError) as refused:
-        _run(model, x, "x", made_dynamic=True)
+        inputs = packing((TensorSpec(name="x", shape=x.shape[1:]),))
+        _run(model, x, inputs, [model.graph.output[0].name], made_dynamic=True)
     message = refused.value.message
     assert message.startswith("the graph hard-codes its batch size past its inputs: ONNX Runtime")
     assert "on 16 samples at once" in message and "join_token" in message
