@@ -39,7 +39,7 @@ from foldserve.pipeline import (
     task_for,
     timed,
 )
-from foldserve.several import Packed, signature_of
+from foldserve.several import BARE_OUTPUT, Packed, signature_of
 from foldserve.stats import set_population_statistics
 from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, predict, rows_per_step
 from service.errors import FoldingError
@@ -107,7 +107,9 @@ def export(
     check_inputs = data.check_inputs()
     # Labels, task and outputs checked on two samples: before the statistics, fold and checks.
     signature = _signature(model, inputs, check_inputs[:2])
-    several = not (signature.inputs.single and signature.outputs.single)
+    # One tensor in and one bare tensor out: exported as always; anything else through the
+    # wrappers, so that a list of one tensor, say, is served as that tensor.
+    several = signature.outputs.names != (OUTPUT_NAME,)
     runner = Packed(model, signature) if several else model  # rows in, rows out
     with timed(seconds, "convert"):
         converted = to_float32(copy.deepcopy(runner), check_inputs)
@@ -284,8 +286,8 @@ def _calibration(
 
 
 def _signature(model: nn.Module, inputs: tuple[TensorSpec, ...], rows: np.ndarray) -> Signature:
-    """The inputs as given and the outputs as one run shows them; the single output of a model
-    of one input keeps the name the exported graphs always gave it."""
+    """The inputs as given and the outputs as one run shows them; the bare tensor a model of
+    one input returns keeps the name the exported graphs always gave it."""
     try:
         signature = signature_of(model, inputs, rows)
     except TypeError as exc:  # forward takes other arguments than the shapes given
@@ -294,7 +296,7 @@ def _signature(model: nn.Module, inputs: tuple[TensorSpec, ...], rows: np.ndarra
             f"({', '.join(spec.name for spec in inputs)}): {exc}; give each input's shape, by "
             "name, in the order forward takes them"
         ) from exc
-    if signature.inputs.single and signature.outputs.single:
+    if signature.inputs.single and signature.outputs.names == (BARE_OUTPUT,):
         (output,) = signature.outputs.specs
         return Signature(
             signature.inputs, packing((output.model_copy(update={"name": OUTPUT_NAME}),))

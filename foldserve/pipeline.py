@@ -259,7 +259,7 @@ def build_version(
     rows = np.ascontiguousarray(check_inputs[:2])
     observed: InputStatistics | None = data_statistics
     hidden: list[HiddenMonitor] = []
-    if signature.inputs.single and signature.outputs.single:
+    if not (card.inputs or card.outputs):  # one tensor in, one bare tensor out
         one = torch.from_numpy(rows)
         # Before folding erases them: the input BN's statistics, for drift monitoring.
         observed = module_input_statistics(model, one, provenance["bn_stats"]) or observed
@@ -268,8 +268,9 @@ def build_version(
         folding: nn.Module = model
         example: Examples = one
     else:
-        # NOTE: several inputs or outputs: drift watches the first input, through the data's
-        # own statistics (data_statistics); the BN-based monitors look for one input tensor.
+        # NOTE: several inputs or outputs (or one in a list): drift watches the first input,
+        # through the data's own statistics (data_statistics); the BN-based monitors look for
+        # one input tensor and one bare output.
         example = tuple(torch.from_numpy(t) for t in signature.inputs.unpack(rows))
         folding = Named(model, len(signature.inputs.specs), signature.outputs.names)
     with timed(seconds, "fold+export"):

@@ -28,11 +28,13 @@ from service.errors import FoldingError
 from service.packing import Packing, Signature, packing
 from service.store import TensorSpec
 
+BARE_OUTPUT = "output"  # the name of the one tensor a forward returns bare
+
 
 def named_outputs(result: object) -> list[tuple[str, torch.Tensor]]:
     """What a forward returned, as (name, tensor) pairs in a fixed order."""
     if isinstance(result, torch.Tensor):
-        return [("output", result)]
+        return [(BARE_OUTPUT, result)]
     if isinstance(result, dict):
         pairs = list(result.items())
     elif dataclasses.is_dataclass(result) and not isinstance(result, type):
@@ -114,6 +116,8 @@ class Packed(nn.Module):
             for (start, stop), spec in zip(inputs.bounds, inputs.specs, strict=True)
         ]
         outputs = self.named(*tensors)
+        if self.signature.outputs.single:  # rows of one tensor keep its shape (service.packing)
+            return outputs[0]
         return torch.cat([output.reshape(len(rows), -1) for output in outputs], dim=1)
 
 

@@ -72,6 +72,6 @@ def large_batch(single_ms: float) -> int:
     return batch
 
 
-def outputs(sess: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-    (result,) = sess.run(None, {INPUT_NAME: batch})[:1]
-    return np.asarray(result)
+def outputs(sess: ort.InferenceSession, batch: np.ndarray) -> list[np.ndarray]:
+    """Every output of the file, in its order."""
+    return [np.asarray(result) for result in sess.run(None, {INPUT_NAME: batch})]

@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bench.zoo import latency, unfolded
 from bench.zoo.network import Network
+from foldserve.several import named_outputs
 from service.errors import FoldserveError
 from service.verify import max_relative_diff
 
@@ -177,18 +178,22 @@ def _latencies(
     for kind, sess in sessions.items():
         timings[kind][str(batch_size)] = latency.time_runs(sess, batch).median_ms
     # An independent check on fresh inputs: the folded file in ORT vs the eval-mode torch model.
-    with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(batch)).numpy()
+    with torch.no_grad():  # every output, in the order the files give them
+        expected = [t.numpy() for _, t in named_outputs(model.eval()(torch.from_numpy(batch)))]
     actual = latency.outputs(sessions["folded"], batch)
     baseline_outputs = latency.outputs(sessions["unfolded"], batch)
+    pairs = list(zip(actual, expected, strict=True))
     row.update(
         # The baseline is only timed, not verified by foldserve: check it computes the same.
-        unfolded_max_rel_diff=max_relative_diff(baseline_outputs, expected),
+        unfolded_max_rel_diff=max(
+            max_relative_diff(b, e) for b, e in zip(baseline_outputs, expected, strict=True)
+        ),
         latency_ms=timings,
         latency_batch=batch_size,
         own_check_samples=batch_size,
-        own_max_abs_diff=float(np.abs(actual - expected).max(initial=0.0)),
-        own_max_rel_diff=max_relative_diff(actual, expected),
+        output_count=len(expected),
+        own_max_abs_diff=max(float(np.abs(a - e).max(initial=0.0)) for a, e in pairs),
+        own_max_rel_diff=max(max_relative_diff(a, e) for a, e in pairs),
     )
 
 

@@ -33,16 +33,24 @@ class Unfolded:
 
 def export(model: nn.Module, example: torch.Tensor) -> Unfolded:
     from foldserve.serialize import export_onnx
+    from foldserve.several import Named, named_outputs
+    from foldserve.tensors import INPUT_NAME, OUTPUT_NAME
 
     model.eval()
+    with torch.no_grad():
+        names = [name for name, _ in named_outputs(model(example))]
+    if len(names) > 1:  # several outputs: a tuple, named as foldserve.export names them
+        model = Named(model, 1, names)
+    else:
+        names = [OUTPUT_NAME]
     try:
-        exported, via = export_onnx(model, example, optimize=False), "module"
+        exported, via = export_onnx(model, example, False, (INPUT_NAME,), names), "module"
     except Exception:
         # NOTE: torch.export refuses Python branches on tensor values (DiNTS tests a tensor
         # of its topology in forward); torch.fx evaluates them while tracing, as foldserve's
         # own fold does, and the traced module keeps every BatchNorm.
         traced = torch.fx.symbolic_trace(model)
-        exported, via = export_onnx(traced, example, optimize=False), "fx trace"
+        exported, via = export_onnx(traced, example, False, (INPUT_NAME,), names), "fx trace"
     proto = onnx.load_model_from_string(exported)
     dropped = drop_computed_zero_biases(proto.graph)
     ops = Counter(node.op_type for node in proto.graph.node)
