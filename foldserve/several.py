@@ -46,6 +46,9 @@ def named_outputs(result: object) -> list[tuple[str, torch.Tensor]]:
             f"the model returns a {type(result).__name__}: foldserve serves a tensor, or a "
             "tuple, list, dict or dataclass of tensors"
         )
+    # NOTE: None is no output: what a model computes only in training (SegResNetVAE's VAE loss
+    # is None in eval mode) is left out; the others keep their names.
+    pairs = [(name, value) for name, value in pairs if value is not None]
     for name, value in pairs:
         if not isinstance(value, torch.Tensor) or not isinstance(name, str):
             raise FoldingError(
@@ -94,7 +97,7 @@ class Named(nn.Module):
         if isinstance(result, dict):
             return tuple(result[name] for name in self.output_names)
         if isinstance(result, tuple | list):
-            return tuple(result)
+            return tuple(result[int(name.removeprefix("output_"))] for name in self.output_names)
         return tuple(getattr(result, name) for name in self.output_names)
 
 
@@ -117,7 +120,8 @@ class Packed(nn.Module):
         ]
         outputs = self.named(*tensors)
         if self.signature.outputs.single:  # rows of one tensor keep its shape (service.packing)
-            return outputs[0]
+            first: torch.Tensor = outputs[0]
+            return first
         return torch.cat([output.reshape(len(rows), -1) for output in outputs], dim=1)
 
 

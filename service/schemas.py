@@ -36,8 +36,9 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[Any] = Field(
-        description="samples, each nested as the model's input shape or flat; numbers only"
+    inputs: list[Any] | dict[str, list[Any]] = Field(
+        description="samples, each nested as the model's input shape or flat; numbers only. A "
+        "model of several inputs takes one such list per input, by name"
     )
     model: str | None = Field(None, description="model name (default: the default model)")
     version: int | None = Field(None, ge=1, description="version (default: the model's default)")
@@ -46,9 +47,12 @@ class PredictRequest(BaseModel):
 class PredictAnswer(BaseModel):
     model: str
     version: int
-    outputs: list[Any] = Field(description="one row of outputs per sample")
+    outputs: list[Any] | dict[str, list[Any]] = Field(
+        description="one row of outputs per sample; by name for a model of several outputs"
+    )
     predictions: list[str] | list[int] | None = Field(
-        description="classifiers: each sample's label (or class index); otherwise null"
+        description="classifiers: each sample's label (or class index) of the first output; "
+        "otherwise null"
     )
 
 

@@ -71,6 +71,14 @@ class DeepSupervision(nn.Module):
         return self.late(early), early.mean(dim=(2, 3))
 
 
+class WithTrainingLoss(DeepSupervision):
+    """Returns None where a training loss would be, as MONAI's SegResNetVAE does in eval mode."""
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:  # type: ignore[override]
+        head, auxiliary = super().forward(image)
+        return head, None, auxiliary
+
+
 @dataclasses.dataclass
 class Answer:
     embedding: torch.Tensor
@@ -167,6 +175,8 @@ def test_deep_supervision_tuples_and_dataclasses_name_their_outputs(tmp_path: Pa
     deep = foldserve.export(_made(DeepSupervision), IMAGE, store=store, name="deep")
     assert [s.name for s in deep.build.manifest.outputs] == ["output_0", "output_1"]
     assert deep.build.manifest.task == "segmentation"  # the first output, per pixel
+    loss = foldserve.export(_made(WithTrainingLoss), IMAGE, store=store, name="loss")
+    assert [s.name for s in loss.build.manifest.outputs] == ["output_0", "output_2"]  # no None
     fields = foldserve.export(_made(AsDataclass), META, store=store, name="fields")
     assert [(s.name, s.shape) for s in fields.build.manifest.outputs] == [
         ("embedding", (6,)),
