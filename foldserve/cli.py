@@ -101,6 +101,12 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
         "by name, in forward's order: --input-shape image=3,224,224 --input-shape meta=5",
     )
     parser.add_argument(
+        "--output-names",
+        type=_names,
+        help="the outputs' names, in order, comma-separated (default: a dict's keys, a "
+        "dataclass's fields, output0, output1, ... for a tuple; logits for one tensor)",
+    )
+    parser.add_argument(
         "--bn-stats",
         choices=("ema", "population"),
         help="ema: the running estimates (default without data); population: recomputed over "
@@ -205,6 +211,7 @@ def _export(args: argparse.Namespace, command: str) -> int:
         command=command,
         source=source,
         max_batch_size=args.max_batch_size,
+        output_names=args.output_names,
     )
     print(summary(result.path, result.build.manifest, result.build.seconds))
     return 0
@@ -363,6 +370,13 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers like 3,224,224, got {text!r}")
     return values
+
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names like scores,mask, got {text!r}")
+    return names
 
 
 def _named_ints(text: str) -> tuple[str | None, list[int]]:

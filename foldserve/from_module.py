@@ -39,7 +39,7 @@ from foldserve.pipeline import (
     task_for,
     timed,
 )
-from foldserve.several import BARE_OUTPUT, Packed, signature_of
+from foldserve.several import Named, Outputs, Packed, model_outputs
 from foldserve.stats import set_population_statistics
 from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, predict, rows_per_step
 from service.errors import FoldingError
@@ -77,6 +77,7 @@ def export(
     command: str | None = None,
     source: str | None = None,
     max_batch_size: int | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> ExportResult:
     """Fold, export, verify and store ``model`` as the next version of ``name`` in ``store``.
 
@@ -106,11 +107,15 @@ def export(
     seconds: dict[str, float] = {}
     check_inputs = data.check_inputs()
     # Labels, task and outputs checked on two samples: before the statistics, fold and checks.
-    signature = _signature(model, inputs, check_inputs[:2])
+    found = _outputs(model, inputs, check_inputs[:2], output_names)
     # One tensor in and one bare tensor out: exported as always; anything else through the
-    # wrappers, so that a list of one tensor, say, is served as that tensor.
-    several = signature.outputs.names != (OUTPUT_NAME,)
-    runner = Packed(model, signature) if several else model  # rows in, rows out
+    # wrappers (foldserve.several), so that a list of one tensor, say, is served as that tensor.
+    several = not (sides.single and found.keys == (None,))
+    output_name = output_names[0] if output_names and not several else OUTPUT_NAME
+    outputs = found.specs if several else (found.specs[0].model_copy(update={"name": output_name}),)
+    signature = Signature(sides, packing(outputs))
+    named = Named(model, len(inputs), found.keys)
+    runner = Packed(named, signature) if several else model  # rows in, rows out
     with timed(seconds, "convert"):
         converted = to_float32(copy.deepcopy(runner), check_inputs)
     frozen = converted.model
@@ -132,8 +137,9 @@ def export(
         sample_shape=shape,
         labels=list(labels or []),
         max_batch_size=max_batch_size,
-        inputs=signature.inputs.specs if several else (),
-        outputs=signature.outputs.specs if several else (),
+        output_name=output_name,
+        inputs=inputs if several else (),
+        outputs=outputs if several else (),
     )
     provenance: dict[str, Any] = {
         "entry_point": "export",
@@ -147,7 +153,7 @@ def export(
         "command": command or f"foldserve.export(..., name={name!r}, bn_stats={stats!r})",
     }
     build = build_version(
-        frozen.named.model if isinstance(frozen, Packed) else frozen,
+        frozen.named if isinstance(frozen, Packed) else frozen,
         card,
         check_inputs,
         expected,
@@ -285,20 +291,18 @@ def _calibration(
     )
 
 
-def _signature(model: nn.Module, inputs: tuple[TensorSpec, ...], rows: np.ndarray) -> Signature:
-    """The inputs as given and the outputs as one run shows them; the bare tensor a model of
-    one input returns keeps the name the exported graphs always gave it."""
+def _outputs(
+    model: nn.Module,
+    inputs: tuple[TensorSpec, ...],
+    rows: np.ndarray,
+    names: Sequence[str] | None,
+) -> Outputs:
+    """The outputs as one run shows them, renamed by ``names`` when given."""
     try:
-        signature = signature_of(model, inputs, rows)
+        return model_outputs(model, packing(inputs), rows, names)
     except TypeError as exc:  # forward takes other arguments than the shapes given
         raise FoldingError(
             f"the model's forward does not take the {len(inputs)} input(s) given "
             f"({', '.join(spec.name for spec in inputs)}): {exc}; give each input's shape, by "
             "name, in the order forward takes them"
         ) from exc
-    if signature.inputs.single and signature.outputs.names == (BARE_OUTPUT,):
-        (output,) = signature.outputs.specs
-        return Signature(
-            signature.inputs, packing((output.model_copy(update={"name": OUTPUT_NAME}),))
-        )
-    return signature

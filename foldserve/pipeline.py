@@ -244,7 +244,9 @@ def build_version(
     data_statistics: InputStatistics | None = None,
 ) -> BuildResult:
     """Fold ``model`` (eval mode, float32, statistics frozen), verify it against ``expected``
-    (its outputs on ``check_inputs``) and store it as the next version of ``card.name``.
+    (its outputs on ``check_inputs``) and store it as the next version of ``card.name``. With
+    ``card.inputs`` or ``card.outputs`` (several), ``model`` is a ``foldserve.several.Named``:
+    it takes them by position and returns a tuple, and ``check_inputs`` are rows of them.
     ``data_statistics``: the drift reference when the model has no input BatchNorm."""
     import torch
 
@@ -272,19 +274,19 @@ def build_version(
         # through the data's own statistics (data_statistics); the BN-based monitors look for
         # one input tensor and one bare output.
         example = tuple(torch.from_numpy(t) for t in signature.inputs.unpack(rows))
-        folding = Named(model, len(signature.inputs.specs), signature.outputs.names)
+        folding = model  # a foldserve.several.Named: the inputs by position, a tuple out
     with timed(seconds, "fold+export"):
         folded = fold_and_serialize(
             folding, example, signature.inputs.names, signature.outputs.names
         )
-        if folding is not model:  # the BatchNorms as the model itself names them
+        if card.inputs or card.outputs:  # the BatchNorms as the model itself names them
             folded = _renamed(folded, Named.PREFIX)
     if stats_shifts:
         folded = _with_shifts(folded, stats_shifts)
     with timed(seconds, "verify"):
         # On the copy folding starts from (norms baked in), as the folded files were made.
         baked = prepare_eval_copy(model)
-        if folding is not model:
+        if card.inputs or card.outputs:
             baked = Packed(baked, signature)
         noise = float32_noise(baked, check_inputs[:NOISE_SAMPLES])
         del baked  # a copy of every weight, not needed while the exports are checked

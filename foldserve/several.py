@@ -11,36 +11,47 @@ class). The export sees such a module two ways:
 - ``Named``: the tensors themselves in, a tuple of the outputs out, in the manifest's order. It is
   what is folded and written to ONNX and TorchScript, so the files take and give named tensors.
 
-Outputs are named by where they come from: a dict's keys, a dataclass's fields, ``output_<i>``
-for the items of a tuple or list, ``output`` for one tensor.
+Outputs are named by where they come from: a dict's keys, a dataclass's fields, ``output<i>`` for
+the items of a tuple or list (``output_names`` renames them), ``output`` for one tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from service.errors import FoldingError
-from service.packing import Packing, Signature, packing
+from service.packing import Packing, Signature
 from service.store import TensorSpec
 
 BARE_OUTPUT = "output"  # the name of the one tensor a forward returns bare
+Key = int | str | None  # where a forward's result holds an output: index, key or field; None: bare
 
 
-def named_outputs(result: object) -> list[tuple[str, torch.Tensor]]:
-    """What a forward returned, as (name, tensor) pairs in a fixed order."""
+@dataclass(frozen=True)
+class Outputs:
+    """A forward's outputs: where its result holds each one, and the name each is served by."""
+
+    keys: tuple[Key, ...]
+    specs: tuple[TensorSpec, ...]
+
+
+def found_outputs(result: object) -> list[tuple[Key, torch.Tensor]]:
+    """The tensors a forward returned, with where the result holds each, in a fixed order."""
+    pairs: list[tuple[Key, object]]
     if isinstance(result, torch.Tensor):
-        return [(BARE_OUTPUT, result)]
+        return [(None, result)]
     if isinstance(result, dict):
         pairs = list(result.items())
     elif dataclasses.is_dataclass(result) and not isinstance(result, type):
         pairs = [(field.name, getattr(result, field.name)) for field in dataclasses.fields(result)]
     elif isinstance(result, tuple | list):
-        pairs = [(f"output_{i}", item) for i, item in enumerate(result)]
+        pairs = list(enumerate(result))
     else:
         raise FoldingError(
             f"the model returns a {type(result).__name__}: foldserve serves a tensor, or a "
@@ -48,32 +59,52 @@ def named_outputs(result: object) -> list[tuple[str, torch.Tensor]]:
         )
     # NOTE: None is no output: what a model computes only in training (SegResNetVAE's VAE loss
     # is None in eval mode) is left out; the others keep their names.
-    pairs = [(name, value) for name, value in pairs if value is not None]
-    for name, value in pairs:
-        if not isinstance(value, torch.Tensor) or not isinstance(name, str):
+    pairs = [(key, value) for key, value in pairs if value is not None]
+    tensors: list[tuple[Key, torch.Tensor]] = []
+    for key, value in pairs:
+        if not isinstance(value, torch.Tensor) or not isinstance(key, int | str):
             raise FoldingError(
-                f"the model's output {name!r} is a {type(value).__name__}, not a tensor: return "
-                "tensors only (drop the others in a wrapper's forward)"
+                f"the model's output {default_name(key)!r} is a {type(value).__name__}, not a "
+                "tensor: return tensors only (drop the others in a wrapper's forward)"
             )
-    if not pairs:
+        tensors.append((key, value))
+    if not tensors:
         raise FoldingError("the model returns no tensors")
-    return pairs
+    return tensors
 
 
-def output_specs(model: nn.Module, inputs: Packing, rows: np.ndarray) -> tuple[TensorSpec, ...]:
-    """The model's outputs, named and shaped per sample, from one run on ``rows``."""
+def default_name(key: Key) -> str:
+    """A dict's key or a dataclass's field as it is; ``output<i>`` for a tuple's item."""
+    return BARE_OUTPUT if key is None else f"output{key}" if isinstance(key, int) else str(key)
+
+
+def model_outputs(
+    model: nn.Module, inputs: Packing, rows: np.ndarray, names: Sequence[str] | None = None
+) -> Outputs:
+    """The model's outputs from one run on ``rows``: where each is, its name (``names``
+    renames them, in order), its shape per sample."""
     # In the model's own dtype: it is converted to float32 later, once its outputs are known.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     tensors = [torch.from_numpy(np.ascontiguousarray(t)).to(dtype) for t in inputs.unpack(rows)]
     with torch.no_grad():
-        pairs = named_outputs(model.eval()(*tensors))
-    for name, tensor in pairs:
+        found = found_outputs(model.eval()(*tensors))
+    if names is not None and len(names) != len(found):
+        shown = [default_name(key) for key, _ in found]
+        raise FoldingError(
+            f"{len(names)} output names for the model's {len(found)} outputs {shown}"
+        )
+    chosen = list(names) if names is not None else [default_name(key) for key, _ in found]
+    for name, (_, tensor) in zip(chosen, found, strict=True):
         if tensor.dim() == 0 or len(tensor) != len(rows):
             raise FoldingError(
                 f"output {name!r} is shaped {tuple(tensor.shape)} for {len(rows)} samples: "
                 "every output needs one row per sample"
             )
-    return tuple(TensorSpec(name=name, shape=tuple(t.shape[1:])) for name, t in pairs)
+    specs = tuple(
+        TensorSpec(name=name, shape=tuple(tensor.shape[1:]))
+        for name, (_, tensor) in zip(chosen, found, strict=True)
+    )
+    return Outputs(tuple(key for key, _ in found), specs)
 
 
 class Named(nn.Module):
@@ -82,11 +113,11 @@ class Named(nn.Module):
 
     PREFIX = "model."  # of the model's own module names inside this one
 
-    def __init__(self, model: nn.Module, inputs: int, outputs: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, inputs: int, keys: Sequence[Key]) -> None:
         super().__init__()
         self.model = model
         self.input_count = inputs
-        self.output_names = tuple(outputs)
+        self.keys = tuple(keys)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # NOTE: by index, not ``*inputs``: torch.fx traces the group as one value whose length
@@ -95,20 +126,21 @@ class Named(nn.Module):
         if isinstance(result, torch.Tensor):
             return (result,)
         if isinstance(result, dict):
-            return tuple(result[name] for name in self.output_names)
-        if isinstance(result, tuple | list):
-            return tuple(result[int(name.removeprefix("output_"))] for name in self.output_names)
-        return tuple(getattr(result, name) for name in self.output_names)
+            return tuple(result[key] for key in self.keys)
+        if isinstance(result, tuple | list):  # the keys are indices
+            return tuple(result[key] for key in self.keys if isinstance(key, int))
+        return tuple(getattr(result, str(key)) for key in self.keys)
 
 
 class Packed(nn.Module):
-    """The model on rows: each sample's inputs side by side in, its outputs side by side out."""
+    """A ``Named`` model on rows: each sample's inputs side by side in, its outputs side by
+    side out."""
 
     PREFIX = "named." + Named.PREFIX  # of the model's own module names inside this one
 
-    def __init__(self, model: nn.Module, signature: Signature) -> None:
+    def __init__(self, named: nn.Module, signature: Signature) -> None:
         super().__init__()
-        self.named = Named(model, len(signature.inputs.specs), signature.outputs.names)
+        self.named = named
         self.signature = signature
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
@@ -123,9 +155,3 @@ class Packed(nn.Module):
             first: torch.Tensor = outputs[0]
             return first
         return torch.cat([output.reshape(len(rows), -1) for output in outputs], dim=1)
-
-
-def signature_of(model: nn.Module, inputs: tuple[TensorSpec, ...], rows: np.ndarray) -> Signature:
-    """The model's inputs as given, and its outputs as one run on ``rows`` shows them."""
-    packed_inputs = packing(inputs)
-    return Signature(packed_inputs, packing(output_specs(model, packed_inputs, rows)))

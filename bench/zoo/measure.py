@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bench.zoo import latency, unfolded
 from bench.zoo.network import Network
-from foldserve.several import named_outputs
+from foldserve.several import found_outputs
 from service.errors import FoldserveError
 from service.verify import max_relative_diff
 
@@ -179,7 +179,7 @@ def _latencies(
         timings[kind][str(batch_size)] = latency.time_runs(sess, batch).median_ms
     # An independent check on fresh inputs: the folded file in ORT vs the eval-mode torch model.
     with torch.no_grad():  # every output, in the order the files give them
-        expected = [t.numpy() for _, t in named_outputs(model.eval()(torch.from_numpy(batch)))]
+        expected = [t.numpy() for _, t in found_outputs(model.eval()(torch.from_numpy(batch)))]
     actual = latency.outputs(sessions["folded"], batch)
     baseline_outputs = latency.outputs(sessions["unfolded"], batch)
     pairs = list(zip(actual, expected, strict=True))

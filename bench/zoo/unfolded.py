@@ -33,14 +33,15 @@ class Unfolded:
 
 def export(model: nn.Module, example: torch.Tensor) -> Unfolded:
     from foldserve.serialize import export_onnx
-    from foldserve.several import Named, named_outputs
+    from foldserve.several import Named, default_name, found_outputs
     from foldserve.tensors import INPUT_NAME, OUTPUT_NAME
 
     model.eval()
     with torch.no_grad():
-        names = [name for name, _ in named_outputs(model(example))]
-    if len(names) > 1:  # several outputs: a tuple, named as foldserve.export names them
-        model = Named(model, 1, names)
+        keys = [key for key, _ in found_outputs(model(example))]
+    names = [default_name(key) for key in keys]
+    if keys != [None]:  # not one bare tensor: a tuple, named as foldserve.export names them
+        model = Named(model, 1, keys)
     else:
         names = [OUTPUT_NAME]
     try:

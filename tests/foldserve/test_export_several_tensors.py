@@ -155,12 +155,14 @@ def test_population_statistics_over_an_npz_of_both_inputs(tmp_path: Path) -> Non
         [
             *("export", "--model", f"{__file__}:TwoHeads", "--store", str(store)),
             *("--name", "two-heads", "--calibration", str(calibration)),
+            *("--output-names", "classes,segments"),
             *("--input-shape", "image=3,6,6", "--input-shape", "meta=5"),
         ]
     )
     assert code == 0
     manifest = read_manifest(store / "two-heads" / "1")
     assert manifest.provenance.bn_stats == "population"
+    assert [spec.name for spec in manifest.outputs] == ["classes", "segments"]
     assert "64 samples of inputs ['image', 'meta']" in (manifest.provenance.calibration or "")
     # Both paths' BatchNorms recomputed over the data, named as in the module itself.
     assert [record.name for record in manifest.batch_norm] == ["features.1", "meta.1"]
@@ -173,10 +175,18 @@ def test_population_statistics_over_an_npz_of_both_inputs(tmp_path: Path) -> Non
 def test_deep_supervision_tuples_and_dataclasses_name_their_outputs(tmp_path: Path) -> None:
     store = tmp_path / "store"
     deep = foldserve.export(_made(DeepSupervision), IMAGE, store=store, name="deep")
-    assert [s.name for s in deep.build.manifest.outputs] == ["output_0", "output_1"]
+    assert [s.name for s in deep.build.manifest.outputs] == ["output0", "output1"]
     assert deep.build.manifest.task == "segmentation"  # the first output, per pixel
+    renamed = foldserve.export(
+        _made(DeepSupervision), IMAGE, store=store, name="renamed", output_names=["mask", "aux"]
+    )
+    assert [s.name for s in renamed.build.manifest.outputs] == ["mask", "aux"]
+    graph = onnx.load(renamed.path / "model.onnx").graph
+    assert [o.name for o in graph.output] == ["mask", "aux"]
+    with pytest.raises(FoldingError, match=r"1 output names for the model's 2 outputs"):
+        foldserve.export(_made(DeepSupervision), IMAGE, store=store, name="x", output_names=["a"])
     loss = foldserve.export(_made(WithTrainingLoss), IMAGE, store=store, name="loss")
-    assert [s.name for s in loss.build.manifest.outputs] == ["output_0", "output_2"]  # no None
+    assert [s.name for s in loss.build.manifest.outputs] == ["output0", "output2"]  # no None
     fields = foldserve.export(_made(AsDataclass), META, store=store, name="fields")
     assert [(s.name, s.shape) for s in fields.build.manifest.outputs] == [
         ("embedding", (6,)),
@@ -187,8 +197,8 @@ def test_deep_supervision_tuples_and_dataclasses_name_their_outputs(tmp_path: Pa
         expected = _made(DeepSupervision)(torch.from_numpy(x))
     got = _served(store, "deep", {"inputs": x.tolist()}, "onnx")["outputs"]
     assert isinstance(got, dict)
-    np.testing.assert_allclose(got["output_0"], expected[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(got["output_1"], expected[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["output0"], expected[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["output1"], expected[1], rtol=1e-4, atol=1e-5)
 
 
 def test_shapes_that_do_not_fit_forward_are_refused_with_what_to_give(tmp_path: Path) -> None:

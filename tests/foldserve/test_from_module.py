@@ -406,7 +406,7 @@ def test_a_model_returning_more_than_tensors_is_refused_with_advice(tmp_path: Pa
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
             return self.body(x), 0.5
 
-    with pytest.raises(FoldingError, match="output 'output_1' is a float, not a tensor"):
+    with pytest.raises(FoldingError, match="output 'output1' is a float, not a tensor"):
         foldserve.export(_with_statistics(WithLoss(), (4,)), (4,), store=tmp_path, name="two")
 
 
