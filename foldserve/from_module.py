@@ -110,7 +110,7 @@ def export(
     found = _outputs(model, inputs, check_inputs[:2], output_names)
     # One tensor in and one bare tensor out: exported as always; anything else through the
     # wrappers (foldserve.several), so that a list of one tensor, say, is served as that tensor.
-    several = not (sides.single and found.keys == (None,))
+    several = not (sides.single and found.keys == ((),))
     output_name = output_names[0] if output_names and not several else OUTPUT_NAME
     outputs = found.specs if several else (found.specs[0].model_copy(update={"name": output_name}),)
     signature = Signature(sides, packing(outputs))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from service.packing import Packing, Signature
 from service.store import TensorSpec
 
 BARE_OUTPUT = "output"  # the name of the one tensor a forward returns bare
-Key = int | str | None  # where a forward's result holds an output: index, key or field; None: bare
+# Where a forward's result holds an output: the indices, keys or fields down to it (nested
+# tuples, lists, dicts and dataclasses); () for a tensor returned bare.
+Key = tuple[int | str, ...]
 
 
 @dataclass(frozen=True)
@@ -41,41 +44,61 @@ class Outputs:
     specs: tuple[TensorSpec, ...]
 
 
-def found_outputs(result: object) -> list[tuple[Key, torch.Tensor]]:
-    """The tensors a forward returned, with where the result holds each, in a fixed order."""
-    pairs: list[tuple[Key, object]]
+def found_outputs(result: object, key: Key = ()) -> list[tuple[Key, torch.Tensor]]:
+    """The tensors a forward returned, with where the result holds each, in a fixed order (a
+    dict's, a dataclass's, a sequence's), nested containers walked depth first."""
     if isinstance(result, torch.Tensor):
-        return [(None, result)]
-    if isinstance(result, dict):
-        pairs = list(result.items())
-    elif dataclasses.is_dataclass(result) and not isinstance(result, type):
-        pairs = [(field.name, getattr(result, field.name)) for field in dataclasses.fields(result)]
-    elif isinstance(result, tuple | list):
-        pairs = list(enumerate(result))
-    else:
-        raise FoldingError(
-            f"the model returns a {type(result).__name__}: foldserve serves a tensor, or a "
-            "tuple, list, dict or dataclass of tensors"
-        )
+        return [(key, result)]
+    items = _items(result, key)
     # NOTE: None is no output: what a model computes only in training (SegResNetVAE's VAE loss
     # is None in eval mode) is left out; the others keep their names.
-    pairs = [(key, value) for key, value in pairs if value is not None]
-    tensors: list[tuple[Key, torch.Tensor]] = []
-    for key, value in pairs:
-        if not isinstance(value, torch.Tensor) or not isinstance(key, int | str):
-            raise FoldingError(
-                f"the model's output {default_name(key)!r} is a {type(value).__name__}, not a "
-                "tensor: return tensors only (drop the others in a wrapper's forward)"
-            )
-        tensors.append((key, value))
-    if not tensors:
+    found = [
+        pair
+        for step, value in items
+        if value is not None
+        for pair in found_outputs(value, (*key, step))
+    ]
+    if not key and not found:
         raise FoldingError("the model returns no tensors")
-    return tensors
+    return found
+
+
+def _items(result: object, key: Key) -> list[tuple[int | str, object]]:
+    if isinstance(result, dict) and all(isinstance(k, str) for k in result):
+        return list(result.items())
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return [(field.name, getattr(result, field.name)) for field in dataclasses.fields(result)]
+    if isinstance(result, tuple | list):
+        return list(enumerate(result))
+    what = f"output {default_name(key)!r}" if key else "model's result"
+    raise FoldingError(
+        f"the {what} is a {type(result).__name__}, not a tensor: foldserve serves tensors, "
+        "alone or in tuples, lists, dicts (by string key) and dataclasses; drop the others in "
+        "a wrapper's forward"
+    )
 
 
 def default_name(key: Key) -> str:
-    """A dict's key or a dataclass's field as it is; ``output<i>`` for a tuple's item."""
-    return BARE_OUTPUT if key is None else f"output{key}" if isinstance(key, int) else str(key)
+    """A dict's key or a dataclass's field as it is, ``output<i>`` for a sequence's item;
+    nested ones joined by ``_`` (``output0_2``)."""
+    if not key:
+        return BARE_OUTPUT
+    first, *rest = key
+    parts = [f"output{first}" if isinstance(first, int) else first, *map(str, rest)]
+    return "_".join(parts)
+
+
+def pick(result: object, key: Key) -> torch.Tensor:
+    """The output at ``key`` in a forward's result."""
+    for step in key:
+        if isinstance(result, dict):
+            result = result[step]
+        elif isinstance(result, tuple | list):
+            result = result[int(step)]
+        else:
+            result = getattr(result, str(step))
+    # NOTE: no isinstance check: while torch.fx traces, the output is a Proxy for a tensor.
+    return cast(torch.Tensor, result)
 
 
 def model_outputs(
@@ -123,13 +146,7 @@ class Named(nn.Module):
         # NOTE: by index, not ``*inputs``: torch.fx traces the group as one value whose length
         # it cannot know, and splatting it fails; an index is one getitem per input.
         result = self.model(*[inputs[i] for i in range(self.input_count)])
-        if isinstance(result, torch.Tensor):
-            return (result,)
-        if isinstance(result, dict):
-            return tuple(result[key] for key in self.keys)
-        if isinstance(result, tuple | list):  # the keys are indices
-            return tuple(result[key] for key in self.keys if isinstance(key, int))
-        return tuple(getattr(result, str(key)) for key in self.keys)
+        return tuple(pick(result, key) for key in self.keys)
 
 
 class Packed(nn.Module):

@@ -79,11 +79,10 @@ def observations(passed: list[dict[str, Any]], options: dict[str, Any]) -> list[
 
 # What a failure message means, by a phrase it contains (checked against the code in use).
 CAUSES = {
-    "not one tensor": "**By design**: the eval-mode forward returns a tuple, list or dict. "
-    "foldserve serves one output and says so, with the advice to wrap the module.",
-    "expected Tensor as element": "The eval-mode forward returns a tuple, list or dict; "
-    "foldserve serves one output, but this version lets a bare `TypeError` escape from "
-    "`foldserve.tensors.predict` instead of refusing the model with a `FoldingError`.",
+    "not one tensor": "The eval-mode forward returns a tuple, list or dict, which foldserve "
+    "served as one output only before issue 18 (since then: every output, by name).",
+    "not a tensor: return tensors only": "The eval-mode forward returns something other than "
+    "tensors among its outputs; foldserve serves tensors only and names the value.",
     "takes its axes at run time": "**A limitation of the ONNX-level fold** (the fallback when "
     "torch.fx cannot trace the network), fixed since this run: unoptimized, torch's exporter "
     "writes a mean's axes as `Reshape(Constant, Constant)`, which foldserve now evaluates. "

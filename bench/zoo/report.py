@@ -56,8 +56,9 @@ def markdown(run: dict[str, Any]) -> str:
         f"- Python {env['python']}; {versions}",
         _code(env),
         f"- **{len(passed)} of {len(measured)} networks passed**"
-        f" ({_count(measured, 'refused')} refused, of which {_several_outputs(measured)} by "
-        f"design for returning several outputs; {_count(measured, 'error')} errors);"
+        f" ({_count(measured, 'refused')} refused, {_count(measured, 'error')} errors;"
+        f" {_several_outputs(passed)} of those passed return several outputs, each checked and"
+        " served by name);"
         f" {len(rows) - len(measured)} more rows could not be built here (see Skipped)",
         "",
         *notes.method(options),
@@ -102,7 +103,9 @@ def table(rows: list[dict[str, Any]], options: dict[str, Any]) -> list[str]:
 def _cells(r: dict[str, Any]) -> list[str]:
     shape = "x".join(map(str, r["input_shape"]))
     status = r["status"] if r["status"] == "passed" else _short_status(r)
-    cells = [f"`{r['name']}`", r["task"], shape, status, str(r.get("batch_norms", EMPTY))]
+    outputs = r.get("output_count", 1)
+    task = r["task"] + (f" ({outputs} outputs)" if outputs > 1 else "")
+    cells = [f"`{r['name']}`", task, shape, status, str(r.get("batch_norms", EMPTY))]
     if "export_s" not in r:
         return [*cells, *[EMPTY] * 11]
     counts = r["placements"]
@@ -192,7 +195,7 @@ def _sci(value: float | None) -> str:
 
 
 def _several_outputs(rows: list[dict[str, Any]]) -> int:
-    return sum("not one tensor" in r["status"] for r in rows)
+    return sum(r.get("output_count", 1) > 1 for r in rows)
 
 
 def _count(rows: list[dict[str, Any]], kind: str) -> int:

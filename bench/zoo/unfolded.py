@@ -40,7 +40,7 @@ def export(model: nn.Module, example: torch.Tensor) -> Unfolded:
     with torch.no_grad():
         keys = [key for key, _ in found_outputs(model(example))]
     names = [default_name(key) for key in keys]
-    if keys != [None]:  # not one bare tensor: a tuple, named as foldserve.export names them
+    if keys != [()]:  # not one bare tensor: a tuple, named as foldserve.export names them
         model = Named(model, 1, keys)
     else:
         names = [OUTPUT_NAME]

@@ -79,6 +79,14 @@ class WithTrainingLoss(DeepSupervision):
         return head, None, auxiliary
 
 
+class Nested(DeepSupervision):
+    """Lists of feature maps per scale, as MONAI's MultiScalePatchDiscriminator returns them."""
+
+    def forward(self, image: torch.Tensor) -> list[list[torch.Tensor]]:  # type: ignore[override]
+        head, auxiliary = super().forward(image)
+        return [[head, auxiliary], [head.mean(dim=1)]]
+
+
 @dataclasses.dataclass
 class Answer:
     embedding: torch.Tensor
@@ -185,6 +193,12 @@ def test_deep_supervision_tuples_and_dataclasses_name_their_outputs(tmp_path: Pa
     assert [o.name for o in graph.output] == ["mask", "aux"]
     with pytest.raises(FoldingError, match=r"1 output names for the model's 2 outputs"):
         foldserve.export(_made(DeepSupervision), IMAGE, store=store, name="x", output_names=["a"])
+    nested = foldserve.export(_made(Nested), IMAGE, store=store, name="nested")
+    assert [s.name for s in nested.build.manifest.outputs] == [
+        "output0_0",
+        "output0_1",
+        "output1_0",
+    ]
     loss = foldserve.export(_made(WithTrainingLoss), IMAGE, store=store, name="loss")
     assert [s.name for s in loss.build.manifest.outputs] == ["output0", "output2"]  # no None
     fields = foldserve.export(_made(AsDataclass), META, store=store, name="fields")
