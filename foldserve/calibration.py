@@ -16,7 +16,7 @@ import numpy as np
 from foldserve.tensors import Features, Samples
 from service.errors import FoldingError
 from service.packing import packing
-from service.store import TensorSpec
+from service.store import ImageInput, TensorSpec
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 # NOTE: enough samples to probe every output and batch size; bounded in bytes so generated
@@ -204,12 +204,8 @@ class ImageFolder:
         )
         if not self.paths:
             raise FoldingError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-        channels = sample_shape[0]
         self.shape = sample_shape
-        self.mean = _per_channel(mean, channels, "mean", 0.0)
-        self.std = _per_channel(std, channels, "std", 1.0)
-        if not (self.std > 0).all():
-            raise FoldingError("image std must be positive")
+        self.spec = image_preprocessing("input", sample_shape, mean, std)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -226,23 +222,43 @@ class ImageFolder:
     def _decode(self, path: Path) -> Features:
         from PIL import Image
 
-        channels, height, width = self.shape
+        from service.images import to_tensor
+
         with Image.open(path) as image:
-            converted = image.convert("RGB" if channels == 3 else "L")
-            resized = converted.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(resized, dtype=np.float32) / 255.0
-        chw = pixels.reshape(height, width, channels).transpose(2, 0, 1)
-        normalized: Features = ((chw - self.mean) / self.std).astype(np.float32)
-        return normalized
+            return to_tensor(image, self.spec)  # exactly as the server does to image requests
+
+
+def image_preprocessing(
+    input_name: str,
+    sample_shape: tuple[int, ...],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> ImageInput:
+    """How an image becomes the input ``input_name`` of ``sample_shape`` (C, H, W; C 1 or 3):
+    converted, resized (bilinear), scaled to [0, 1], then ``(x - mean) / std`` per channel (one
+    value for every channel, or one each; default 0 and 1)."""
+    if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+        raise FoldingError(f"images need an input shaped C,H,W with C 1 or 3, got {sample_shape}")
+    channels, height, width = sample_shape
+    try:
+        return ImageInput(
+            input=input_name,
+            channels="RGB" if channels == 3 else "L",
+            size=(height, width),
+            mean=_per_channel(mean, channels, "mean", 0.0),
+            std=_per_channel(std, channels, "std", 1.0),
+        )
+    except ValueError as exc:
+        raise FoldingError(f"image preprocessing: {exc}") from None
 
 
 def _per_channel(
     values: Sequence[float] | None, channels: int, label: str, default: float
-) -> np.ndarray:
+) -> tuple[float, ...]:
     if values is None:
-        return np.full((channels, 1, 1), default, dtype=np.float32)
+        return (default,) * channels
     if len(values) not in (1, channels):
         raise FoldingError(f"image {label} needs 1 or {channels} values, got {len(values)}")
-    return np.broadcast_to(
-        np.asarray(values, dtype=np.float32).reshape(-1, 1, 1), (channels, 1, 1)
-    ).copy()
+    if label == "std" and min(values) <= 0:
+        raise FoldingError("image std must be positive")
+    return tuple(float(v) for v in values) * (channels // len(values))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import FoldingError, FoldserveError
-from service.store import BatchNormRecord, Manifest, TensorSpec
+from service.store import BatchNormRecord, ImageInput, Manifest, TensorSpec
 
 TASKS = ("classification", "regression", "segmentation")
 
@@ -73,8 +73,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calibration-key", help="the array to use in an .npz file")
     parser.add_argument("--calibration-limit", type=int, help="use the first N samples only")
-    parser.add_argument("--image-mean", type=_floats, help="image folders: per-channel mean")
-    parser.add_argument("--image-std", type=_floats, help="image folders: per-channel std")
+    parser.add_argument(
+        "--image-mean",
+        type=_floats,
+        help="the (first) input is an image: per-channel mean of its pixels scaled to [0, 1] "
+        "(one value, or one per channel); recorded, so the server takes PNG and JPEG requests, "
+        "and applied to image folders given as --calibration",
+    )
+    parser.add_argument(
+        "--image-std", type=_floats, help="the image's per-channel std (with --image-mean)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of generated inputs and probes")
     parser.add_argument(
         "--max-batch-size",
@@ -211,6 +219,8 @@ def _export(args: argparse.Namespace, command: str) -> int:
         command=command,
         source=source,
         max_batch_size=args.max_batch_size,
+        image_mean=args.image_mean,
+        image_std=args.image_std,
         output_names=args.output_names,
     )
     print(summary(result.path, result.build.manifest, result.build.seconds))
@@ -239,6 +249,8 @@ def _import(args: argparse.Namespace, command: str) -> int:
         seed=args.seed,
         command=command,
         max_batch_size=args.max_batch_size,
+        image_mean=args.image_mean,
+        image_std=args.image_std,
     )
     extra = [("batch dimension", "made dynamic")] if result.batch_made_dynamic else []
     print(summary(result.path, result.build.manifest, result.build.seconds, extra))
@@ -285,6 +297,7 @@ def summary(
         ("inputs", _tensors(manifest.inputs)),
         ("outputs", _tensors(manifest.outputs)),
         ("task", describe_task(manifest)),
+        *((("images", _image(manifest.image)),) if manifest.image is not None else ()),
         ("statistics", origin.bn_stats),
         ("checked on", origin.calibration or "-"),
         ("folded with", origin.fold_path),
@@ -311,6 +324,15 @@ def summary(
     files = ", ".join(f"{f.path} ({f.size_bytes / 1024:.0f} KiB)" for f in manifest.files)
     lines += ["", f"files: {files}", f"reproduce: {origin.command}"]
     return "\n".join(lines)
+
+
+def _image(image: ImageInput) -> str:
+    size = "x".join(map(str, image.size))
+    numbers = ", ".join(f"{m:g}/{s:g}" for m, s in zip(image.mean, image.std, strict=True))
+    return (
+        f"PNG and JPEG taken: {image.channels} {size}, bilinear, pixels/255, (x - mean)/std "
+        f"per channel {numbers}"
+    )
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> str:

@@ -44,7 +44,7 @@ from foldserve.stats import set_population_statistics
 from foldserve.tensors import INPUT_NAME, OUTPUT_NAME, predict, rows_per_step
 from service.errors import FoldingError
 from service.packing import Signature, packing
-from service.store import StatsShift, TensorSpec, check_model_name
+from service.store import ImageInput, StatsShift, TensorSpec, check_model_name
 
 BatchNormStats = Literal["ema", "population"]
 # One sample's shape, or each input's by name (in the order forward takes them).
@@ -78,6 +78,8 @@ def export(
     source: str | None = None,
     max_batch_size: int | None = None,
     output_names: Sequence[str] | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
 ) -> ExportResult:
     """Fold, export, verify and store ``model`` as the next version of ``name`` in ``store``.
 
@@ -94,6 +96,7 @@ def export(
     """
     inputs = _input_specs(input_shape)
     sides = packing(inputs)
+    _image(inputs, image_mean, image_std)  # refused here, before any work, if it cannot be
     shape = sides.row_shape
     check_model_name(name)
     check_row_cap(max_batch_size)
@@ -140,6 +143,7 @@ def export(
         output_name=output_name,
         inputs=inputs if several else (),
         outputs=outputs if several else (),
+        image=_image(inputs, image_mean, image_std),
     )
     provenance: dict[str, Any] = {
         "entry_point": "export",
@@ -289,6 +293,15 @@ def _calibration(
         f"the model takes {len(inputs)} inputs {[spec.name for spec in inputs]}: give "
         "calibration data as an .npz file with one array per input, named as the input"
     )
+
+
+def _image(
+    inputs: tuple[TensorSpec, ...], mean: Sequence[float] | None, std: Sequence[float] | None
+) -> ImageInput | None:
+    """How an image becomes the first input, when the image's mean or std was given."""
+    if mean is None and std is None:
+        return None
+    return calibration_data.image_preprocessing(inputs[0].name, inputs[0].shape, mean, std)
 
 
 def _outputs(

@@ -71,6 +71,8 @@ def import_onnx(
     seed: int = 0,
     command: str | None = None,
     max_batch_size: int | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
 ) -> ImportResult:
     """Fold, verify and store the ONNX file at ``path`` as the next version of ``name``.
 
@@ -85,6 +87,13 @@ def import_onnx(
         raise FoldingError(f"{path}: not a readable ONNX file: {exc}") from exc
     inputs, output_names = _signature(original, input_shape)
     sides = packing(inputs)
+    image = (
+        None
+        if image_mean is None and image_std is None
+        else calibration_data.image_preprocessing(
+            inputs[0].name, inputs[0].shape, image_mean, image_std
+        )
+    )
     made_dynamic = False
     if (problem := dynamic_batch_problem(original)) is not None:
         original = make_batch_dynamic(original)  # raises with re-export advice if it cannot
@@ -116,6 +125,7 @@ def import_onnx(
         max_batch_size=max_batch_size,
         inputs=inputs,
         outputs=outputs,
+        image=image,
     )
     provenance: dict[str, Any] = {
         "entry_point": "import",

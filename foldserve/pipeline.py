@@ -30,6 +30,7 @@ from service.store import (
     BatchNormRecord,
     FoldPath,
     Golden,
+    ImageInput,
     InputStatistics,
     Manifest,
     ModelFile,
@@ -81,6 +82,7 @@ class ModelCard:
     # give them (sample_shape is then the row of all inputs side by side: service.packing).
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    image: ImageInput | None = None  # how an image becomes an input, for image requests
 
     def input_specs(self) -> tuple[TensorSpec, ...]:
         return self.inputs or (TensorSpec(name=self.input_name, shape=self.sample_shape),)
@@ -395,6 +397,7 @@ def store_verified(
             batching=BatchingConfig(max_batch_size=cap),
             input_statistics=input_statistics,
             hidden_statistics=tuple(monitor.statistics for monitor in hidden_statistics),
+            image=card.image,
         )
 
     with timed(seconds, "store"):

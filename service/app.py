@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.blas import pin_numpy_blas
+from service.cpus import usable_cpus
 from service.dataplane import DataPlane
 from service.drift_metrics import DriftCollector
 from service.errors import FoldserveError, InvalidInput, Overloaded
@@ -34,6 +35,7 @@ from service.http.asgi import AsgiBridge
 from service.http.context import write_access_line
 from service.http.request import Request as HttpRequest
 from service.http.response import Response, answered, error_body, failure
+from service.images import ImageDecoder
 from service.keys import Keys
 from service.logs import LogFormat, configure_root
 from service.metrics import TelemetryCollector
@@ -144,6 +146,7 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.registry.stop()  # drains: every accepted request is answered
+        self.api.state.dataplane.images.close()
         gc.unfreeze()  # what was frozen at load may be garbage now (e.g. this app, in tests)
 
 
@@ -186,6 +189,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         telemetry.unresolved,
         keys=inference_keys if inference_keys.required else None,
         request_timeout_s=settings.request_timeout_s,
+        images=ImageDecoder(
+            settings.max_image_pixels,
+            setting_ref("max_image_pixels", settings.max_image_pixels),
+            usable_cpus(),
+        ),
     )
     api = FastAPI(
         title="foldserve",

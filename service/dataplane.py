@@ -24,16 +24,17 @@ import numpy as np
 
 from service.admission import Ticket
 from service.backends import Array
-from service.errors import FoldserveError, InvalidInput, Overloaded
+from service.errors import FoldserveError, InvalidInput, Overloaded, UnsupportedMediaType
 from service.finite import all_finite, within_float32
 from service.http.request import Request
 from service.http.response import Response, failure
+from service.images import ImageDecoder
 from service.keys import Keys
 from service.packing import Packing
 from service.registry import Registry
 from service.request_body import BodyLimit, body_decoder, read_body, read_body_now
 from service.shedding import ShedLog, requested_timeout
-from service.store import TensorSpec
+from service.store import ImageInput, TensorSpec
 from service.telemetry import Figures
 from service.versions import ReadyVersion
 
@@ -49,12 +50,14 @@ class Parsed:
     model: str | None = None  # named in the body (None: as the path, or the default model)
     version: int | None = None
     timeout_s: float | None = None  # a time budget named in the body (V2's parameters.timeout)
+    images: list[bytes] | None = None  # encoded images for the model's image input, if sent
 
 
 class Codec(Protocol):
     """One protocol's side of the path."""
 
     binary: bool  # reads application/octet-stream bodies too
+    images: bool  # reads image/png and image/jpeg bodies too
     route: str  # for the log
 
     def version(self, name: str | None, text: str | None) -> int | None:
@@ -117,6 +120,17 @@ def validate_inputs(tensors: list[np.ndarray], inputs: Packing) -> Array:
     return inputs.pack(checked)
 
 
+def image_input(ready: ReadyVersion) -> ImageInput:
+    """The preprocessing that makes images the version's input, if it has one (415 if not)."""
+    spec = ready.manifest.image
+    if spec is None or not ready.signature.inputs.single:
+        raise UnsupportedMediaType(
+            f"model {ready.name!r} v{ready.version} takes no images: it was exported without "
+            "the preprocessing its images need (--image-mean, --image-std); send tensors"
+        )
+    return spec
+
+
 def _non_finite(spec: TensorSpec) -> InvalidInput:
     return InvalidInput(
         f"input {spec.name!r} holds non-finite values (NaN, infinity or beyond float32 range)"
@@ -150,12 +164,14 @@ class DataPlane:
         keys: Keys | None = None,
         request_timeout_s: float | None = None,
         shed_log: ShedLog | None = None,
+        images: ImageDecoder | None = None,
     ) -> None:
         self.registry = registry
         self.unresolved = unresolved  # where requests that resolved to no version are counted
         self.keys = keys  # None when no key is required: no check at all
         self.request_timeout_s = request_timeout_s
         self.shed_log = shed_log or ShedLog()
+        self.images = images or ImageDecoder(1 << 24, "max_image_pixels", 1)
 
     def deadline(self, arrived: float, requested_s: float | None) -> float | None:
         """The loop-clock time a request's answer is due: its own budget, capped by the server's,
@@ -174,7 +190,7 @@ class DataPlane:
         try:
             if self.keys is not None:
                 self.keys.check(request.head)  # first: a caller without the key learns nothing
-            decoder = body_decoder(request.head, binary=codec.binary)
+            decoder = body_decoder(request.head, binary=codec.binary, images=codec.images)
             deadline = self.deadline(request.arrived, requested_timeout(request.head.timeout))
             number = codec.version(name, version_text)
             try:
@@ -207,7 +223,11 @@ class DataPlane:
                 request.served(ready.name, ready.version)
                 ticket = ready.admission.enter_now()
             assert ticket is not None and ready is not None
-            rows = validate_inputs(codec.rows(parsed, ready), ready.signature.inputs)
+            if parsed.images is None:
+                tensors = codec.rows(parsed, ready)
+            else:
+                tensors = [await self.images.rows(parsed.images, image_input(ready))]
+            rows = validate_inputs(tensors, ready.signature.inputs)
             request.rows = rows
             if not ticket.admit_now(len(rows), deadline):
                 await ticket.admit_when_room(len(rows), deadline)

@@ -34,6 +34,7 @@ from service.settings import Settings, setting_ref
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
+IMAGE_TYPES = frozenset({b"image/png", b"image/jpeg"})
 ENCODINGS = "gzip, deflate"
 _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 _FORM = b"application/x-www-form-urlencoded"
@@ -79,14 +80,15 @@ class Decoder:
             raise InvalidInput(f"{extra} bytes follow the end of the {self.encoding} stream")
 
 
-def body_decoder(head: Head, *, binary: bool = False) -> Decoder | None:
+def body_decoder(head: Head, *, binary: bool = False, images: bool = False) -> Decoder | None:
     """Check the request's Content-Type and Content-Encoding (415); the decoder its body needs.
 
-    ``binary``: the route also reads ``application/octet-stream`` (V2's binary tensor form).
+    ``binary``: the route also reads ``application/octet-stream`` (V2's binary tensor form);
+    ``images``: ``image/png`` and ``image/jpeg`` (an image model's input, as a file).
     """
     kind = head.content_type
     if kind != JSON:  # the usual value, exactly: nothing to parse
-        _check_type(kind, head.origin, binary)
+        _check_type(kind, head.origin, binary, images)
     encoding = head.content_encoding
     return None if encoding is None else _decoder(encoding)
 
@@ -272,10 +274,19 @@ def megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
 
 
-def _check_type(value: bytes | None, origin: bytes | None, binary: bool) -> None:
+def is_image(value: bytes | None) -> bool:
+    """Whether a Content-Type names an encoded image this server reads."""
+    return value is not None and value.partition(b";")[0].strip().lower() in IMAGE_TYPES
+
+
+def _check_type(value: bytes | None, origin: bytes | None, binary: bool, images: bool) -> None:
     send = "send JSON with 'Content-Type: application/json'"
     if binary:
         send += " (or 'application/octet-stream' with Inference-Header-Content-Length)"
+    if images:
+        send += " (or an image model's input as 'image/png' or 'image/jpeg')"
+        if is_image(value):
+            return
     if value is None:
         if origin is None:
             return

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     # NOTE: a JSON body is parsed on the event loop, at ~5 ms per MB of typical floats (and up to
     # ~40 ms per MB of one-digit numbers), while nothing else is served: these two bound that
     # pause. Larger tensors go as V2 binary tensors, which are not parsed at all.
+    # NOTE: 16.8M pixels (4096x4096) decode to 50 MB of RGB; a PNG claiming more is refused from
+    # its header, before a pixel is decoded.
+    max_image_pixels: int = Field(
+        1 << 24, ge=1, description="pixels of one image sent to an image model (413 above)"
+    )
     max_json_bytes: int = Field(
         8 << 20, ge=1024, description="largest JSON body (or V2 JSON header), as decoded (413)"
     )

@@ -49,6 +49,37 @@ class TensorSpec(_Strict):
     shape: tuple[int, ...]
 
 
+class ImageInput(_Strict):
+    """How an encoded image (PNG or JPEG) becomes one of the model's inputs: the preprocessing
+    the network was trained with, written down beside it so that clients send the image itself.
+
+    decode -> convert to ``channels`` -> resize to ``size`` (``resize``) -> ``pixel * scale``
+    -> ``(x - mean) / std`` per channel -> ``layout`` (channels first).
+    """
+
+    input: str = Field(description="the input tensor the image becomes")
+    channels: Literal["RGB", "L"] = Field(description="RGB (3 channels) or L (grey, 1 channel)")
+    size: tuple[int, int] = Field(description="(height, width) the image is resized to")
+    resize: Literal["bilinear"] = "bilinear"
+    layout: Literal["CHW"] = "CHW"
+    scale: float = Field(1.0 / 255.0, gt=0.0, description="each 0..255 pixel value times this")
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImageInput:
+        count = 3 if self.channels == "RGB" else 1
+        if len(self.mean) != count or len(self.std) != count or min(self.std) <= 0:
+            raise ValueError(f"{self.channels} images need {count} means and {count} stds > 0")
+        if min(self.size) < 1:
+            raise ValueError(f"image size {self.size} must be positive")
+        return self
+
+    def shape(self) -> tuple[int, int, int]:
+        """The tensor one image becomes."""
+        return (3 if self.channels == "RGB" else 1, *self.size)
+
+
 class ModelFile(_Strict):
     format: ModelFormat
     path: str = Field(pattern=_FILE_PATTERN.pattern, description="a file name in the version")
@@ -245,6 +276,9 @@ class Manifest(_Strict):
     hidden_statistics: tuple[HiddenStatistics, ...] = Field(
         (), description="hidden BatchNorms monitored through a map of the input (see its docs)"
     )
+    image: ImageInput | None = Field(
+        None, description="the preprocessing that makes an image one of the inputs (None: no)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -270,6 +304,13 @@ class Manifest(_Strict):
         paths = [f.path for f in self.checked_files()]
         if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
             raise ValueError("two files share one path (or one is named manifest.json)")
+        if self.image is not None:
+            spec = next((spec for spec in self.inputs if spec.name == self.image.input), None)
+            if spec is None or spec.shape != self.image.shape():
+                raise ValueError(
+                    f"images become {self.image.shape()} for input {self.image.input!r}, which "
+                    f"is {spec.shape if spec is not None else 'not an input'}"
+                )
         if self.input_statistics is not None:
             self.input_statistics.check_fits(self.inputs[0].shape)
         for hidden in self.hidden_statistics:

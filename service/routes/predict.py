@@ -3,6 +3,8 @@ the path from head to answer is service.dataplane's."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 import numpy as np
@@ -13,31 +15,37 @@ from service.dataplane import Parsed, predictions
 from service.errors import InvalidInput
 from service.http.request import Request
 from service.http.response import JSON, Response
-from service.request_body import BodyLimit, json_limit
+from service.request_body import BodyLimit, is_image, json_limit
 from service.routes.json_numbers import inputs_array
 from service.routes.paths import check_version, path_version
 from service.routes.responses import quoted
 from service.routes.strict_json import check_unique_keys, holds_booleans
-from service.settings import Settings
+from service.settings import Settings, setting_ref
 from service.versions import ReadyVersion
 
-_FIELDS = frozenset({"inputs", "model", "version"})
+_FIELDS = frozenset({"inputs", "images", "model", "version"})
 
 
 class PredictCodec:
     binary = False
+    images = True
     route = "/predict"
 
     def __init__(self, settings: Settings) -> None:
         self._limit = json_limit(settings)
+        self._image_limit = BodyLimit(
+            settings.max_body_bytes, setting_ref("max_body_bytes", settings.max_body_bytes)
+        )
 
     def version(self, name: str | None, text: str | None) -> int | None:
         return path_version(text)
 
     def limit(self, request: Request, ready: ReadyVersion | None) -> BodyLimit:
-        return self._limit
+        return self._image_limit if is_image(request.head.content_type) else self._limit
 
     def parse(self, body: bytes, request: Request, name: str | None, number: int | None) -> Parsed:
+        if is_image(request.head.content_type):  # one image, the file itself
+            return Parsed(None, images=[body])
         rows = inputs_array(body)
         if rows is not None:  # the usual body, read without a Python object per number
             return Parsed((rows, body))
@@ -54,14 +62,18 @@ class PredictCodec:
         if unknown:
             names = ", ".join(quoted(name) for name in sorted(unknown))
             raise InvalidInput(f"unknown fields [{names}]: expected {sorted(_FIELDS)}")
-        if "inputs" not in payload:
-            raise InvalidInput('missing "inputs": send {"inputs": [sample, ...]}')
+        if ("inputs" in payload) == ("images" in payload):
+            raise InvalidInput(
+                'send "inputs": [sample, ...] or, to an image model, "images": [base64, ...]'
+            )
         model = _named("model", str, payload.get("model"))
         version = _named("version", int, payload.get("version"))
         if version is not None:
             check_version(version)
         _agree("model", name, model)
         _agree("version", number, version)
+        if "images" in payload:
+            return Parsed(None, model, version, images=_images(payload["images"]))
         return Parsed((payload["inputs"], body), model, version)
 
     def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
@@ -94,6 +106,22 @@ class PredictCodec:
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         return Response(200, body, JSON)
+
+
+def _images(value: Any) -> list[bytes]:
+    """A JSON list of base64 strings (standard or URL-safe alphabet) as the files they hold."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidInput('"images" must be a list of base64 strings, one encoded image each')
+    files = []
+    for index, text in enumerate(value):
+        try:
+            files.append(base64.b64decode(text.translate(_URL_SAFE), validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"image {index} is not valid base64") from None
+    return files
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 def _named_inputs(inputs: dict[str, Any], names: tuple[str, ...]) -> tuple[str, ...]:

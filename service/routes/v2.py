@@ -73,6 +73,7 @@ class V2Codec:
     """``POST /v2/models/{name}[/versions/{v}]/infer``: JSON tensors, or Triton's binary ones."""
 
     binary = True
+    images = False  # V2 sends images as BYTES tensors (not yet read: issue 18)
     route = "/v2 infer"
 
     def __init__(self, settings: Settings) -> None:
