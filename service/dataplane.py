@@ -28,7 +28,7 @@ from service.errors import FoldserveError, InvalidInput, Overloaded, Unsupported
 from service.finite import all_finite, within_float32
 from service.http.request import Request
 from service.http.response import Response, failure
-from service.images import ImageDecoder
+from service.images import EncodedImages, ImageDecoder
 from service.keys import Keys
 from service.packing import Packing
 from service.registry import Registry
@@ -50,7 +50,6 @@ class Parsed:
     model: str | None = None  # named in the body (None: as the path, or the default model)
     version: int | None = None
     timeout_s: float | None = None  # a time budget named in the body (V2's parameters.timeout)
-    images: list[bytes] | None = None  # encoded images for the model's image input, if sent
 
 
 class Codec(Protocol):
@@ -73,8 +72,9 @@ class Codec(Protocol):
         names must agree with (400)."""
         ...
 
-    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
-        """One array per input of the version, in the manifest's order, in its wire dtype."""
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray] | EncodedImages:
+        """One array per input of the version, in the manifest's order, in its wire dtype; or
+        the encoded images sent for its image input."""
         ...
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response: ...
@@ -223,10 +223,9 @@ class DataPlane:
                 request.served(ready.name, ready.version)
                 ticket = ready.admission.enter_now()
             assert ticket is not None and ready is not None
-            if parsed.images is None:
-                tensors = codec.rows(parsed, ready)
-            else:
-                tensors = [await self.images.rows(parsed.images, image_input(ready))]
+            tensors = codec.rows(parsed, ready)
+            if isinstance(tensors, EncodedImages):  # decoded off the event loop
+                tensors = [await self.images.rows(tensors.files, image_input(ready))]
             rows = validate_inputs(tensors, ready.signature.inputs)
             request.rows = rows
             if not ticket.admit_now(len(rows), deadline):

@@ -14,6 +14,7 @@ import concurrent.futures
 import io
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +24,13 @@ from service.errors import InvalidInput, PayloadTooLarge
 from service.store import ImageInput
 
 FORMATS = ("PNG", "JPEG")
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """A request's images as sent (PNG or JPEG files), for the model's image input."""
+
+    files: list[bytes]
 
 
 def to_tensor(image: Image.Image, spec: ImageInput) -> Array:

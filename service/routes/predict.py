@@ -15,6 +15,7 @@ from service.dataplane import Parsed, predictions
 from service.errors import InvalidInput
 from service.http.request import Request
 from service.http.response import JSON, Response
+from service.images import EncodedImages
 from service.request_body import BodyLimit, is_image, json_limit
 from service.routes.json_numbers import inputs_array
 from service.routes.paths import check_version, path_version
@@ -45,7 +46,7 @@ class PredictCodec:
 
     def parse(self, body: bytes, request: Request, name: str | None, number: int | None) -> Parsed:
         if is_image(request.head.content_type):  # one image, the file itself
-            return Parsed(None, images=[body])
+            return Parsed(EncodedImages([body]))
         rows = inputs_array(body)
         if rows is not None:  # the usual body, read without a Python object per number
             return Parsed((rows, body))
@@ -73,10 +74,12 @@ class PredictCodec:
         _agree("model", name, model)
         _agree("version", number, version)
         if "images" in payload:
-            return Parsed(None, model, version, images=_images(payload["images"]))
+            return Parsed(EncodedImages(_images(payload["images"])), model, version)
         return Parsed((payload["inputs"], body), model, version)
 
-    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray] | EncodedImages:
+        if isinstance(parsed.payload, EncodedImages):
+            return parsed.payload
         inputs, body = parsed.payload
         if isinstance(inputs, np.ndarray):
             return [inputs]

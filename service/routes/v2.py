@@ -25,6 +25,7 @@ from service.errors import FoldserveError, InvalidInput, ModelNotReady, PayloadT
 from service.http.request import Request as HttpRequest
 from service.http.response import JSON
 from service.http.response import Response as HttpResponse
+from service.images import EncodedImages
 from service.packing import Packing
 from service.request_body import BodyLimit, byte_count, check_items, json_limit, megabytes
 from service.routes.models import registry_of
@@ -40,7 +41,9 @@ from service.routes.v2_headers import (
     HeaderMemo,
     Plan,
     answer_header,
+    binary_size,
 )
+from service.routes.v2_images import image_request
 from service.schemas import (
     LiveAnswer,
     ModelConfig,
@@ -73,7 +76,7 @@ class V2Codec:
     """``POST /v2/models/{name}[/versions/{v}]/infer``: JSON tensors, or Triton's binary ones."""
 
     binary = True
-    images = False  # V2 sends images as BYTES tensors (not yet read: issue 18)
+    images = False  # V2 sends images as BYTES tensors (service.routes.v2_images)
     route = "/v2 infer"
 
     def __init__(self, settings: Settings) -> None:
@@ -138,13 +141,18 @@ class V2Codec:
             _Body(header, memoryview(body)[length:]), None, header.version, header.timeout_s
         )
 
-    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray]:
+    def rows(self, parsed: Parsed, ready: ReadyVersion) -> list[np.ndarray] | EncodedImages:
         wire: _Body = parsed.payload
         header, signature = wire.header, ready.signature
         plan = header.plans.get(signature)
         if plan is not None:  # this header, checked against these tensors before
             wire.outputs = plan.outputs
             return plan.rows(wire.binary)
+        if ready.manifest.image is not None:
+            images = image_request(header.payload, wire.binary, ready)
+            if images is not None:
+                wire.outputs = _chosen_outputs(header.payload, signature.outputs)
+                return images
         declared = _input_tensors(header.payload, signature.inputs)
         arrays: list[np.ndarray | None] = [None] * len(signature.inputs.specs)
         binaries: list[BinaryInput] = []
@@ -290,7 +298,7 @@ def _binary_input(declared: _Declared, inputs: Packing, offset: int) -> BinaryIn
     ``data``."""
     tensor, index, datatype, dtype, shape = declared
     name = inputs.names[index]
-    size = _binary_size(tensor)
+    size = binary_size(tensor)
     if size is None:
         return None
     if "data" in tensor:
@@ -336,16 +344,6 @@ def _shape(value: Any, spec: TensorSpec) -> list[int]:
     ):
         raise InvalidInput(f"input {spec.name!r}: shape must be {expected}, got {quoted(value)}")
     return value
-
-
-def _binary_size(tensor: dict[str, Any]) -> int | None:
-    parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput('"parameters" must be an object')
-    size = parameters.get("binary_data_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise InvalidInput(f"binary_data_size must be a byte count, got {quoted(size)}")
-    return size
 
 
 def _chosen_outputs(payload: dict[str, Any], outputs: Packing) -> ChosenOutputs:

@@ -112,6 +112,17 @@ class Header:
     plans: dict[Signature, Plan] = field(default_factory=dict)
 
 
+def binary_size(tensor: dict[str, Any]) -> int | None:
+    """The tensor's ``parameters.binary_data_size`` (None: its data is JSON)."""
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be an object')
+    size = parameters.get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise InvalidInput(f"binary_data_size must be a byte count, got {size!r:.40}")
+    return size
+
+
 class HeaderMemo:
     """Headers by (text, path's model name, path's version); the event loop's alone."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import torch
 from PIL import Image
@@ -29,18 +30,18 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 LABELS = ["cat", "dog", "fox"]
 
 
-def _picture(seed: int, size: tuple[int, int] = (12, 10)) -> Image.Image:
+def picture(seed: int, size: tuple[int, int] = (12, 10)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3))
     return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
 
-def _encoded(image: Image.Image, fmt: str) -> bytes:
+def encoded(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
 
 
-def _preprocessed(data: bytes) -> np.ndarray:
+def preprocessed(data: bytes) -> np.ndarray:
     """The recorded preprocessing, written out here independently of the server's code."""
     with Image.open(io.BytesIO(data)) as image:
         resized = image.convert("RGB").resize((8, 8), Image.Resampling.BILINEAR)
@@ -84,7 +85,7 @@ def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = root / "calibration"
     folder.mkdir()
     for i in range(6):
-        _picture(i).save(folder / f"{i}.png")
+        picture(i).save(folder / f"{i}.png")
     torch.manual_seed(0)
     store = root / "store"
     result = foldserve.export(
@@ -119,22 +120,22 @@ def _tensor_answer(base: str, rows: np.ndarray) -> dict[str, object]:
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_an_image_file_gets_the_answer_of_its_preprocessed_pixels(base: str, fmt: str) -> None:
-    data = _encoded(_picture(50), fmt)
+    data = encoded(picture(50), fmt)
     content_type = f"image/{fmt.lower()}"
     answer = httpx.post(f"{base}/predict", content=data, headers={"Content-Type": content_type})
     assert answer.status_code == 200, answer.text
     got = answer.json()
-    expected = _tensor_answer(base, _preprocessed(data)[np.newaxis])
+    expected = _tensor_answer(base, preprocessed(data)[np.newaxis])
     np.testing.assert_allclose(got["outputs"], expected["outputs"], rtol=1e-5, atol=1e-5)
     assert got["predictions"] == expected["predictions"] and got["predictions"][0] in LABELS
 
 
 def test_base64_images_in_json_are_answered_in_order(base: str) -> None:
-    files = [_encoded(_picture(60), "PNG"), _encoded(_picture(61, (30, 20)), "JPEG")]
+    files = [encoded(picture(60), "PNG"), encoded(picture(61, (30, 20)), "JPEG")]
     body = {"images": [base64.b64encode(f).decode() for f in files]}
     answer = httpx.post(f"{base}/predict", json=body)
     assert answer.status_code == 200, answer.text
-    expected = _tensor_answer(base, np.stack([_preprocessed(f) for f in files]))
+    expected = _tensor_answer(base, np.stack([preprocessed(f) for f in files]))
     np.testing.assert_allclose(answer.json()["outputs"], expected["outputs"], atol=1e-5)
 
 
@@ -147,10 +148,10 @@ def test_a_decompression_bomb_is_refused_from_its_header_and_the_server_goes_on(
         answer = httpx.post(f"{base}/predict", content=bomb, headers={"Content-Type": "image/png"})
         assert answer.status_code == 413
         assert "pixels, over max_image_pixels" in answer.json()["error"]
-    over = _encoded(_picture(70, (300, 200)), "PNG")  # 60,000 > 40,000 allowed here
+    over = encoded(picture(70, (300, 200)), "PNG")  # 60,000 > 40,000 allowed here
     answer = httpx.post(f"{base}/predict", content=over, headers={"Content-Type": "image/png"})
     assert answer.status_code == 413
-    fine = _encoded(_picture(71), "PNG")
+    fine = encoded(picture(71), "PNG")
     answer = httpx.post(f"{base}/predict", content=fine, headers={"Content-Type": "image/png"})
     assert answer.status_code == 200
 
@@ -173,9 +174,74 @@ def test_what_is_not_a_usable_image_gets_a_clear_error(
 
 
 def test_a_model_exported_without_image_preprocessing_takes_no_images(base: str) -> None:
-    data = _encoded(_picture(80), "PNG")
+    data = encoded(picture(80), "PNG")
     answer = httpx.post(
         f"{base}/models/tensors-only/predict", content=data, headers={"Content-Type": "image/png"}
     )
     assert answer.status_code == 415
     assert "takes no images" in answer.json()["error"]
+
+
+def _v2_bytes_body(files: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    raw = b"".join(struct.pack("<I", len(f)) + f for f in files)
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "input", "datatype": "BYTES", "shape": [len(files)],
+                 "parameters": {"binary_data_size": len(raw)}},
+            ]
+        }
+    )  # fmt: skip
+    headers = {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+    return header + raw, headers
+
+
+def test_v2_takes_a_bytes_tensor_of_images_binary_or_base64(base: str) -> None:
+    files = [encoded(picture(90), "JPEG"), encoded(picture(91), "PNG")]
+    expected = _tensor_answer(base, np.stack([preprocessed(f) for f in files]))["outputs"]
+    content, headers = _v2_bytes_body(files)
+    answer = httpx.post(f"{base}/v2/models/pets/infer", content=content, headers=headers)
+    assert answer.status_code == 200, answer.text
+    (output,) = answer.json()["outputs"]
+    np.testing.assert_allclose(np.reshape(output["data"], output["shape"]), expected, atol=1e-5)
+    as_json = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "BYTES",
+                "shape": [2, 1],
+                "data": [base64.b64encode(f).decode() for f in files],
+            }
+        ]
+    }
+    answer = httpx.post(f"{base}/v2/models/pets/infer", json=as_json)
+    assert answer.status_code == 200, answer.text
+    (output,) = answer.json()["outputs"]
+    np.testing.assert_allclose(np.reshape(output["data"], output["shape"]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("files", "shape", "cut", "message"),
+    [
+        (2, [3], 0, "shape says 3 images, it holds 2"),
+        (1, [1, 3], 0, "shaped [n] or [n, 1]"),
+        (1, [1], 5, "is cut short"),
+    ],
+)
+def test_v2_bytes_that_do_not_hold_what_they_say_are_refused(
+    base: str, files: int, shape: list[int], cut: int, message: str
+) -> None:
+    content, headers = _v2_bytes_body([encoded(picture(i), "PNG") for i in range(files)])
+    header_length = int(headers["Inference-Header-Content-Length"])
+    header = orjson.loads(content[:header_length])
+    header["inputs"][0]["shape"] = shape
+    raw = content[header_length : len(content) - cut]
+    header["inputs"][0]["parameters"]["binary_data_size"] = len(raw)
+    text = orjson.dumps(header)
+    headers["Inference-Header-Content-Length"] = str(len(text))
+    answer = httpx.post(f"{base}/v2/models/pets/infer", content=text + raw, headers=headers)
+    assert answer.status_code == 400
+    assert message in answer.json()["error"]

@@ -11,6 +11,7 @@ time here; nothing after). The test is skipped only when the package registry is
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -24,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
 
+import foldserve
 from service.app import create_app
 from service.settings import Settings
+from tests.service import test_images as images
 from tests.service.conftest import SHAPE, Artifacts, add_version, reference, running
 from tests.service.pair_model import add_pair_version, pair_inputs, pair_reference
 
@@ -90,6 +95,24 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
     expected = reference(root, x)
     pair = pair_inputs(2, seed=4)
     pair_expected = pair_reference(pair)
+    torch.manual_seed(0)
+    pets = foldserve.export(
+        images.Net().eval(),
+        images.SHAPE,
+        store=root,
+        name="pets",
+        image_mean=images.MEAN,
+        image_std=images.STD,
+    )
+    files = [
+        images.encoded(images.picture(7), "JPEG"),
+        images.encoded(images.picture(8), "PNG"),
+    ]
+    pixels = np.stack([images.preprocessed(f) for f in files])
+    session = ort.InferenceSession(
+        str(pets.path / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (pets_expected,) = session.run(None, {"input": pixels})
     settings = Settings(
         model_store=root,
         default_model="tiny",
@@ -105,6 +128,12 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
             "model": "tiny",
             "inputs": x.tolist(),
             "several": {"model": "pair", "inputs": {k: v.tolist() for k, v in pair.items()}},
+            "image": {
+                "model": "pets",
+                "input": "input",
+                "output": "logits",
+                "files": [base64.b64encode(f).decode() for f in files],
+            },
         }
         done = subprocess.run(
             [str(python), str(HERE / "run_clients.py")],
@@ -161,3 +190,4 @@ def test_tritonclient_and_the_kserve_sdk_work_unchanged(
             close(several[call][name], pair_expected[name])
     for name in ("logits", "scaled"):
         close(results["several_kserve"]["infer"][name], pair_expected[name])
+    close(results["image_tritonclient"]["infer"], pets_expected)

@@ -9,6 +9,7 @@ the result of that call.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 import traceback
@@ -193,6 +194,25 @@ async def several_with_kserve(config: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def image_with_tritonclient(config: dict[str, Any]) -> dict[str, Any]:
+    """An image model fed a BYTES tensor of encoded images, as Triton's image clients do."""
+    client = triton.InferenceServerClient(url=config["url"].removeprefix("http://"))
+    key = {"Authorization": f"Bearer {config['key']}"}
+    image = config["image"]
+    files = np.array([base64.b64decode(f) for f in image["files"]], dtype=np.object_)
+    results: dict[str, Any] = {}
+
+    def infer() -> list[Any]:
+        tensor = triton.InferInput(image["input"], [len(files)], "BYTES")
+        tensor.set_data_from_numpy(files, binary_data=True)
+        answer = client.infer(image["model"], [tensor], headers=dict(key))
+        return answer.as_numpy(image["output"]).tolist()
+
+    attempt(results, "infer", infer)
+    client.close()
+    return results
+
+
 def main() -> None:
     config = json.load(sys.stdin)
     results = {
@@ -200,6 +220,7 @@ def main() -> None:
         "kserve": asyncio.run(with_kserve(config)),
         "several_tritonclient": several_with_tritonclient(config),
         "several_kserve": asyncio.run(several_with_kserve(config)),
+        "image_tritonclient": image_with_tritonclient(config),
     }
     json.dump(results, sys.stdout, default=str)
 
