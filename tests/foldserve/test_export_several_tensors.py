@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnx
+import orjson
 import pytest
 import torch
 from torch import nn
@@ -225,3 +226,57 @@ def test_shapes_that_do_not_fit_forward_are_refused_with_what_to_give(tmp_path: 
         ]
     )
     assert code == 1
+
+
+def test_a_monai_network_with_deep_supervision_is_served_every_output_over_v2(
+    tmp_path: Path,
+) -> None:
+    from monai.networks.nets import BasicUNetPlusPlus
+
+    torch.manual_seed(0)
+    model = BasicUNetPlusPlus(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        features=(4, 4, 8, 8, 8, 4),
+        norm="batch",
+        deep_supervision=True,
+    )
+    model.train()
+    with torch.no_grad():  # statistics of its own, not the initial 0 and 1
+        for _ in range(3):
+            model(torch.randn(4, 1, 16, 16) * 2 + 0.5)
+    model.eval()
+    store = tmp_path / "store"
+    result = foldserve.export(model, (1, 16, 16), store=store, name="unetpp")
+    manifest = result.build.manifest
+    assert [s.name for s in manifest.outputs] == ["output0", "output1", "output2", "output3"]
+    assert len(manifest.batch_norm) > 0
+    x = np.random.default_rng(4).normal(size=(2, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = [t.numpy() for t in model(torch.from_numpy(x))]
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [2, 1, 16, 16],
+                 "parameters": {"binary_data_size": x.nbytes}},
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )  # fmt: skip
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    settings = Settings(model_store=store, default_model="unetpp")
+    with serve(create_app(settings)) as base:
+        answer = httpx.post(
+            f"{base}/v2/models/unetpp/infer", content=header + x.tobytes(), headers=headers
+        )
+    assert answer.status_code == 200, answer.text
+    length = int(answer.headers["inference-header-content-length"])
+    tensors = orjson.loads(answer.content[:length])["outputs"]
+    assert [t["name"] for t in tensors] == ["output0", "output1", "output2", "output3"]
+    raw, offset = answer.content[length:], 0
+    for tensor, want in zip(tensors, expected, strict=True):
+        size = tensor["parameters"]["binary_data_size"]
+        got = np.frombuffer(raw[offset : offset + size], dtype="<f4").reshape(tensor["shape"])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        offset += size
