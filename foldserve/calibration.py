@@ -30,12 +30,13 @@ class Calibration:
     samples: Samples  # every calibration sample, read lazily
     description: str  # for the manifest: where the samples came from
     generated: bool  # True: no user data, inputs drawn at random
+    dtype: str = "float32"  # of the rows the model is fed (service.packing: its rows' dtype)
 
     def check_inputs(self) -> Features:
         """A bounded in-memory subset to verify on: the first samples (they include the golden)."""
-        per_sample = 4 * max(1, math.prod(self.samples[:1].shape[1:]))
+        per_sample = np.dtype(self.dtype).itemsize * max(1, math.prod(self.samples[:1].shape[1:]))
         count = max(2, min(CHECK_SAMPLES, CHECK_BYTES // per_sample, len(self.samples)))
-        return np.array(self.samples[:count], dtype=np.float32)  # writable, in memory
+        return np.array(self.samples[:count], dtype=self.dtype)  # writable, in memory
 
 
 CalibrationSource = (
@@ -74,6 +75,33 @@ def generated(sample_shape: tuple[int, ...], seed: int = 0) -> Calibration:
         samples=samples,
         description=f"generated: {count} samples of N(0, 1), seed {seed}",
         generated=True,
+    )
+
+
+def generated_inputs(inputs: tuple[TensorSpec, ...], seed: int = 0) -> Calibration:
+    """Generated samples of every input, as rows (``service.packing``): float inputs N(0, 1),
+    uint8 ones uniform over 0..255 (pixels), other integers 0..7 (small ids: a model whose ids
+    must be otherwise, an embedding of fewer rows, needs --calibration)."""
+    rows = packing(inputs)
+    if rows.dtype == np.float32 and all(spec.dtype == "float32" for spec in inputs):
+        return generated(rows.row_shape, seed)
+    count = max(2, min(CHECK_SAMPLES, CHECK_BYTES // max(1, rows.nbytes)))
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for spec in inputs:
+        shape = (count, *spec.shape)
+        if spec.dtype in ("float32", "float16"):
+            tensors.append(rng.standard_normal(shape).astype(spec.dtype))
+        else:
+            high = 256 if spec.dtype == "uint8" else 8
+            tensors.append(rng.integers(0, high, size=shape).astype(spec.dtype))
+    kinds = ", ".join(f"{spec.name} {spec.dtype}" for spec in inputs)
+    return Calibration(
+        samples=rows.pack(tensors),
+        description=f"generated: {count} samples ({kinds}; floats N(0, 1), uint8 0..255, "
+        f"integers 0..7), seed {seed}",
+        generated=True,
+        dtype=str(rows.dtype),
     )
 
 
@@ -128,17 +156,20 @@ def load_inputs(
         if missing:
             raise FoldingError(f"{path} has no array for inputs {missing}; it holds {names}")
         arrays = [_checked(np.asarray(archive[spec.name]), path, spec.shape) for spec in inputs]
+    arrays = [array.astype(spec.dtype) for array, spec in zip(arrays, inputs, strict=True)]
     arrays = [array[:limit] for array in arrays] if limit is not None else arrays
     counts = {spec.name: len(array) for spec, array in zip(inputs, arrays, strict=True)}
     if len(set(counts.values())) != 1:
         raise FoldingError(f"{path}: the inputs hold different numbers of samples {counts}")
-    samples = packing(inputs).pack([np.asarray(a, dtype=np.float32) for a in arrays])
+    rows = packing(inputs)
+    samples = rows.pack(arrays)
     if len(samples) < 2:
         raise FoldingError(f"calibration data {path} holds {len(samples)} samples; need 2 or more")
     return Calibration(
         samples=samples,
         description=f"{path} ({len(samples)} samples of inputs {list(counts)})",
         generated=False,
+        dtype=str(rows.dtype),
     )
 
 

@@ -7,6 +7,7 @@ ONNX Runtime -> store. Needs no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from foldserve.verify_export import ExportedFile
 from service.backends import Array
 from service.errors import FoldingError
 from service.packing import Packing, packing
-from service.store import TensorSpec, check_model_name, sha256_file
+from service.store import TensorDtype, TensorSpec, check_model_name, sha256_file
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,11 @@ def import_onnx(
         seconds=seconds,
         # The graph's input BN, or (none: folded or decomposed by the exporter) the data's own.
         input_statistics=onnx_input_statistics(original, "as_imported", inputs[0].name)
-        or calibration_input_statistics(first_input(data, sides)),
+        or (
+            calibration_input_statistics(first_input(data, sides))
+            if inputs[0].dtype in ("float32", "float16")  # ids and the like have no drift
+            else None
+        ),
     )
     return ImportResult(build, made_dynamic)
 
@@ -167,10 +172,12 @@ def _signature(
         )
     for value in (*inputs, *model.graph.output):
         elem_type = value.type.tensor_type.elem_type
-        if elem_type != onnx.TensorProto.FLOAT:
+        allowed = _INPUT_TYPES if value in inputs else _OUTPUT_TYPES
+        if elem_type not in allowed:
+            kinds = ", ".join(onnx.TensorProto.DataType.Name(t) for t in allowed)
             raise FoldingError(
-                f"{value.name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; foldserve serves "
-                "float32: convert the model (e.g. onnxconverter_common.float16 to float32) first"
+                f"{value.name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; foldserve takes "
+                f"{'inputs' if value in inputs else 'outputs'} of {kinds}"
             )
     if input_shape is not None and len(inputs) > 1:
         raise FoldingError(
@@ -178,9 +185,26 @@ def _signature(
             f"{[i.name for i in inputs]}: re-export it with fixed per-sample dims"
         )
     specs = tuple(
-        TensorSpec(name=value.name, shape=_sample_shape(value, input_shape)) for value in inputs
+        TensorSpec(
+            name=value.name,
+            dtype=_INPUT_TYPES[value.type.tensor_type.elem_type],
+            shape=_sample_shape(value, input_shape),
+        )
+        for value in inputs
     )
     return specs, [value.name for value in model.graph.output]
+
+
+# The graph's element types foldserve serves: inputs as they are (requests are cast to them);
+# outputs answered as float32.
+_INPUT_TYPES: dict[int, TensorDtype] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+}
+_OUTPUT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float32"}
 
 
 def _sample_shape(value: onnx.ValueInfoProto, input_shape: Sequence[int] | None) -> tuple[int, ...]:
@@ -206,12 +230,12 @@ def _calibration(
     given: CalibrationSource, inputs: tuple[TensorSpec, ...], seed: int
 ) -> calibration_data.Calibration:
     """The samples to check on, their inputs side by side when there are several."""
-    if callable(given) and not isinstance(given, calibration_data.Calibration):
-        return given(inputs)  # the CLI's: it loads what it was told to, for these inputs
-    if len(inputs) == 1:
-        return calibration_data.resolve(given, inputs[0].shape, seed)
     if given is None:
-        return calibration_data.generated(packing(inputs).row_shape, seed)
+        return calibration_data.generated_inputs(inputs, seed)
+    if callable(given) and not isinstance(given, calibration_data.Calibration):
+        return _typed(given(inputs), inputs)  # the CLI's: it loads what it was told to
+    if len(inputs) == 1:
+        return _typed(calibration_data.resolve(given, inputs[0].shape, seed), inputs)
     if isinstance(given, str | Path):
         return calibration_data.load_inputs(Path(given), inputs)
     if isinstance(given, calibration_data.Calibration):
@@ -220,6 +244,13 @@ def _calibration(
         f"the graph has {len(inputs)} inputs {[spec.name for spec in inputs]}: give calibration "
         "data as an .npz file with one array per input, named as the input"
     )
+
+
+def _typed(
+    data: calibration_data.Calibration, inputs: tuple[TensorSpec, ...]
+) -> calibration_data.Calibration:
+    """The data fed as the model's rows are typed (an int64 input's data as int64)."""
+    return dataclasses.replace(data, dtype=str(packing(inputs).dtype))
 
 
 def _run(

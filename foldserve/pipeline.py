@@ -391,8 +391,8 @@ def store_verified(
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             ),
             golden=Golden(
-                inputs=_rows(check_inputs[:golden]),
-                outputs=_rows(verified.outputs["onnx"][:golden]),
+                inputs=packing(inputs).values_of(check_inputs[:golden]),
+                outputs=packing(outputs).values_of(verified.outputs["onnx"][:golden]),
             ),
             batching=BatchingConfig(max_batch_size=cap),
             input_statistics=input_statistics,
@@ -442,8 +442,3 @@ def timed(seconds: dict[str, float], step: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - start
-
-
-def _rows(array: np.ndarray) -> list[list[float]]:
-    """(N, ...) -> N flat lists of Python floats (float32 values are exact in float64/JSON)."""
-    return [[float(v) for v in row] for row in array.reshape(len(array), -1)]

@@ -131,7 +131,12 @@ def verify_exports(
                 check_batch_invariance(
                     backend,
                     held_out[:probe_count],
-                    wild_mates(held_out, rng, count=max(sizes)),
+                    wild_mates(
+                        held_out,
+                        rng,
+                        count=max(sizes),
+                        rows=signature.inputs if signature is not None else None,
+                    ),
                     atol=atol,
                     # The server holds batch invariance to RTOL whatever the manifest's rtol.
                     rtol=min(rtol, RTOL),

@@ -64,7 +64,7 @@ def plan(settings: Settings, name: str, version: int, manifest: Manifest) -> Pla
     cap = _first(own.max_batch_size, s.max_batch_size, m.max_batch_size)
     delay = _first(own.max_delay_ms, s.max_delay_ms, m.max_delay_ms)
     # NOTE: the batcher queues validated rows, which are float32.
-    sample_bytes = 4 * packing(manifest.inputs).values
+    sample_bytes = packing(manifest.inputs).nbytes
     by_bytes = s.max_queue_bytes // sample_bytes
     bytes_limit = setting_ref("max_queue_bytes", s.max_queue_bytes)
     if by_bytes < 1:

@@ -100,6 +100,8 @@ def validate_rows(rows: np.ndarray, spec: TensorSpec) -> Array:
         raise InvalidInput(
             f"input {spec.name!r}: expected samples shaped {expected}, got {rows.shape}"
         )
+    if spec.dtype != "float32":
+        return _as_dtype(rows, spec)
     if rows.dtype == np.float32:
         if not all_finite(rows):
             raise _non_finite(spec)
@@ -129,6 +131,26 @@ def image_input(ready: ReadyVersion) -> ImageInput:
             "the preprocessing its images need (--image-mean, --image-std); send tensors"
         )
     return spec
+
+
+def _as_dtype(rows: np.ndarray, spec: TensorSpec) -> Array:
+    """Rows for an input of another dtype than float32, checked to fit it, then cast."""
+    target = np.dtype(spec.dtype)
+    if target.kind == "f":  # float16: finite, and within its range
+        limit = float(np.finfo(target).max)
+        if rows.size and not (np.isfinite(rows).all() and float(np.abs(rows).max()) <= limit):
+            raise InvalidInput(
+                f"input {spec.name!r} holds values beyond {spec.dtype} (finite, |x| <= {limit:g})"
+            )
+        return rows.astype(target)
+    if rows.dtype.kind not in "iu":
+        raise InvalidInput(f"input {spec.name!r} takes integers ({spec.dtype}), got {_kind(rows)}")
+    info = np.iinfo(target)
+    if rows.size and (int(rows.min()) < info.min or int(rows.max()) > info.max):
+        raise InvalidInput(
+            f"input {spec.name!r} holds values outside {spec.dtype} ({info.min} to {info.max})"
+        )
+    return rows.astype(target, copy=False)
 
 
 def _non_finite(spec: TensorSpec) -> InvalidInput:

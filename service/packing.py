@@ -26,9 +26,23 @@ from service.store import Manifest, TensorSpec
 
 
 class Packing:
-    """How the tensors named by ``specs`` make one row per sample."""
+    """How the tensors named by ``specs`` make one row per sample.
 
-    __slots__ = ("bounds", "names", "row_shape", "single", "specs", "values")
+    Tensors all float32 (the usual case) sit side by side as float32 values; tensors of other
+    dtypes (uint8 pixels, int64 ids) as their bytes, in rows of uint8.
+    """
+
+    __slots__ = (
+        "bounds",
+        "dtype",
+        "names",
+        "nbytes",
+        "row_shape",
+        "single",
+        "specs",
+        "value_bounds",
+        "values",
+    )
 
     def __init__(self, specs: tuple[TensorSpec, ...]) -> None:
         if not specs:
@@ -37,13 +51,22 @@ class Packing:
         self.names = tuple(spec.name for spec in specs)
         self.single = len(specs) == 1
         sizes = [math.prod(spec.shape) for spec in specs]
-        ends = list(np.cumsum(sizes).tolist())
-        self.bounds = tuple(zip([0, *ends[:-1]], ends, strict=True))
+        itemsizes = [np.dtype(spec.dtype).itemsize for spec in specs]
         self.values = sum(sizes)  # per sample
-        self.row_shape = specs[0].shape if self.single else (self.values,)
+        self.nbytes = sum(n * i for n, i in zip(sizes, itemsizes, strict=True))  # per sample
+        self.value_bounds = _bounds(sizes)
+        as_floats = all(spec.dtype == "float32" for spec in specs)
+        # The dtype of the rows: the one tensor's own, float32 values, or bytes.
+        self.dtype = np.dtype(specs[0].dtype if self.single else "float32" if as_floats else "u1")
+        if self.single or as_floats:
+            self.bounds = self.value_bounds
+        else:
+            self.bounds = _bounds([n * i for n, i in zip(sizes, itemsizes, strict=True)])
+        self.row_shape = specs[0].shape if self.single else (self.bounds[-1][1],)
 
     def pack(self, tensors: Sequence[Array]) -> Array:
-        """One row per sample from one array per tensor (in ``specs`` order, same sample count)."""
+        """One row per sample from one array per tensor (in ``specs`` order, same sample count,
+        each of its spec's dtype)."""
         if self.single:
             return tensors[0]
         counts = {len(tensor) for tensor in tensors}
@@ -51,7 +74,10 @@ class Packing:
             shown = ", ".join(f"{n!r}: {len(t)}" for n, t in zip(self.names, tensors, strict=True))
             raise InvalidInput(f"every input must hold as many samples ({shown})")
         n = counts.pop()
-        return np.concatenate([tensor.reshape(n, -1) for tensor in tensors], axis=1)
+        flat = [np.ascontiguousarray(tensor).reshape(n, -1) for tensor in tensors]
+        if self.dtype == np.uint8:
+            flat = [part.view(np.uint8) for part in flat]
+        return np.concatenate(flat, axis=1)
 
     def unpack(self, rows: Array) -> list[Array]:
         """One C-contiguous array per tensor, shaped ``(n, *spec.shape)``."""
@@ -64,8 +90,11 @@ class Packing:
         if self.single:
             return rows
         start, stop = self.bounds[index]
+        spec = self.specs[index]
         part = np.ascontiguousarray(rows.reshape(len(rows), -1)[:, start:stop])
-        return part.reshape(len(rows), *self.specs[index].shape)
+        if self.dtype == np.uint8:
+            part = part.view(spec.dtype)
+        return part.reshape(len(rows), *spec.shape)
 
     def from_runtime(self, results: Sequence[object]) -> Array:
         """The runtime's outputs (one array per tensor, in ``specs`` order) as float32 rows,
@@ -83,7 +112,23 @@ class Packing:
 
     def rows(self, values: Sequence[Sequence[float]]) -> Array:
         """Flat per-sample values (the manifest's golden samples) as rows."""
-        return np.asarray(values, dtype=np.float32).reshape(-1, *self.row_shape)
+        flat = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+        tensors = [
+            flat[:, start:stop].astype(spec.dtype).reshape(len(flat), *spec.shape)
+            for (start, stop), spec in zip(self.value_bounds, self.specs, strict=True)
+        ]
+        return self.pack(tensors)
+
+    def values_of(self, rows: Array) -> list[list[float]]:
+        """Rows as flat per-sample values, each tensor's side by side (``rows``' inverse)."""
+        parts = [part.reshape(len(rows), -1) for part in self.unpack(rows)]
+        flat = np.concatenate([part.astype(np.float64) for part in parts], axis=1)
+        return flat.tolist()  # type: ignore[no-any-return]
+
+
+def _bounds(sizes: list[int]) -> tuple[tuple[int, int], ...]:
+    ends = np.cumsum(sizes).tolist()
+    return tuple(zip([0, *ends[:-1]], ends, strict=True))
 
 
 @functools.cache

@@ -58,7 +58,7 @@ class PredictAnswer(BaseModel):
 
 # ---------------------------------------------------------------- Open Inference Protocol (V2)
 
-Datatype = Literal["FP32", "FP64", "INT32", "INT64"]
+Datatype = Literal["FP32", "FP64", "FP16", "INT32", "INT64", "UINT8", "BYTES"]
 
 
 class InferInputTensor(BaseModel):

@@ -41,11 +41,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TensorDtype = Literal["float32", "float16", "uint8", "int32", "int64"]
+
+
 class TensorSpec(_Strict):
-    """One input or output tensor; ``shape`` is per sample (the batch dimension is implied)."""
+    """One input or output tensor; ``shape`` is per sample (the batch dimension is implied).
+    Inputs take any of these dtypes (requests are checked and cast to it); outputs are float32.
+    """
 
     name: str
-    dtype: Literal["float32"] = "float32"
+    dtype: TensorDtype = "float32"
     shape: tuple[int, ...]
 
 
@@ -287,6 +292,8 @@ class Manifest(_Strict):
             names = [spec.name for spec in specs]
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"{side} must be at least one, each with its own name: {names}")
+        if any(spec.dtype != "float32" for spec in self.outputs):
+            raise ValueError("outputs are float32 (the server answers FP32)")
         in_size = sum(math.prod(spec.shape) for spec in self.inputs)
         out_size = sum(math.prod(spec.shape) for spec in self.outputs)
         labeled = math.prod(self.outputs[0].shape)

@@ -15,7 +15,7 @@ import numpy as np
 
 from service.backends import Array, Backend
 from service.errors import VerificationError
-from service.packing import packing
+from service.packing import Packing, packing
 from service.store import Manifest, sha256_file
 
 # Float32 batched kernels reorder sums (differences ~1e-7 of an output's scale); a BN using batch
@@ -233,11 +233,30 @@ def measure_bitwise(
     return BitwiseMeasurement(False, max_rows, note, first)
 
 
-def wild_mates(inputs: Array, rng: np.random.Generator, count: int = 64) -> Array:
-    """Batch mates far from the probes: rescaled, shifted and noisy copies of real inputs."""
+def wild_mates(
+    inputs: Array, rng: np.random.Generator, count: int = 64, rows: Packing | None = None
+) -> Array:
+    """Batch mates far from the probes: rescaled, shifted and noisy copies of real inputs.
+
+    ``rows``: how the inputs make a row, when they are not float32 values: each input's mates
+    are then made in its own dtype (integers: real values, picked at random)."""
     picks = inputs[rng.integers(len(inputs), size=count)]
-    scale = rng.uniform(0.0, 4.0, size=(count,) + (1,) * (inputs.ndim - 1))
-    noise = rng.normal(0.0, float(np.std(inputs)) + 1.0, size=picks.shape)
+    if rows is None or rows.dtype == np.float32:
+        return _noisy(picks, rng, float(np.std(inputs)))
+    tensors = []
+    for part, spec in zip(rows.unpack(picks), rows.specs, strict=True):
+        if spec.dtype in ("float32", "float16"):
+            limit = float(np.finfo(spec.dtype).max)
+            noisy = _noisy(part.astype(np.float32), rng, float(np.std(part)))
+            tensors.append(np.clip(noisy, -limit, limit).astype(spec.dtype))
+        else:  # ids, pixels: values the model was given, shuffled across the mates
+            tensors.append(part[rng.permutation(len(part))])
+    return rows.pack(tensors)
+
+
+def _noisy(picks: Array, rng: np.random.Generator, spread: float) -> Array:
+    scale = rng.uniform(0.0, 4.0, size=(len(picks),) + (1,) * (picks.ndim - 1))
+    noise = rng.normal(0.0, spread + 1.0, size=picks.shape)
     return (picks * scale + noise).astype(np.float32)
 
 
@@ -289,7 +308,7 @@ def verify_loaded_model(
         backend,
         inputs[:4],
         # As many mates as the largest batch holds: for large inputs the mates are megabytes.
-        wild_mates(inputs, rng, count=max(sizes)),
+        wild_mates(inputs, rng, count=max(sizes), rows=packing(manifest.inputs)),
         atol=bound.atol,
         rtol=bound.rtol,
         rng=rng,

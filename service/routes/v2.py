@@ -60,8 +60,24 @@ from service.versions import ReadyVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 HEADER_LENGTH = b"inference-header-content-length"
-# V2 datatype -> little-endian wire dtype; every one is cast to float32 by the dataplane.
-DATATYPES = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
+# V2 datatype -> little-endian wire dtype; the dataplane casts each to the input's own dtype,
+# once it checked the values fit it.
+DATATYPES = {
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "FP16": "<f2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT8": "<u1",
+}
+# A manifest's dtype as V2 names it (metadata, config).
+V2_NAMES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+}
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 # NOTE: the routes behind the inference key, and the health probes, which are always open.
@@ -324,7 +340,7 @@ def _json_rows(declared: _Declared, text: bytes, inputs: Packing) -> np.ndarray:
         rows = np.asarray(tensor["data"])
     except ValueError:
         raise InvalidInput(f'input {name!r}: "data" is ragged') from None
-    numbers = "iu" if datatype.startswith("INT") else "fiu"
+    numbers = "iu" if datatype.startswith(("INT", "UINT")) else "fiu"
     # Booleans among numbers become 1 and 0 of a numeric array: looked for in the JSON itself.
     if rows.dtype.kind not in numbers or holds_booleans(text, tensor["data"]):
         raise InvalidInput(f'input {name!r}: "data" must hold {datatype} numbers only')
@@ -458,7 +474,7 @@ def _resolve(request: Request, name: str, version: str | None) -> ReadyVersion:
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
-    return [{"name": s.name, "datatype": "FP32", "shape": [-1, *s.shape]} for s in specs]
+    return [{"name": s.name, "datatype": V2_NAMES[s.dtype], "shape": [-1, *s.shape]} for s in specs]
 
 
 @router.get("", responses=documented(ServerMetadata))
@@ -520,7 +536,10 @@ async def model_config(request: Request, name: str, version: str | None = None) 
     fmt = entry.backend.format
 
     def dims(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
-        return [{"name": s.name, "data_type": "TYPE_FP32", "dims": list(s.shape)} for s in specs]
+        return [
+            {"name": s.name, "data_type": f"TYPE_{V2_NAMES[s.dtype]}", "dims": list(s.shape)}
+            for s in specs
+        ]
 
     return _json(
         {

@@ -24,6 +24,7 @@ import orjson
 
 from service.errors import InvalidInput
 from service.packing import Signature
+from service.routes.responses import quoted
 
 MAX_HEADERS = 256  # distinct headers kept per codec (a few per model and client in practice)
 MAX_TEXT_BYTES = 2048  # longer headers are parsed every time
@@ -119,7 +120,7 @@ def binary_size(tensor: dict[str, Any]) -> int | None:
         raise InvalidInput('"parameters" must be an object')
     size = parameters.get("binary_data_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise InvalidInput(f"binary_data_size must be a byte count, got {size!r:.40}")
+        raise InvalidInput(f"binary_data_size must be a byte count, got {quoted(size)}")
     return size
 
 

@@ -238,7 +238,7 @@ def _long_header() -> tuple[bytes, dict[str, str]]:
     [
         (_json_case(name="input_0"), 400, "this model's input is 'x'"),
         (_json_case(datatype="BYTES"), 400, "'BYTES'"),
-        (_json_case(datatype="FP16"), 400, "'FP16'"),
+        (_json_case(datatype="BF16"), 400, "'BF16'"),
         (_json_case(datatype="INT32"), 400, "INT32 numbers only"),  # 0.0 is not an INT32
         (_json_case(data=[True] * 32), 400, "FP32 numbers only"),
         (_json_case(shape=[3, *SHAPE]), 400, "needs 48 values"),

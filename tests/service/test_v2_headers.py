@@ -89,7 +89,9 @@ def test_a_kept_header_is_checked_again_against_another_input() -> None:
 
     def version(shape: tuple[int, ...]) -> Any:
         inputs = packing((TensorSpec(name="x", shape=shape),))
-        return SimpleNamespace(signature=Signature(inputs, packing((out,))))
+        return SimpleNamespace(
+            signature=Signature(inputs, packing((out,))), manifest=SimpleNamespace(image=None)
+        )
 
     fits, changed = version((4,)), version((2, 2))
     first = codec.parse(body, request, "m", None)  # type: ignore[arg-type]
