@@ -57,6 +57,7 @@ def describe(entry: VersionRecord) -> dict[str, Any]:
             inputs=[{"name": s.name, "shape": s.shape} for s in manifest.inputs],
             outputs=[{"name": s.name, "shape": s.shape} for s in manifest.outputs],
             labels=manifest.labels,
+            image=None if manifest.image is None else manifest.image.model_dump(mode="json"),
         )
         claim = manifest.verification
         bits = learned.bitwise

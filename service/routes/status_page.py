@@ -40,6 +40,7 @@ _ASSETS = {
     "drift.js": _SCRIPT,
     "pad.js": _SCRIPT,
     "digits.js": _SCRIPT,
+    "images.js": _SCRIPT,
     "status.css": "text/css; charset=utf-8",
 }
 # NOTE: 'self' only: a page that loaded a script or a font from elsewhere would fail here, loudly.

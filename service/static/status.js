@@ -10,6 +10,7 @@ import { HttpError, Unauthorized, forgetKey, storeKey, storedKey } from "./http.
 import { refreshModels } from "./models.js";
 import { refreshMetrics } from "./live.js";
 import { refreshDrift } from "./drift.js";
+import { setUpImages } from "./images.js";
 import { setUpPad } from "./pad.js";
 import { EVERY_MS, state } from "./state.js";
 
@@ -44,7 +45,10 @@ async function tick() {
   try {
     await readiness();
     if (!state.needKey) {
-      if (await refreshModels()) setUpPad(failed); // the pad follows the models
+      if (await refreshModels()) {
+        setUpPad(failed); // the pad and the image drop follow the models
+        setUpImages(failed);
+      }
       await refreshMetrics();
       await refreshDrift();
       showMessage("");

@@ -23,6 +23,7 @@ from torch import nn
 import foldserve
 from service.app import create_app
 from service.settings import Settings
+from tests.service.browser import find_chromium, launched
 from tests.service.conftest import running
 
 SHAPE = (3, 8, 8)
@@ -245,3 +246,38 @@ def test_v2_bytes_that_do_not_hold_what_they_say_are_refused(
     answer = httpx.post(f"{base}/v2/models/pets/infer", content=text + raw, headers=headers)
     assert answer.status_code == 400
     assert message in answer.json()["error"]
+
+
+@pytest.mark.skipif(
+    find_chromium() is None, reason="no chromium on PATH (apt-get install chromium)"
+)
+def test_the_status_page_takes_a_dropped_image_and_shows_its_label(base: str) -> None:
+    data = encoded(picture(95), "PNG")
+    expected = httpx.post(f"{base}/predict", content=data, headers={"Content-Type": "image/png"})
+    label = expected.json()["predictions"][0]
+    chromium = find_chromium()
+    assert chromium is not None
+    with launched(chromium) as browser:
+        page = browser.new_page(1280, 1000)
+        page.goto(f"{base}/?every_ms=300")
+        try:
+            page.wait_for("!document.getElementById('image-section').hidden")
+        except Exception as exc:  # the page's own errors say why
+            raise AssertionError(f"{exc}; the page's errors: {page.errors()}") from None
+        assert page.evaluate("document.getElementById('draw-section').hidden")  # no digits model
+        page.evaluate(
+            "(() => {"
+            f"const bytes = Uint8Array.from(atob('{base64.b64encode(data).decode()}'), "
+            "c => c.charCodeAt(0));"
+            "const transfer = new DataTransfer();"
+            "transfer.items.add(new File([bytes], 'picture.png', {type: 'image/png'}));"
+            "document.getElementById('image-drop').dispatchEvent("
+            "new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));"
+            "})()"
+        )
+        page.wait_for("document.querySelector('#image-predictions .prediction') !== null")
+        shown = page.evaluate(
+            "[...document.querySelectorAll('#image-predictions .prediction')]"
+            ".map(p => [p.dataset.model, p.dataset.label])"
+        )
+    assert shown == [["pets", label]]
