@@ -25,6 +25,9 @@ Array = npt.NDArray[np.float32]
 class BackendOptions:
     device: Device = "auto"
     intra_op_threads: int = 1
+    # NOTE: onnxruntime's arena keeps the largest batch's memory for the next run: what a server
+    # wants, not a one-off check (the export's verification turns it off: its peak RSS).
+    memory_arena: bool = True
 
 
 class Backend(Protocol):

@@ -55,6 +55,7 @@ class OnnxBackend:
         # between runs took a core from the event loop that reads the next request and writes
         # the last answer (a UNet on 2 threads, 2 cores: 7% less CPU per image, as many images).
         session_options.add_session_config_entry("session.force_spinning_stop", "1")
+        session_options.enable_cpu_mem_arena = options.memory_arena
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = choose_providers(options.device, ort.get_available_providers())
