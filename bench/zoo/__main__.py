@@ -4,6 +4,7 @@ bench/model-zoo                   every network -> docs/model-zoo.md + bench/zoo
 bench/model-zoo --quick           a few networks, for development
 bench/model-zoo --only unet       rows whose name contains "unet" (case-insensitive)
 bench/model-zoo --list            the rows and the coverage of monai.networks.nets, no run
+bench/model-zoo --only 224 --append-to bench/zoo/results/zoo-X.json   add rows to a run
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             if not entry["rows"]:
                 print(f"  skipped {'/'.join(entry['names'])}: {entry['reason']}")
         return 0
+    if args.append_to is not None:
+        return _append(selected, args, argv)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.results_dir / f"zoo-{stamp}.json"
     full = not (args.only or args.quick)
@@ -80,6 +83,33 @@ def main(argv: list[str] | None = None) -> int:
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(page)
     print(f"wrote {_relative(markdown_path)} and {_relative(json_path)}", file=sys.stderr)
+    return 0
+
+
+def _append(selected: list[Any], args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Measure ``selected`` and add the rows to an earlier run (its JSON and page): a row added
+    to the catalogue after that run, or one rerun; the page says which, when, with what."""
+    from bench.zoo import report
+    from bench.zoo.measure import Options
+
+    path: Path = args.append_to
+    run: dict[str, Any] = json.loads(path.read_text())
+    options = Options(check_samples=args.check_samples, bitwise_rows=args.bitwise_rows)
+    added: dict[str, Any] = {
+        "command": shlex.join(["bench/model-zoo", *(argv if argv is not None else sys.argv[1:])]),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "rows": [],
+    }
+    _measure_all(selected, options, added, path.with_suffix(".adding.json"))
+    names = {row["name"] for row in added["rows"]}
+    run["rows"] = [row for row in run["rows"] if row["name"] not in names] + added["rows"]
+    added["rows"] = sorted(names)
+    run.setdefault("additions", []).append(added)
+    report.write_json(path, run)
+    path.with_suffix(".adding.json").unlink(missing_ok=True)
+    target = args.output or ROOT / "docs" / "model-zoo.md"
+    target.write_text(report.markdown(run))
+    print(f"wrote {_relative(target)} and {_relative(path)}", file=sys.stderr)
     return 0
 
 
@@ -126,6 +156,13 @@ def _parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="markdown path (default: docs/model-zoo.md for a full run)"
     )
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "zoo" / "results")
+    parser.add_argument(
+        "--append-to",
+        type=Path,
+        metavar="JSON",
+        help="add the selected rows to this earlier run (replacing rows of the same name) and "
+        "rewrite its page (--output, default docs/model-zoo.md)",
+    )
     return parser
 
 

@@ -37,6 +37,22 @@ def classifiers() -> list[Network]:
                 "pretrained": False,
             },
         )
+    # The size users export most: a ResNet-50 on one 224x224 RGB image (the ImageNet shape).
+    rows += monai_rows(
+        "resnet50",
+        "classification",
+        lambda d: {
+            "spatial_dims": d,
+            "n_input_channels": 3,
+            "num_classes": 1000,
+            "conv1_t_stride": 2,
+            "pretrained": False,
+        },
+        dims=(2,),
+        shape={2: (3, 224, 224)},
+        name="resnet50-224",
+        stats_batch=2,
+    )
     for densenet in ("DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264"):
         rows += monai_rows(densenet, "classification", _dense_or_se("out_channels"))
     for senet in (

@@ -55,6 +55,7 @@ def markdown(run: dict[str, Any]) -> str:
         f" shared with other work (load average {_load(env)})",
         f"- Python {env['python']}; {versions}",
         _code(env),
+        *_additions(run),
         f"- **{len(passed)} of {len(measured)} networks passed**"
         f" ({_count(measured, 'refused')} refused, {_count(measured, 'error')} errors;"
         f" {_several_outputs(passed)} of those passed return several outputs, each checked and"
@@ -192,6 +193,15 @@ def _sci(value: float | None) -> str:
     if value is None:
         return EMPTY
     return "0" if value == 0 else f"{value:.1e}"
+
+
+def _additions(run: dict[str, Any]) -> list[str]:
+    """Rows measured after the run (``--append-to``): which, when, with what command."""
+    return [
+        f"- Added on {added['started']}: {', '.join(f'`{n}`' for n in added['rows'])} "
+        f"(`{added['command']}`)"
+        for added in run.get("additions", [])
+    ]
 
 
 def _several_outputs(rows: list[dict[str, Any]]) -> int:
