@@ -137,6 +137,7 @@ def import_onnx(
         "calibration_samples": None if data.generated else len(data.samples),
         "seed": seed,
         "command": command or f"foldserve import {path} --name {name}",
+        "dtype_conversion": _conversion(original),
     }
     build = store_verified(
         folded,
@@ -205,6 +206,18 @@ _INPUT_TYPES: dict[int, TensorDtype] = {
     onnx.TensorProto.INT64: "int64",
 }
 _OUTPUT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float32"}
+
+
+def _conversion(model: onnx.ModelProto) -> str | None:
+    """What the server converts: float16 outputs are answered as float32 (FP32)."""
+    half = [
+        value.name
+        for value in model.graph.output
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    ]
+    if not half:
+        return None
+    return f"outputs {', '.join(half)}: float16 -> float32 (answered FP32, values exact)"
 
 
 def _sample_shape(value: onnx.ValueInfoProto, input_shape: Sequence[int] | None) -> tuple[int, ...]:
