@@ -113,6 +113,8 @@ def load(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     limit: int | None = None,
+    channels: str | None = None,
+    layout: str = "CHW",
 ) -> Calibration:
     """Calibration samples from a ``.npy``/``.npz`` array or a folder of images.
 
@@ -121,7 +123,9 @@ def load(
     per channel when given.
     """
     if path.is_dir():
-        samples: Samples = ImageFolder(path, sample_shape, mean=mean, std=std)
+        samples: Samples = ImageFolder(
+            path, sample_shape, mean=mean, std=std, channels=channels, layout=layout
+        )
     elif path.suffix == ".npy":
         samples = _checked(np.load(path, mmap_mode="r"), path, sample_shape)
     elif path.suffix == ".npz":
@@ -216,7 +220,8 @@ class _Head:
 
 
 class ImageFolder:
-    """Images under a folder (sorted by path), decoded on demand to float32 (C, H, W)."""
+    """Images under a folder (sorted by path), decoded on demand to float32 as
+    ``image_preprocessing`` says (C, H, W; or H, W, C)."""
 
     def __init__(
         self,
@@ -225,18 +230,16 @@ class ImageFolder:
         *,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        channels: str | None = None,
+        layout: str = "CHW",
     ) -> None:
-        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
-            raise FoldingError(
-                f"a folder of images needs --input-shape C,H,W with C 1 or 3, got {sample_shape}"
-            )
+        self.spec = image_preprocessing("input", sample_shape, mean, std, channels, layout)
         self.paths = sorted(
             p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         if not self.paths:
             raise FoldingError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
         self.shape = sample_shape
-        self.spec = image_preprocessing("input", sample_shape, mean, std)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -264,20 +267,35 @@ def image_preprocessing(
     sample_shape: tuple[int, ...],
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    channels: str | None = None,
+    layout: str = "CHW",
 ) -> ImageInput:
-    """How an image becomes the input ``input_name`` of ``sample_shape`` (C, H, W; C 1 or 3):
-    converted, resized (bilinear), scaled to [0, 1], then ``(x - mean) / std`` per channel (one
-    value for every channel, or one each; default 0 and 1)."""
-    if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
-        raise FoldingError(f"images need an input shaped C,H,W with C 1 or 3, got {sample_shape}")
-    channels, height, width = sample_shape
+    """How an image becomes the input ``input_name`` of ``sample_shape`` (C,H,W; or H,W,C with
+    layout HWC; C 1 or 3): converted (``channels``: RGB or BGR for 3, L for 1), resized
+    (bilinear), scaled to [0, 1], then ``(x - mean) / std`` per channel (one value for every
+    channel, or one each; default 0 and 1)."""
+    if layout not in ("CHW", "HWC"):
+        raise FoldingError(f"image layout {layout!r}: CHW (channels first) or HWC (last)")
+    if len(sample_shape) == 3:
+        count = sample_shape[0] if layout == "CHW" else sample_shape[2]
+        height, width = sample_shape[1:] if layout == "CHW" else sample_shape[:2]
+    if len(sample_shape) != 3 or count not in (1, 3):
+        where = "C,H,W" if layout == "CHW" else "H,W,C"
+        raise FoldingError(
+            f"images need an input shaped {where} with C 1 or 3, got {sample_shape} (a model "
+            "taking channels last: --image-layout HWC)"
+        )
+    order = channels or ("RGB" if count == 3 else "L")
+    if (order == "L") != (count == 1) or order not in ("RGB", "BGR", "L"):
+        raise FoldingError(f"image channels {order!r} for an input of {count} channels")
     try:
         return ImageInput(
             input=input_name,
-            channels="RGB" if channels == 3 else "L",
+            channels=order,
             size=(height, width),
-            mean=_per_channel(mean, channels, "mean", 0.0),
-            std=_per_channel(std, channels, "std", 1.0),
+            layout=layout,
+            mean=_per_channel(mean, count, "mean", 0.0),
+            std=_per_channel(std, count, "std", 1.0),
         )
     except ValueError as exc:
         raise FoldingError(f"image preprocessing: {exc}") from None

@@ -83,6 +83,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-std", type=_floats, help="the image's per-channel std (with --image-mean)"
     )
+    parser.add_argument(
+        "--image-channels",
+        choices=("RGB", "BGR", "L"),
+        help="the image's channel order (default: RGB for 3 channels, L for 1)",
+    )
+    parser.add_argument(
+        "--image-layout",
+        choices=("CHW", "HWC"),
+        help="channels first (CHW, default: PyTorch's) or last (HWC: Keras's NHWC inputs)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of generated inputs and probes")
     parser.add_argument(
         "--max-batch-size",
@@ -221,6 +231,8 @@ def _export(args: argparse.Namespace, command: str) -> int:
         max_batch_size=args.max_batch_size,
         image_mean=args.image_mean,
         image_std=args.image_std,
+        image_channels=args.image_channels,
+        image_layout=args.image_layout,
         output_names=args.output_names,
     )
     print(summary(result.path, result.build.manifest, result.build.seconds))
@@ -251,6 +263,8 @@ def _import(args: argparse.Namespace, command: str) -> int:
         max_batch_size=args.max_batch_size,
         image_mean=args.image_mean,
         image_std=args.image_std,
+        image_channels=args.image_channels,
+        image_layout=args.image_layout,
     )
     extra = [("batch dimension", "made dynamic")] if result.batch_made_dynamic else []
     print(summary(result.path, result.build.manifest, result.build.seconds, extra))
@@ -267,6 +281,8 @@ def _calibration(args: argparse.Namespace, shape: tuple[int, ...], calibration: 
         mean=args.image_mean,
         std=args.image_std,
         limit=args.calibration_limit,
+        channels=args.image_channels,
+        layout=args.image_layout or "CHW",
     )
 
 
@@ -331,7 +347,7 @@ def _image(image: ImageInput) -> str:
     numbers = ", ".join(f"{m:g}/{s:g}" for m, s in zip(image.mean, image.std, strict=True))
     return (
         f"PNG and JPEG taken: {image.channels} {size}, bilinear, pixels/255, (x - mean)/std "
-        f"per channel {numbers}"
+        f"per channel {numbers}, {image.layout}"
     )
 
 

@@ -80,6 +80,8 @@ def export(
     output_names: Sequence[str] | None = None,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    image_channels: str | None = None,
+    image_layout: str | None = None,
 ) -> ExportResult:
     """Fold, export, verify and store ``model`` as the next version of ``name`` in ``store``.
 
@@ -96,7 +98,7 @@ def export(
     """
     inputs = _input_specs(input_shape)
     sides = packing(inputs)
-    _image(inputs, image_mean, image_std)  # refused here, before any work, if it cannot be
+    image = _image(inputs, image_mean, image_std, image_channels, image_layout)  # refused early
     shape = sides.row_shape
     check_model_name(name)
     check_row_cap(max_batch_size)
@@ -143,7 +145,7 @@ def export(
         output_name=output_name,
         inputs=inputs if several else (),
         outputs=outputs if several else (),
-        image=_image(inputs, image_mean, image_std),
+        image=image,
     )
     provenance: dict[str, Any] = {
         "entry_point": "export",
@@ -296,12 +298,19 @@ def _calibration(
 
 
 def _image(
-    inputs: tuple[TensorSpec, ...], mean: Sequence[float] | None, std: Sequence[float] | None
+    inputs: tuple[TensorSpec, ...],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    channels: str | None,
+    layout: str | None,
 ) -> ImageInput | None:
-    """How an image becomes the first input, when the image's mean or std was given."""
-    if mean is None and std is None:
+    """How an image becomes the first input, when any of its preprocessing was given."""
+    if mean is None and std is None and channels is None and layout is None:
         return None
-    return calibration_data.image_preprocessing(inputs[0].name, inputs[0].shape, mean, std)
+    first = inputs[0]
+    return calibration_data.image_preprocessing(
+        first.name, first.shape, mean, std, channels, layout or "CHW"
+    )
 
 
 def _outputs(

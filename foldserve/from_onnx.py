@@ -74,6 +74,8 @@ def import_onnx(
     max_batch_size: int | None = None,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    image_channels: str | None = None,
+    image_layout: str | None = None,
 ) -> ImportResult:
     """Fold, verify and store the ONNX file at ``path`` as the next version of ``name``.
 
@@ -88,11 +90,17 @@ def import_onnx(
         raise FoldingError(f"{path}: not a readable ONNX file: {exc}") from exc
     inputs, output_names = _signature(original, input_shape)
     sides = packing(inputs)
+    given = (image_mean, image_std, image_channels, image_layout)
     image = (
         None
-        if image_mean is None and image_std is None
+        if all(value is None for value in given)
         else calibration_data.image_preprocessing(
-            inputs[0].name, inputs[0].shape, image_mean, image_std
+            inputs[0].name,
+            inputs[0].shape,
+            image_mean,
+            image_std,
+            image_channels,
+            image_layout or "CHW",
         )
     )
     made_dynamic = False

@@ -34,15 +34,21 @@ class EncodedImages:
 
 
 def to_tensor(image: Image.Image, spec: ImageInput) -> Array:
-    """One opened image as the model's input: converted, resized, scaled, normalized, CHW."""
-    channels, height, width = spec.shape()
-    converted = image.convert(spec.channels)
+    """One opened image as the model's input: converted, resized, scaled, normalized, laid out
+    as the manifest says."""
+    height, width = spec.size
+    channels = spec.channel_count()
+    converted = image.convert("L" if spec.channels == "L" else "RGB")
     resized = converted.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(resized, dtype=np.float32) * np.float32(spec.scale)
-    chw = pixels.reshape(height, width, channels).transpose(2, 0, 1)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
-    tensor: Array = np.ascontiguousarray((chw - mean) / std, dtype=np.float32)
+    pixels = np.asarray(resized, dtype=np.float32).reshape(height, width, channels)
+    if spec.channels == "BGR":
+        pixels = pixels[:, :, ::-1]
+    hwc = pixels * np.float32(spec.scale)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    normalized = (hwc - mean) / std  # per channel, on the last axis
+    laid_out = normalized if spec.layout == "HWC" else normalized.transpose(2, 0, 1)
+    tensor: Array = np.ascontiguousarray(laid_out, dtype=np.float32)
     return tensor
 
 

@@ -58,31 +58,39 @@ class ImageInput(_Strict):
     """How an encoded image (PNG or JPEG) becomes one of the model's inputs: the preprocessing
     the network was trained with, written down beside it so that clients send the image itself.
 
-    decode -> convert to ``channels`` -> resize to ``size`` (``resize``) -> ``pixel * scale``
-    -> ``(x - mean) / std`` per channel -> ``layout`` (channels first).
+    decode -> convert to ``channels`` (BGR: RGB's channels reversed) -> resize to ``size``
+    (``resize``) -> ``pixel * scale`` -> ``(x - mean) / std`` per channel (in ``channels``'
+    order) -> ``layout``: channels first (CHW, PyTorch's) or last (HWC, Keras's).
     """
 
     input: str = Field(description="the input tensor the image becomes")
-    channels: Literal["RGB", "L"] = Field(description="RGB (3 channels) or L (grey, 1 channel)")
+    channels: Literal["RGB", "BGR", "L"] = Field(
+        description="RGB or BGR (3 channels, in that order) or L (grey, 1 channel)"
+    )
     size: tuple[int, int] = Field(description="(height, width) the image is resized to")
     resize: Literal["bilinear"] = "bilinear"
-    layout: Literal["CHW"] = "CHW"
+    layout: Literal["CHW", "HWC"] = "CHW"
     scale: float = Field(1.0 / 255.0, gt=0.0, description="each 0..255 pixel value times this")
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     @model_validator(mode="after")
     def _per_channel(self) -> ImageInput:
-        count = 3 if self.channels == "RGB" else 1
+        count = self.channel_count()
         if len(self.mean) != count or len(self.std) != count or min(self.std) <= 0:
             raise ValueError(f"{self.channels} images need {count} means and {count} stds > 0")
         if min(self.size) < 1:
             raise ValueError(f"image size {self.size} must be positive")
         return self
 
+    def channel_count(self) -> int:
+        return 1 if self.channels == "L" else 3
+
     def shape(self) -> tuple[int, int, int]:
         """The tensor one image becomes."""
-        return (3 if self.channels == "RGB" else 1, *self.size)
+        height, width = self.size
+        count = self.channel_count()
+        return (count, height, width) if self.layout == "CHW" else (height, width, count)
 
 
 class ModelFile(_Strict):

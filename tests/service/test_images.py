@@ -281,3 +281,40 @@ def test_the_status_page_takes_a_dropped_image_and_shows_its_label(base: str) ->
             ".map(p => [p.dataset.model, p.dataset.label])"
         )
     assert shown == [["pets", label]]
+
+
+def test_channels_last_bgr_models_get_images_in_their_layout_and_order(tmp_path: Path) -> None:
+    """A Keras-style graph (N, H, W, C) trained on BGR: the answer is each channel's mean, so
+    the order and layout the server made are read off it directly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from foldserve import cli
+
+    axes = numpy_helper.from_array(np.asarray([1, 2], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image", "axes"], ["means"], keepdims=0)],
+        "channel-means",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 6, 5, 3])],
+        [helper.make_tensor_value_info("means", TensorProto.FLOAT, ["n", 3])],
+        [axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    (tmp_path / "keras.onnx").write_bytes(model.SerializeToString())
+    store = tmp_path / "store"
+    code = cli.main(
+        [
+            *("import", str(tmp_path / "keras.onnx"), "--store", str(store), "--name", "keras"),
+            *("--image-layout", "HWC", "--image-channels", "BGR", "--task", "regression"),
+            *("--image-mean", "0.5", "--image-std", "0.25"),
+        ]
+    )
+    assert code == 0
+    solid = Image.new("RGB", (40, 30), (200, 100, 50))
+    with running(create_app(Settings(model_store=store, default_model="keras"))) as (url, _):
+        answer = httpx.post(
+            f"{url}/predict", content=encoded(solid, "PNG"), headers={"Content-Type": "image/png"}
+        )
+    assert answer.status_code == 200, answer.text
+    expected = (np.asarray([50, 100, 200]) / 255 - 0.5) / 0.25  # B, G, R
+    np.testing.assert_allclose(answer.json()["outputs"][0], expected, rtol=1e-5)
