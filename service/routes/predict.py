@@ -81,14 +81,14 @@ class PredictCodec:
         if isinstance(parsed.payload, EncodedImages):
             return parsed.payload
         inputs, body = parsed.payload
-        if isinstance(inputs, np.ndarray):
-            return [inputs]
         names = ready.signature.inputs.names
         if isinstance(inputs, dict):
             return [_samples(inputs, name, body) for name in _named_inputs(inputs, names)]
-        if len(names) > 1:
+        if len(names) > 1:  # a list of samples, for a model of several inputs
             shown = ", ".join(f'"{name}": [sample, ...]' for name in names)
             raise InvalidInput(f'this model takes {len(names)} inputs: send "inputs": {{{shown}}}')
+        if isinstance(inputs, np.ndarray):  # read by the fast path (json_numbers)
+            return [inputs]
         return [_samples({"inputs": inputs}, "inputs", body)]
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response:

@@ -93,6 +93,7 @@ def test_predict_takes_inputs_by_name_and_answers_every_output_by_name(base: str
     ("inputs", "message"),
     [
         ([[0.0, 1.0, 2.0]], 'this model takes 2 inputs: send "inputs": {"a"'),
+        ([[0.5, 1.5, 2.5]] * 80, "this model takes 2 inputs"),  # over 1 kB: the fast path's
         ({"a": [[0.0, 1.0, 2.0]]}, "this model takes ['a', 'b']"),
         ({"a": [[0.0] * 3], "b": [[0.0] * 4], "c": [[1.0]]}, "this model takes ['a', 'b']"),
         ({"a": [[0.0] * 3] * 2, "b": [[0.0] * 4]}, "every input must hold as many samples"),
