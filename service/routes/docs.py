@@ -65,20 +65,37 @@ async def version_infer(name: str, version: str, body: InferRequest) -> InferAns
     raise NotImplementedError
 
 
+_IMAGES = {
+    kind: {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "one image for a model exported with its image preprocessing",
+    }
+    for kind in ("image/png", "image/jpeg")
+}
+
+
 def _raw_routes() -> list[APIRoute]:
     infer_extra = {
         "requestBody": {"content": _OCTET_STREAM},
         "responses": {"200": {"content": _OCTET_STREAM}},
     }
+    images = {"requestBody": {"content": _IMAGES}}
     errors = documented(None, *_ERRORS)
     return [
-        APIRoute("/predict", predict, methods=["POST"], responses=errors),
-        APIRoute("/models/{name}/predict", model_predict, methods=["POST"], responses=errors),
+        APIRoute("/predict", predict, methods=["POST"], responses=errors, openapi_extra=images),
+        APIRoute(
+            "/models/{name}/predict",
+            model_predict,
+            methods=["POST"],
+            responses=errors,
+            openapi_extra=images,
+        ),
         APIRoute(
             "/models/{name}/versions/{version}/predict",
             version_predict,
             methods=["POST"],
             responses=errors,
+            openapi_extra=images,
         ),
         APIRoute(
             "/v2/models/{name}/infer",
