@@ -301,6 +301,27 @@ def image_preprocessing(
         raise FoldingError(f"image preprocessing: {exc}") from None
 
 
+def image_input_for(
+    inputs: tuple[TensorSpec, ...],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    channels: str | None,
+    layout: str,
+) -> ImageInput:
+    """The image preprocessing of a model's input: it must be the model's one input, of
+    floats (an image becomes normalized values)."""
+    if len(inputs) != 1:
+        names = [spec.name for spec in inputs]
+        raise FoldingError(f"images are the input of a model of one input; this one takes {names}")
+    (spec,) = inputs
+    if spec.dtype not in ("float32", "float16"):
+        raise FoldingError(
+            f"input {spec.name!r} is {spec.dtype}: an image becomes normalized float values, so "
+            "its model takes float32 or float16"
+        )
+    return image_preprocessing(spec.name, spec.shape, mean, std, channels, layout)
+
+
 def _per_channel(
     values: Sequence[float] | None, channels: int, label: str, default: float
 ) -> tuple[float, ...]:

@@ -307,10 +307,7 @@ def _image(
     """How an image becomes the first input, when any of its preprocessing was given."""
     if mean is None and std is None and channels is None and layout is None:
         return None
-    first = inputs[0]
-    return calibration_data.image_preprocessing(
-        first.name, first.shape, mean, std, channels, layout or "CHW"
-    )
+    return calibration_data.image_input_for(inputs, mean, std, channels, layout or "CHW")
 
 
 def _outputs(

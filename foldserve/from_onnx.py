@@ -94,13 +94,8 @@ def import_onnx(
     image = (
         None
         if all(value is None for value in given)
-        else calibration_data.image_preprocessing(
-            inputs[0].name,
-            inputs[0].shape,
-            image_mean,
-            image_std,
-            image_channels,
-            image_layout or "CHW",
+        else calibration_data.image_input_for(
+            inputs, image_mean, image_std, image_channels, image_layout or "CHW"
         )
     )
     made_dynamic = False

@@ -334,7 +334,7 @@ def first_input(data: Calibration, inputs: Packing) -> Calibration:
     (a model of several inputs has each sample's inputs side by side: ``service.packing``)."""
     if inputs.single or data.generated:
         return data
-    first = inputs.part(np.asarray(data.samples[:], dtype=np.float32), 0)
+    first = inputs.part(np.asarray(data.samples[:], dtype=inputs.dtype), 0).astype(np.float32)
     return Calibration(first, data.description, generated=False)
 
 

@@ -24,7 +24,13 @@ import numpy as np
 
 from service.admission import Ticket
 from service.backends import Array
-from service.errors import FoldserveError, InvalidInput, Overloaded, UnsupportedMediaType
+from service.errors import (
+    FoldserveError,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from service.finite import all_finite, within_float32
 from service.http.request import Request
 from service.http.response import Response, failure
@@ -138,7 +144,8 @@ def _as_dtype(rows: np.ndarray, spec: TensorSpec) -> Array:
     target = np.dtype(spec.dtype)
     if target.kind == "f":  # float16: finite, and within its range
         limit = float(np.finfo(target).max)
-        if rows.size and not (np.isfinite(rows).all() and float(np.abs(rows).max()) <= limit):
+        wide = rows.astype(np.float64)  # np.abs of int64's minimum overflows: not in float64
+        if rows.size and not (np.isfinite(wide).all() and float(np.abs(wide).max()) <= limit):
             raise InvalidInput(
                 f"input {spec.name!r} holds values beyond {spec.dtype} (finite, |x| <= {limit:g})"
             )
@@ -151,6 +158,17 @@ def _as_dtype(rows: np.ndarray, spec: TensorSpec) -> Array:
             f"input {spec.name!r} holds values outside {spec.dtype} ({info.min} to {info.max})"
         )
     return rows.astype(target, copy=False)
+
+
+def check_image_count(count: int, ready: ReadyVersion) -> None:
+    """Refuse, before one is decoded, more images than the version's queue can ever hold: each
+    becomes a whole input tensor (a 3x224x224 image: 602 KB from a file of 67 bytes)."""
+    limit = ready.admission.max_queue_rows
+    if count > limit:
+        raise PayloadTooLarge(
+            f"request holds {count} images but at most {limit} rows can queue for model "
+            f"{ready.name!r} v{ready.version} ({ready.admission.queue_limit}): send fewer"
+        )
 
 
 def _non_finite(spec: TensorSpec) -> InvalidInput:
@@ -246,8 +264,10 @@ class DataPlane:
                 ticket = ready.admission.enter_now()
             assert ticket is not None and ready is not None
             tensors = codec.rows(parsed, ready)
-            if isinstance(tensors, EncodedImages):  # decoded off the event loop
-                tensors = [await self.images.rows(tensors.files, image_input(ready))]
+            if isinstance(tensors, EncodedImages):  # counted, then decoded off the event loop
+                spec = image_input(ready)
+                check_image_count(len(tensors.files), ready)
+                tensors = [await self.images.rows(tensors.files, spec)]
             rows = validate_inputs(tensors, ready.signature.inputs)
             request.rows = rows
             if not ticket.admit_now(len(rows), deadline):

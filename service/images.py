@@ -24,6 +24,8 @@ from service.errors import InvalidInput, PayloadTooLarge
 from service.store import ImageInput
 
 FORMATS = ("PNG", "JPEG")
+# Modes Pillow converts to L and RGB as 0..255 values; I;16 or F would be clipped to 255.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ def decode(data: bytes, spec: ImageInput, max_pixels: int, setting: str, index: 
     except (UnidentifiedImageError, OSError, ValueError):
         raise InvalidInput(f"{which} is not a PNG or JPEG image") from None
     with image:
+        if image.mode not in EIGHT_BIT_MODES:
+            raise InvalidInput(
+                f"{which} has pixels of mode {image.mode} (16-bit or float): send 8 bits a "
+                "channel (grey, RGB, RGBA or palette)"
+            )
         width, height = image.size
         if width * height > max_pixels:
             raise PayloadTooLarge(
@@ -99,12 +106,10 @@ class ImageDecoder:
         return await loop.run_in_executor(self._pool, self._decode_all, images, spec)
 
     def _decode_all(self, images: Sequence[bytes], spec: ImageInput) -> Array:
-        return np.stack(
-            [
-                decode(data, spec, self._max_pixels, self._setting, index)
-                for index, data in enumerate(images)
-            ]
-        )
+        rows: Array = np.empty((len(images), *spec.shape()), dtype=np.float32)
+        for index, data in enumerate(images):  # into place: no second copy of the batch
+            rows[index] = decode(data, spec, self._max_pixels, self._setting, index)
+        return rows
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

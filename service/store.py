@@ -320,11 +320,13 @@ class Manifest(_Strict):
         if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
             raise ValueError("two files share one path (or one is named manifest.json)")
         if self.image is not None:
-            spec = next((spec for spec in self.inputs if spec.name == self.image.input), None)
-            if spec is None or spec.shape != self.image.shape():
+            spec = self.inputs[0]
+            if len(self.inputs) != 1 or spec.name != self.image.input:
+                raise ValueError("images are the input of a model of one input")
+            if spec.shape != self.image.shape() or spec.dtype not in ("float32", "float16"):
                 raise ValueError(
-                    f"images become {self.image.shape()} for input {self.image.input!r}, which "
-                    f"is {spec.shape if spec is not None else 'not an input'}"
+                    f"images become float {self.image.shape()} for input {spec.name!r}, which "
+                    f"is {spec.dtype} {spec.shape}"
                 )
         if self.input_statistics is not None:
             self.input_statistics.check_fits(self.inputs[0].shape)

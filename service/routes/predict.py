@@ -87,8 +87,11 @@ class PredictCodec:
         if len(names) > 1:  # a list of samples, for a model of several inputs
             shown = ", ".join(f'"{name}": [sample, ...]' for name in names)
             raise InvalidInput(f'this model takes {len(names)} inputs: send "inputs": {{{shown}}}')
-        if isinstance(inputs, np.ndarray):  # read by the fast path (json_numbers)
-            return [inputs]
+        if isinstance(inputs, np.ndarray):  # read by the fast path (json_numbers), as floats
+            if ready.signature.inputs.specs[0].dtype == "float32":
+                return [inputs]
+            # NOTE: an input of another dtype is read the usual way: integers stay integers.
+            inputs = orjson.loads(body)["inputs"]
         return [_samples({"inputs": inputs}, "inputs", body)]
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response:

@@ -118,7 +118,13 @@ class V2Codec:
             )
         length = request.head.content_length
         total = None if length is None else byte_count(length)
-        if ready is not None and header is not None and total is not None and total > header:
+        if (
+            ready is not None
+            and ready.manifest.image is None  # encoded images: counted once parsed
+            and header is not None
+            and total is not None
+            and total > header
+        ):
             # At 8 bytes a value at most (FP64, INT64), the binary part holds at least this
             # many rows: refused before it is read when the queue could never hold them.
             values = ready.signature.inputs.values

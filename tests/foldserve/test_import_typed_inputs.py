@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import foldserve
 from service.app import create_app
+from service.errors import FoldingError
 from service.settings import Settings
 from tests.service.conftest import running
 
@@ -52,6 +53,35 @@ def _typed_graph() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _floats_and_ids_graph() -> bytes:
+    """x (float32, 3) and ids (int64, 2) in; x @ w + the sum of the ids' embedding rows out."""
+    rng = np.random.default_rng(6)
+    weights = {
+        "w": rng.normal(size=(3, 2)).astype(np.float32),
+        "table": rng.normal(size=(8, 2)).astype(np.float32),
+        "axis": np.asarray([1], dtype=np.int64),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["from_x"]),
+        helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        helper.make_node("ReduceSum", ["rows", "axis"], ["from_ids"], keepdims=0),
+        helper.make_node("Add", ["from_x", "from_ids"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "floats-and-ids",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
     return model.SerializeToString()
 
 
@@ -159,3 +189,48 @@ def test_a_float16_input_takes_numbers_in_its_range(base: str) -> None:
     assert "holds values beyond float16" in answer.json()["error"]
     metadata = httpx.get(f"{base}/v2/models/half").json()
     assert metadata["inputs"][0]["datatype"] == "FP16"
+
+
+def test_a_body_over_1_kb_of_integers_is_read_as_integers(base: str) -> None:
+    """Past 1 kB the usual /predict body is read by a fast parser that makes floats."""
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, size=(150, 4)).astype(np.uint8)
+    ids = rng.integers(0, 8, size=(150, 3)).astype(np.int64)
+    answer = httpx.post(
+        f"{base}/predict", json={"inputs": {"pixels": pixels.tolist(), "ids": ids.tolist()}}
+    )
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(answer.json()["outputs"], _reference(pixels, ids), atol=1e-5)
+    half = np.full((150, 2), 0.5)
+    answer = httpx.post(f"{base}/models/half/predict", json={"inputs": half.tolist()})
+    assert answer.status_code == 200, answer.text
+
+
+def test_int64s_minimum_is_beyond_float16(base: str) -> None:
+    answer = httpx.post(f"{base}/models/half/predict", json={"inputs": [[-(2**63), 0]]})
+    assert answer.status_code == 400
+    assert "holds values beyond float16" in answer.json()["error"]
+
+
+def test_calibration_data_of_floats_beside_ids_gives_the_floats_drift_reference(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "mixed.onnx").write_bytes(_floats_and_ids_graph())
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(20, 3)) * 2 + 1).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, ids=rng.integers(0, 8, size=(20, 2)))
+    result = foldserve.import_onnx(
+        tmp_path / "mixed.onnx", store=tmp_path / "store", name="mixed",
+        calibration=tmp_path / "data.npz",
+    )  # fmt: skip
+    statistics = result.build.manifest.input_statistics
+    assert statistics is not None and statistics.layer == "input"
+    np.testing.assert_allclose(statistics.mean, x.mean(axis=0), rtol=1e-5)
+
+
+def test_image_preprocessing_is_refused_for_inputs_that_cannot_take_images(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "typed.onnx").write_bytes(_typed_graph())
+    with pytest.raises(FoldingError, match="images are the input of a model of one input"):
+        foldserve.import_onnx(tmp_path / "typed.onnx", store=tmp_path, name="x", image_mean=[0.5])

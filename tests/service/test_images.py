@@ -108,7 +108,9 @@ def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base(image_store: Path) -> Iterator[str]:
-    settings = Settings(model_store=image_store, default_model="pets", max_image_pixels=40_000)
+    settings = Settings(
+        model_store=image_store, default_model="pets", max_image_pixels=40_000, max_queue_rows=16
+    )
     with running(create_app(settings)) as (url, _):
         yield url
 
@@ -318,3 +320,24 @@ def test_channels_last_bgr_models_get_images_in_their_layout_and_order(tmp_path:
     assert answer.status_code == 200, answer.text
     expected = (np.asarray([50, 100, 200]) / 255 - 0.5) / 0.25  # B, G, R
     np.testing.assert_allclose(answer.json()["outputs"][0], expected, rtol=1e-5)
+
+
+def test_more_images_than_the_queue_holds_are_refused_before_one_is_decoded(base: str) -> None:
+    one = encoded(Image.new("RGB", (1, 1)), "PNG")  # 67 bytes: each becomes 768 bytes here
+    body = {"images": [base64.b64encode(one).decode()] * 17}  # the queue holds 16 rows
+    answer = httpx.post(f"{base}/predict", json=body)
+    assert answer.status_code == 413
+    assert "request holds 17 images but at most 16 rows can queue" in answer.json()["error"]
+    content, headers = _v2_bytes_body([one] * 17)
+    answer = httpx.post(f"{base}/v2/models/pets/infer", content=content, headers=headers)
+    assert answer.status_code == 413
+
+
+def test_sixteen_bit_images_are_refused_not_clipped(base: str) -> None:
+    deep = Image.fromarray(np.full((10, 12), 40_000, dtype=np.uint16))
+    assert deep.mode.startswith("I;16")
+    answer = httpx.post(
+        f"{base}/predict", content=encoded(deep, "PNG"), headers={"Content-Type": "image/png"}
+    )
+    assert answer.status_code == 400
+    assert "16-bit or float" in answer.json()["error"]
