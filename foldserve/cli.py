@@ -139,7 +139,13 @@ def _add_import(parser: argparse.ArgumentParser) -> None:
         "in ONNX Runtime, and store a new version."
     )
     parser.add_argument("onnx", type=Path, help="the ONNX file")
-    parser.add_argument("--input-shape", type=_ints, help="one sample's shape, if symbolic")
+    parser.add_argument(
+        "--input-shape",
+        type=_named_ints,
+        action="append",
+        help="one sample's shape, where the graph leaves it symbolic; for several inputs, each "
+        "one's by name: --input-shape tokens=128 --input-shape mask=128",
+    )
     _add_common(parser)
 
 
@@ -243,7 +249,7 @@ def _import(args: argparse.Namespace, command: str) -> int:
     from foldserve import calibration
     from foldserve.from_onnx import import_onnx
 
-    shape = tuple(args.input_shape) if args.input_shape else None
+    shape = _input_shapes(args.input_shape) if args.input_shape else None
 
     def data(inputs: tuple[TensorSpec, ...]) -> Any:  # the file tells the inputs
         if len(inputs) == 1:

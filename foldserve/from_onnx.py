@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ def import_onnx(
     labels: Sequence[str] | None = None,
     task: Task | None = None,
     calibration: CalibrationSource = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape | None = None,
     seed: int = 0,
     command: str | None = None,
     max_batch_size: int | None = None,
@@ -163,10 +163,11 @@ def import_onnx(
 
 
 def _signature(
-    model: onnx.ModelProto, input_shape: Sequence[int] | None
+    model: onnx.ModelProto, input_shape: InputShape | None
 ) -> tuple[tuple[TensorSpec, ...], list[str]]:
-    """Every data input with its per-sample shape, and every output's name, in the graph's
-    order; all float32."""
+    """Every data input with its dtype and per-sample shape (``input_shape``: one input's, or
+    some inputs' by name, where the graph leaves them symbolic), and every output's name, in
+    the graph's order."""
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if not inputs or not model.graph.output:
@@ -183,22 +184,32 @@ def _signature(
                 f"{value.name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; foldserve takes "
                 f"{'inputs' if value in inputs else 'outputs'} of {kinds}"
             )
-    if input_shape is not None and len(inputs) > 1:
+    names = [value.name for value in inputs]
+    if isinstance(input_shape, Mapping):
+        unknown = sorted(set(input_shape) - set(names))
+        if unknown:
+            raise FoldingError(f"--input-shape names {unknown}: the graph's inputs are {names}")
+        shapes = {name: input_shape.get(name) for name in names}
+    elif input_shape is not None and len(inputs) > 1:
         raise FoldingError(
             f"--input-shape gives one input's shape, but the graph has {len(inputs)} inputs "
-            f"{[i.name for i in inputs]}: re-export it with fixed per-sample dims"
+            f"{names}: give each one's by name (--input-shape {names[0]}=...)"
         )
+    else:
+        shapes = {names[0]: input_shape}
     specs = tuple(
         TensorSpec(
             name=value.name,
             dtype=_INPUT_TYPES[value.type.tensor_type.elem_type],
-            shape=_sample_shape(value, input_shape),
+            shape=_sample_shape(value, shapes.get(value.name)),
         )
         for value in inputs
     )
     return specs, [value.name for value in model.graph.output]
 
 
+# One input's sample shape, or some inputs' by name.
+InputShape = Sequence[int] | Mapping[str, Sequence[int]]
 # The graph's element types foldserve serves: inputs as they are (requests are cast to them);
 # outputs answered as float32.
 _INPUT_TYPES: dict[int, TensorDtype] = {

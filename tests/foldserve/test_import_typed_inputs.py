@@ -19,6 +19,7 @@ import foldserve
 from service.app import create_app
 from service.errors import FoldingError
 from service.settings import Settings
+from service.store import read_manifest
 from tests.service.conftest import running
 
 
@@ -56,8 +57,9 @@ def _typed_graph() -> bytes:
     return model.SerializeToString()
 
 
-def _floats_and_ids_graph() -> bytes:
-    """x (float32, 3) and ids (int64, 2) in; x @ w + the sum of the ids' embedding rows out."""
+def _floats_and_ids_graph(symbolic: bool = False) -> bytes:
+    """x (float32, 3) and ids (int64, 2) in; x @ w + the sum of the ids' embedding rows out
+    (``symbolic``: the graph leaves their sample dims unnamed sizes)."""
     rng = np.random.default_rng(6)
     weights = {
         "w": rng.normal(size=(3, 2)).astype(np.float32),
@@ -74,8 +76,8 @@ def _floats_and_ids_graph() -> bytes:
         nodes,
         "floats-and-ids",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3]),
-            helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 2]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "d" if symbolic else 3]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", "k" if symbolic else 2]),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
         [numpy_helper.from_array(v, k) for k, v in weights.items()],
@@ -234,3 +236,19 @@ def test_image_preprocessing_is_refused_for_inputs_that_cannot_take_images(
     (tmp_path / "typed.onnx").write_bytes(_typed_graph())
     with pytest.raises(FoldingError, match="images are the input of a model of one input"):
         foldserve.import_onnx(tmp_path / "typed.onnx", store=tmp_path, name="x", image_mean=[0.5])
+
+
+def test_symbolic_sample_dims_of_several_inputs_are_given_by_name(tmp_path: Path) -> None:
+    from foldserve import cli
+
+    (tmp_path / "symbolic.onnx").write_bytes(_floats_and_ids_graph(symbolic=True))
+    store = tmp_path / "store"
+    argv = ["import", str(tmp_path / "symbolic.onnx"), "--store", str(store), "--name", "sym"]
+    assert cli.main([*argv, "--input-shape", "3"]) == 1  # one shape for two inputs: refused
+    assert cli.main([*argv, "--input-shape", "x=3", "--input-shape", "idz=2"]) == 1
+    assert cli.main([*argv, "--input-shape", "x=3", "--input-shape", "ids=2"]) == 0
+    manifest = read_manifest(store / "sym" / "1")
+    assert [(s.name, s.dtype, s.shape) for s in manifest.inputs] == [
+        ("x", "float32", (3,)),
+        ("ids", "int64", (2,)),
+    ]
