@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 def _append(selected: list[Any], args: argparse.Namespace, argv: list[str] | None) -> int:
     """Measure ``selected`` and add the rows to an earlier run (its JSON and page): a row added
     to the catalogue after that run, or one rerun; the page says which, when, with what."""
-    from bench.zoo import report
+    from bench.zoo import environment, report
     from bench.zoo.measure import Options
 
     path: Path = args.append_to
@@ -98,6 +98,7 @@ def _append(selected: list[Any], args: argparse.Namespace, argv: list[str] | Non
     added: dict[str, Any] = {
         "command": shlex.join(["bench/model-zoo", *(argv if argv is not None else sys.argv[1:])]),
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "environment": environment.describe(),
         "rows": [],
     }
     _measure_all(selected, options, added, path.with_suffix(".adding.json"))
