@@ -255,7 +255,7 @@ def build_version(
     from foldserve.fold import prepare_eval_copy
     from foldserve.input_statistics import module_hidden_statistics, module_input_statistics
     from foldserve.several import Named, Packed
-    from foldserve.tensors import float32_noise
+    from foldserve.tensors import float32_noise, release_memory
 
     seconds = {} if seconds is None else seconds
     inputs, outputs = card.input_specs(), card.output_specs(expected)
@@ -285,6 +285,7 @@ def build_version(
             folded = _renamed(folded, Named.PREFIX)
     if stats_shifts:
         folded = _with_shifts(folded, stats_shifts)
+    release_memory()  # what tracing and exporting freed
     with timed(seconds, "verify"):
         # On the copy folding starts from (norms baked in), as the folded files were made.
         baked = prepare_eval_copy(model)
@@ -292,6 +293,7 @@ def build_version(
             baked = Packed(baked, signature)
         noise = float32_noise(baked, check_inputs[:NOISE_SAMPLES])
         del baked  # a copy of every weight, not needed while the exports are checked
+        release_memory()
     try:
         return store_verified(
             folded,

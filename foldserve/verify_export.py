@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foldserve.tensors import Features, rows_per_step
+from foldserve.tensors import Features, release_memory, rows_per_step
 from service.backends import Array, Backend, BackendOptions, load_backend
 from service.batching_policy import THREADS_FROM_MS
 from service.cpus import usable_cpus
@@ -150,6 +150,7 @@ def verify_exports(
             if export.format == "onnx" and measured_rows > 1:
                 bitwise = is_bitwise_batch_invariant(backend, bitwise_probes, measured_rows)
             del backend  # before the next format's is loaded: one model in memory at a time
+            release_memory()
     verification = Verification(
         atol=atol,
         rtol=rtol,

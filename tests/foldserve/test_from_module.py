@@ -474,3 +474,16 @@ def test_a_module_without_an_input_batch_norm_gets_the_calibration_datas_statist
     # Generated inputs say nothing of real ones: no reference then.
     bare = foldserve.export(model, (4,), store=tmp_path, name="g")
     assert bare.build.manifest.input_statistics is None
+
+
+def test_the_users_module_keeps_its_mode_and_statistics(tmp_path: Path) -> None:
+    """The export copies a module only where it writes into it (population statistics), and
+    puts a module it ran in eval mode back as it was."""
+    model = _with_statistics(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), (4,)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32) * 3 + 1
+    foldserve.export(model, (4,), store=tmp_path, name="ema", bn_stats="ema")
+    foldserve.export(model, (4,), store=tmp_path, name="pop", calibration=data)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
