@@ -55,8 +55,16 @@ class Registry:
     def resolve(self, name: str | None, version: int | None) -> ReadyVersion:
         """The ready version asked for; ``None`` means the default model, and its default
         version (``model_versions``) or else its latest ready one."""
-        name = self._settings.default_model if name is None else name
+        asked, name = name, self._settings.default_model if name is None else name
         versions = self._models.get(name)
+        if not versions and asked is None:
+            # NOTE: a request that names no model asked for the server's own: that it is not
+            # loaded now (unloaded, or not in the store yet) is the server's state, not the
+            # client's mistake, so 503 with Retry-After (a 404 tells clients not to retry).
+            raise ModelNotReady(
+                f"the default model {_shown(name)} is not loaded (unloaded, or not in the store "
+                f"yet); loaded: {sorted(self._models)}"
+            )
         if not versions:
             raise ModelNotFound(
                 f"model {_shown(name)} not found; available: {sorted(self._models)}"

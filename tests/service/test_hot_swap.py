@@ -201,7 +201,10 @@ def test_the_management_api_is_off_by_default_and_needs_its_key(
         assert refused.headers["www-authenticate"].startswith("Bearer")
     assert bearer.status_code == header.status_code == 200
     assert bearer.json() == [{"name": "lin", "version": "1", "state": "READY", "reason": ""}]
-    assert unload.status_code == 200 and after_unload.status_code == 404
+    # The default model unloaded: the server's state, not the client's mistake (issue 20).
+    assert unload.status_code == 200 and after_unload.status_code == 503
+    assert after_unload.headers["retry-after"] == "1"
+    assert "the default model 'lin' is not loaded" in after_unload.json()["error"]
     assert reload.status_code == 200 and after_load.status_code == 200
     assert not [r for r in caplog.records if KEY in r.getMessage() or "guess" in r.getMessage()]
 

@@ -85,7 +85,7 @@ def test_a_missing_store_is_not_ready_and_says_so(tmp_path: Path) -> None:
         await registry.load_all()
         assert registry.entries() == []
         ready, reason = registry.readiness()
-        assert not ready and "'tiny' not found" in reason
+        assert not ready and "the default model 'tiny' is not loaded" in reason
 
     asyncio.run(main())
 
