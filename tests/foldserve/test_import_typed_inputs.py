@@ -23,6 +23,13 @@ from service.store import read_manifest
 from tests.service.conftest import running
 
 
+def _serialized(graph: onnx.GraphProto) -> bytes:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def _typed_graph() -> bytes:
     """pixels (uint8, 4) and ids (int64, 3) in; scores (3) out: pixels/255 @ W + sum of the
     ids' embedding rows."""
@@ -51,10 +58,7 @@ def _typed_graph() -> bytes:
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return _serialized(graph)
 
 
 def _floats_and_ids_graph(symbolic: bool = False) -> bytes:
@@ -82,9 +86,7 @@ def _floats_and_ids_graph(symbolic: bool = False) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
         [numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialized(graph)
 
 
 def _half_graph() -> bytes:
@@ -96,9 +98,7 @@ def _half_graph() -> bytes:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n", 2])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialized(graph)
 
 
 @pytest.fixture(scope="module")
