@@ -60,7 +60,8 @@ class _Request:
     expires: float = math.inf  # loop.time() past which it fails with a timeout
     own_deadline: bool = False  # ``expires`` is the request's own deadline, not timeout_s
     taken: int = 0  # rows already handed to a batch; the rest are still queued
-    chunks: list[Array] | None = None  # the outputs of a split request's earlier chunks
+    chunks: dict[int, Array] | None = None  # a split request's outputs so far, by first row
+    answered: int = 0  # rows of a split request whose outputs are in ``chunks``
 
 
 _Part = tuple[_Request, int, int]  # rows [start, stop) of one request inside a batch
@@ -120,11 +121,15 @@ class Batcher:
         timeout_s: float | None = None,
         initial_batch_s: float = 0.0,
         stats: BatchStats | None = None,
+        parallel_run: Callable[[Array], Array] | None = None,
+        parallel_runs: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size}: must be at least 1")
         if max_delay_ms < 0:
             raise ConfigError(f"max_delay_ms={max_delay_ms}: must be 0 (no wait) or more")
+        if parallel_runs < 1 or (parallel_runs > 1 and parallel_run is None):
+            raise ConfigError(f"parallel_runs={parallel_runs}: must be 1, or more with a run")
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigError(f"timeout_s={timeout_s}: must be None (no limit) or more than 0")
         self._run = run
@@ -132,6 +137,20 @@ class Batcher:
         self._delay_s = max_delay_ms / 1000.0
         # NOTE: one worker thread by default: the loop never blocks on inference, and one model
         # version never runs two batches at once (the loop awaits each run before the next).
+        self._parallel_run = parallel_run if parallel_runs > 1 else None
+        self._parallel_runs = parallel_runs
+        # NOTE: parallel runs get threads of their own: a run on every thread keeps the one
+        # worker it always had (handing it to whichever of two idle workers cost a served UNet
+        # at one connection a fifth of its images per second, measured).
+        self._narrow_executor = (
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=parallel_runs, thread_name_prefix="foldserve-run"
+            )
+            if self._parallel_run is not None
+            else None
+        )
+        self._narrow_running = 0  # one-thread runs in flight (parallel runs only)
+        self._runs: set[asyncio.Task[None]] = set()  # parallel runs' tasks, for stop()
         self._owns_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="foldserve-batch"
@@ -152,7 +171,8 @@ class Batcher:
         self._queue_rows = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._running: list[_Part] = []  # the batch in the executor: stop() may have to fail it
+        # The batches in the executor (several with parallel runs): stop() may have to fail them.
+        self._running: list[_Part] = []
         self._stopping = False
         self._last_alone = True  # adaptive mode: did the previous batch hold a single request?
         self._ran_now = False  # a lone request ran in its own task in this turn of the loop
@@ -162,6 +182,7 @@ class Batcher:
         self._watch_at = math.inf
         # Seconds per backend call, averaged; starts from a time measured at load, if any.
         self._batch_s = max(0.0, initial_batch_s)
+        self._row_s = 0.0  # seconds per row of the runs together, averaged (parallel runs)
 
     @property
     def inline(self) -> bool:
@@ -184,8 +205,12 @@ class Batcher:
         for a run in progress. Exact when batches run full, as they do under load; at low load
         it overstates a little (partial batches are faster), which only matters near a deadline.
         """
-        batches = -(-(self._queue_rows + rows) // self._cap)
         running = 0.5 if self._running else 0.0
+        if self._parallel_run is not None and self._row_s > 0.0:
+            # NOTE: with parallel runs a batch is a share of the queue, not a full cap, so the
+            # rows ahead count, at the rate the runs together go through them.
+            return (self._queue_rows + rows) * self._row_s + running * self._batch_s
+        batches = -(-(self._queue_rows + rows) // self._cap)
         return (batches + running) * self._batch_s
 
     async def start(self) -> None:
@@ -226,6 +251,8 @@ class Batcher:
             self._watchdog, self._watch_at = None, math.inf
         if self._owns_executor:
             self._executor.shutdown(wait=False)
+        if self._narrow_executor is not None:
+            self._narrow_executor.shutdown(wait=False)
 
     async def _abandon(self, task: asyncio.Task[None], timeout_s: float | None) -> None:
         """Cancel a drain that overran; no accepted request is left waiting."""
@@ -385,9 +412,15 @@ class Batcher:
             while True:
                 if not self._queue:
                     if self._stopping:
+                        if self._runs:  # a drain answers what is running too
+                            await asyncio.wait(set(self._runs))
+                            continue
                         return
                     self._wake.clear()
                     await self._wake.wait()
+                    continue
+                if self._parallel_run is not None and not self._inline:
+                    await self._launch_parallel(loop)
                     continue
                 await self._wait_for_batch(loop)
                 if self._queue:
@@ -399,6 +432,8 @@ class Batcher:
                         await asyncio.sleep(0)
         finally:
             # Reached on stop (queue empty) or if this task dies: fail the rest, never hang them.
+            if self._runs:
+                await self._end_runs()
             self._fail_queue()
 
     def _fail_queue(self) -> None:
@@ -442,10 +477,54 @@ class Batcher:
             finally:
                 timer.cancel()
 
-    def _take(self) -> list[_Part]:
-        """Pop up to the cap in rows, FIFO; a request too big for the room left is split."""
+    async def _launch_parallel(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the next batch of a version with parallel runs (service.parallel_runs), or
+        wait until one can start.
+
+        A lone one-row request with nothing running goes alone on every thread (one sample
+        cannot be split); anything more, or anything arriving while runs are going, goes to
+        the one-thread runs, up to ``parallel_runs`` at once, each taking its share of the
+        queue (up to the cap). A run on every thread is never joined by another: it already
+        holds the cores.
+        """
+        # NOTE: a run on every thread is awaited right here, so none is going now.
+        idle = self._narrow_running == 0
+        free = self._parallel_runs - self._narrow_running
+        if free == 0:
+            self._wake.clear()
+            await self._wake.wait()  # a run ending (or a new request, or stop) wakes it
+            return
+        if idle:
+            # Batch mates are waited for only by a batch that would run alone; with runs going,
+            # what queued meanwhile leaves at once for the free run.
+            await self._wait_for_batch(loop)
+            if not self._queue:
+                return
+            if len(self._queue) == 1 and self._queue_rows == 1:
+                await self._run_batch(loop, self._take())  # alone, on every thread
+                return
+        share = min(self._cap, -(-self._queue_rows // free))
+        parts = self._take(share)
+        self._narrow_running += 1
+        task = loop.create_task(self._run_batch(loop, parts, narrow=True))
+        self._runs.add(task)
+        task.add_done_callback(self._run_ended)
+
+    def _run_ended(self, task: asyncio.Task[None]) -> None:
+        self._runs.discard(task)
+        self._narrow_running -= 1
+        self._wake.set()
+
+    async def _end_runs(self) -> None:
+        """This task is ending (stopped, cancelled, or dead): so do the runs it started."""
+        for task in self._runs:
+            task.cancel()
+        await asyncio.wait(set(self._runs))
+
+    def _take(self, rows: int | None = None) -> list[_Part]:
+        """Pop up to ``rows`` (the cap) rows, FIFO; a request too big for the room left is split."""
         parts: list[_Part] = []
-        room = self._cap
+        room = self._cap if rows is None else rows
         while self._queue and room > 0:
             req = self._queue[0]
             stop = min(len(req.rows), req.taken + room)
@@ -468,34 +547,42 @@ class Batcher:
         if self._stats is not None:
             self._stats.gauge(self._queue_rows, self.estimated_wait(1))
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> None:
-        self._running = parts
+    async def _run_batch(
+        self, loop: asyncio.AbstractEventLoop, parts: list[_Part], narrow: bool = False
+    ) -> None:
+        """Run ``parts`` as one batch (``narrow``: on the one-thread run, beside others)."""
+        self._running.extend(parts)
         try:
-            outcome = await self._infer(loop, parts)
+            outcome = await self._infer(loop, parts, narrow)
             if isinstance(outcome, _Failed) and len(parts) > 1:
                 # One request must never fail another: find out whose rows break the backend.
                 # (len(parts) counts requests: _take gives each request at most one part.)
-                await self._run_each_alone(loop, parts)
+                await self._run_each_alone(loop, parts, narrow)
             else:
                 self._settle(parts, outcome)
         except asyncio.CancelledError:
             self._fail(parts, ModelNotReady, "batcher stopped while this request's batch ran")
             raise
         finally:
-            self._running = []
+            for part in parts:
+                self._running.remove(part)
             self._last_alone = len(parts) == 1
             self._last_done = loop.time()
 
-    async def _run_each_alone(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> None:
+    async def _run_each_alone(
+        self, loop: asyncio.AbstractEventLoop, parts: list[_Part], narrow: bool = False
+    ) -> None:
         # NOTE: sequential, in FIFO order, before the next batch: still one run at a time, and a
         # split request's chunk lands after its earlier chunks and before its later ones.
         for part in parts:
             if not part[0].future.done():  # cancelled meanwhile: nothing to compute
-                self._settle([part], await self._infer(loop, [part]))
+                self._settle([part], await self._infer(loop, [part], narrow))
                 if self._inline:
                     await asyncio.sleep(0)  # as in _serve: let the loop breathe between runs
 
-    async def _infer(self, loop: asyncio.AbstractEventLoop, parts: list[_Part]) -> Array | _Failed:
+    async def _infer(
+        self, loop: asyncio.AbstractEventLoop, parts: list[_Part], narrow: bool = False
+    ) -> Array | _Failed:
         """Run ``parts`` as one batch; report it to the observer either way."""
         first, lo, hi = parts[0]
         whole = len(parts) == 1 and lo == 0 and hi == len(first.rows)
@@ -506,16 +593,23 @@ class Batcher:
         ran: list[float] = []
         cpu: list[float] = []
 
-        def run_timed(rows: Array) -> Array:
-            began, began_cpu = time.perf_counter(), time.thread_time()
-            try:
-                return self._run(rows)
-            finally:
-                ran.append(time.perf_counter() - began)
-                cpu.append(time.thread_time() - began_cpu)
+        def timed(run: Callable[[Array], Array]) -> Callable[[Array], Array]:
+            def run_timed(rows: Array) -> Array:
+                began, began_cpu = time.perf_counter(), time.thread_time()
+                try:
+                    return run(rows)
+                finally:
+                    ran.append(time.perf_counter() - began)
+                    cpu.append(time.thread_time() - began_cpu)
+
+            return run_timed
 
         try:
-            out = await loop.run_in_executor(self._executor, run_timed, batch)
+            run: Callable[[Array], Array] = self._run
+            executor: concurrent.futures.Executor = self._executor
+            if narrow and self._parallel_run is not None and self._narrow_executor is not None:
+                run, executor = self._parallel_run, self._narrow_executor
+            out = await loop.run_in_executor(executor, timed(run), batch)
         except Exception as exc:
             return _Failed(_failure(exc), exc)
         finally:
@@ -523,7 +617,7 @@ class Batcher:
             # holds the event loop's delay in resuming this task, which under overload would
             # inflate every wait estimated from it (and refuse what could be answered).
             seconds = ran[0] if ran else time.perf_counter() - started
-            self._measured(len(batch), seconds, len(parts))
+            self._measured(len(batch), seconds, len(parts), self._parallel_runs if narrow else 1)
             if self._may_inline and cpu:
                 self._check_thread_cost(cpu[0])
         return _checked(out, len(batch))
@@ -549,13 +643,20 @@ class Batcher:
                 self._check_inline_cost(seconds)
         return _checked(out, len(batch))
 
-    def _measured(self, rows: int, seconds: float, requests: int) -> None:
+    def _measured(self, rows: int, seconds: float, requests: int, at_once: int = 1) -> None:
+        """A run of ``rows`` took ``seconds``, beside ``at_once - 1`` others like it."""
         if self._stats is not None:
             self._stats.ran(requests, rows, seconds)
         if self._batch_s == 0.0:
             self._batch_s = seconds
         else:
             self._batch_s += _BATCH_TIME_WEIGHT * (seconds - self._batch_s)
+        row_s = seconds / rows / at_once
+        self._row_s = (
+            row_s
+            if self._row_s == 0.0
+            else self._row_s + _BATCH_TIME_WEIGHT * (row_s - self._row_s)
+        )
 
     def _check_inline_cost(self, cpu_s: float) -> None:
         """A model fast at load may turn slow (big inputs, a slower machine): stop blocking the
@@ -618,10 +719,11 @@ class Batcher:
             if a == 0 and b == len(req.rows):  # the whole request in this batch: the usual
                 req.future.set_result(chunk)
                 continue
-            # Chunks arrive in order: one batch runs at a time, FIFO.
-            req.chunks = [*(req.chunks or ()), chunk]
-            if b == len(req.rows):
-                req.future.set_result(np.concatenate(req.chunks))
+            # NOTE: by first row: with parallel runs a later chunk may finish first.
+            req.chunks = {**(req.chunks or {}), a: chunk}
+            req.answered += b - a
+            if req.answered == len(req.rows):
+                req.future.set_result(np.concatenate([req.chunks[k] for k in sorted(req.chunks)]))
 
     def _fail(
         self,

@@ -51,6 +51,8 @@ class BatchingChoice:
     max_queue_rows: int  # max_queue_rows, or fewer when max_queue_bytes holds fewer samples
     queue_limit: str
     threads: int  # onnxruntime's intra-op threads for this version
+    parallel_runs: int = 1  # one-thread runs a batch of 2 rows or more is split into
+    parallel_reason: str = ""  # why that many (service.parallel_runs)
 
     def inline(self, settings: Settings) -> bool:
         return self.full_batch_ms < settings.inline_max_ms

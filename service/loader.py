@@ -19,6 +19,7 @@ from service.batching_policy import (
 from service.drift import DriftMonitor
 from service.errors import ConfigError, VerificationError, logged_message, public_message
 from service.packing import Signature
+from service.parallel_runs import ParallelRuns, choose_parallel_runs
 from service.settings import Settings, setting_ref, torchscript_not_allowed
 from service.store import (
     Fingerprint,
@@ -62,6 +63,7 @@ class Loaded:
     bitwise: BitwiseMeasurement
     batching: BatchingChoice
     drift: DriftMonitor = field(compare=False)
+    parallel: ParallelRuns = field(compare=False, default=ParallelRuns.off("not chosen"))
 
 
 class LoadFailed(Exception):
@@ -142,6 +144,14 @@ def _load(
     )
     _require_bitwise(settings, manifest, backend, bits)
     batch_ms = full_batch_ms(backend, manifest, batching.max_batch_size)
+    parallel = choose_parallel_runs(
+        settings,
+        backend,
+        lambda: load_backend(fmt, path, BackendOptions(settings.device, 1), signature),
+        manifest,
+        threads,
+        cpus,
+    )
     choice = BatchingChoice(
         batching.max_batch_size,
         batching.max_delay_ms,
@@ -150,9 +160,11 @@ def _load(
         batching.max_queue_rows,
         batching.queue_limit,
         threads,
+        parallel.runs,
+        parallel.reason,
     )
     drift = DriftMonitor.for_manifest(manifest, settings.drift_threshold, directory)
-    return Loaded(learned.fingerprint, manifest, backend, report, bits, choice, drift)
+    return Loaded(learned.fingerprint, manifest, backend, report, bits, choice, drift, parallel)
 
 
 def _measure_bitwise(

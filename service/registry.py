@@ -193,7 +193,7 @@ class Registry:
         inline = choice.inline(s)
         log.info(
             "model %s v%s batching: max_batch_size=%d max_delay_ms=%g adaptive_delay=%s "
-            "full batch %.3f ms, so %s; at most %d rows queue (%s)",
+            "full batch %.3f ms, so %s%s; at most %d rows queue (%s)",
             record.name,
             record.version,
             choice.max_batch_size,
@@ -201,6 +201,9 @@ class Registry:
             choice.adaptive_delay,
             choice.full_batch_ms,
             "inline on the event loop" if inline else "in a worker thread",
+            ""
+            if choice.parallel_runs == 1
+            else f", batches of 2 rows or more in {choice.parallel_runs} one-thread runs at once",
             choice.max_queue_rows,
             choice.queue_limit,
         )
@@ -216,6 +219,8 @@ class Registry:
             # What admission by deadline assumes a batch takes until batches are measured.
             initial_batch_s=choice.full_batch_ms / 1000,
             stats=record.figures,
+            parallel_run=loaded.parallel.run,
+            parallel_runs=loaded.parallel.runs,
         )
         admission = Admission(
             record.name, record.version, batcher, choice.max_queue_rows, choice.queue_limit

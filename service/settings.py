@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         description="threads per inference session (unset: every usable CPU for a model whose "
         "one row takes 1 ms or more, else one; said in the log at load)",
     )
+    parallel_runs: int | None = Field(
+        None,
+        ge=1,
+        description="one-thread runs a batch of 2 or more rows is split into, at once (unset: "
+        "the usable CPUs for a model given several threads, when that measured faster at load; "
+        "1: never)",
+    )
     max_batch_size: int | None = Field(None, ge=1, description="override every manifest's row cap")
     max_delay_ms: float | None = Field(None, ge=0, description="override every manifest's delay")
     # NOTE: a dict field: pydantic-settings reads FOLDSERVE_MODEL_BATCHING as JSON, e.g.

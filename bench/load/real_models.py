@@ -9,7 +9,9 @@ wrk with KServe V2 binary tensor requests, one image each, at 1 and 4 connection
 p50/p99, the server's CPU per request, and its RSS once ready. Issue 17's target: served >= 0.9x
 in-process with all cores, at 1 and at 4 connections. The all-cores reference is measured right
 before and right after each network's HTTP runs, and their mean is the reference, so the
-machine's drift moves both alike.
+machine's drift moves both alike. Between them, the same model file behind ``servers.v2_floor``
+(uvloop and httptools, onnxruntime in a worker thread, nothing else) at the same connections:
+what any server keeps of the machine's speed once a request crosses HTTP on this machine.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from load.cases import BIN, Payload, v2_binary_payload
+from load.cases import BIN, PY, Payload, v2_binary_payload
 from load.checks import v2_answer
 from load.process import Running
 from load.real_store import NETWORKS, ensure_store
@@ -135,6 +137,7 @@ def measure_network(
             f"{r.cpu_us_per_request / 1e3:.0f} ms CPU/request",
             flush=True,
         )
+    floor = measure_floor(model, name, p, body_file, seconds, warmup, tmp)
     # NOTE: the reference again after the HTTP runs, and their mean: on this shared machine the
     # same in-process loop measured 186 to 254 images/s in runs an hour apart, so one reference
     # taken before was as likely to flatter the served figures as to sink them.
@@ -153,11 +156,33 @@ def measure_network(
         "batching": manifest.get("batching"),
         "inprocess": refs,
         "served": served,
+        "floor": floor,
     }
+
+
+def measure_floor(
+    model: Path, name: str, p: Payload, body_file: Path, seconds: float, warmup: float, tmp: Path
+) -> dict[str, Any]:
+    """The same model behind ``servers.v2_floor``: images/s at each connection count."""
+    server = Server(
+        f"v2-floor-{name}", "floor", [PY, "-m", "servers.v2_floor", "--model", str(model)]
+    )
+    floor = Running(server, tmp)
+    try:
+        floor.wait_ready(READY_TIMEOUT_S)
+        url = f"{floor.base}/v2/models/{name}/infer"
+        out = {}
+        for c in CONNECTIONS:
+            r = loaded(floor, url, p, body_file, c, seconds, warmup)
+            out[str(c)] = {"images_per_s": r.requests_per_s, "errors": r.errors}
+            print(f"  {name} c={c}: {r.requests_per_s:.1f} images/s behind the floor", flush=True)
+        return out
+    finally:
+        floor.stop()
 
 
 def planned_seconds(seconds: float, inprocess_s: float, warmup: float) -> float:
     """Server start and its model checks (~25 s here) + per network: references and HTTP runs;
     the first run's export (minutes) comes on top, outside the budget."""
-    per_net = 3 * (inprocess_s + 2) + len(CONNECTIONS) * (seconds + warmup + 1.5)
+    per_net = 3 * (inprocess_s + 2) + 2 * len(CONNECTIONS) * (seconds + warmup + 1.5) + 5
     return 30 + len(NETWORKS) * per_net

@@ -89,16 +89,25 @@ def real_table(result: dict[str, Any]) -> str:
     store = result["store"]
     lines = [
         "| model | input | in-process images/s (all cores / 1 thread) | c | served images/s "
-        "| vs in-process | p50 ms | p99 ms | server CPU ms/req | server cores | errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| vs in-process | floor images/s (vs in-process) | vs floor | p50 ms | p99 ms "
+        "| server CPU ms/req | server cores | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, m in result["models"].items():
         ref = m["inprocess"]
         for c, s in m["served"].items():
+            all_cores = ref["all_cores"]["images_per_s"]
+            floor = m.get("floor", {}).get(c)
+            floor_cells = (
+                f"{floor['images_per_s']:.1f} ({floor['images_per_s'] / all_cores:.2f}) | "
+                f"{s['images_per_s'] / floor['images_per_s']:.2f}"
+                if floor
+                else "- | -"
+            )
             lines.append(
-                f"| {name} | {m['input_shape']} | {ref['all_cores']['images_per_s']:.1f} / "
+                f"| {name} | {m['input_shape']} | {all_cores:.1f} / "
                 f"{ref['one_thread']['images_per_s']:.1f} | {c} | {s['images_per_s']:.1f} | "
-                f"{s['images_per_s'] / ref['all_cores']['images_per_s']:.2f} | "
+                f"{s['images_per_s'] / all_cores:.2f} | {floor_cells} | "
                 f"{s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {s['cpu_ms_per_request']:.1f} | "
                 f"{s['server_cpu_cores']:.2f} | {s['errors']} |"
             )

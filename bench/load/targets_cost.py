@@ -114,10 +114,19 @@ def real_networks(t: Targets, result: dict[str, Any] | None) -> None:
                 SERVED_VS_INPROCESS,
                 detail=f"{s['images_per_s']:.1f} vs {ref['images_per_s']:.1f} images/s"
                 + _before_after(m["inprocess"])
+                + _floor(m, c)
                 + "; "
                 f"p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, server "
                 f"{s['cpu_ms_per_request']:.0f} ms CPU/request, {s['errors']} errors",
             )
+
+
+def _floor(m: dict[str, Any], c: str) -> str:
+    """The floor server's figure (``servers.v2_floor``) at the same connections, when run."""
+    floor = m.get("floor", {}).get(c)
+    if floor is None:
+        return ""
+    return f"; the floor server {floor['images_per_s']:.1f}"
 
 
 def _before_after(refs: dict[str, Any]) -> str:

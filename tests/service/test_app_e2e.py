@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -84,7 +85,16 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(store: Pat
     assert batches["foldserve_batch_size_bucket{le=1.0,model=tiny,version=1}"] < len(inputs)
 
 
-def test_a_probe_is_identical_alone_and_among_wild_batch_mates(store: Path) -> None:
+# NOTE: also with a batch's rows split across two one-thread runs (service.parallel_runs):
+# a request's answer must not depend on which session, or which part, its rows ran in.
+@pytest.mark.parametrize(
+    "split",
+    [{}, {"parallel_runs": 2, "intra_op_threads": 2, "inline_max_ms": 0.0}],
+    ids=["one-run", "parallel-runs"],
+)
+def test_a_probe_is_identical_alone_and_among_wild_batch_mates(
+    store: Path, split: dict[str, Any]
+) -> None:
     probe = samples(1, seed=7)
     rng = np.random.default_rng(8)
 
@@ -104,9 +114,12 @@ def test_a_probe_is_identical_alone_and_among_wild_batch_mates(store: Path) -> N
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             return [await among_mates(client, r) for r in range(5)]
 
-    with serve(create_app(settings(store, max_delay_ms=20.0))) as base:
+    with serve(create_app(settings(store, max_delay_ms=20.0, **split))) as base:
         alone = outputs(httpx.post(f"{base}/predict", json={"inputs": probe.tolist()}))
         batched = [outputs(r) for r in asyncio.run(rounds(base))]
+        (model,) = httpx.get(f"{base}/models").json()["models"]
+        batching = model["versions"][0]["batching"]
+    assert batching["parallel_runs"] == split.get("parallel_runs", 1)
     for inside in batched:
         np.testing.assert_array_equal(inside, alone)
 
