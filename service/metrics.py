@@ -39,6 +39,7 @@ class TelemetryCollector(Collector):
         yield _stages(readings)
         yield _shed(readings)
         yield from _gauges(readings)
+        yield from _processes(*self._telemetry.processes())
 
 
 def _versions(readings: dict[tuple[str, str], Reading]) -> Iterator[tuple[str, str, Reading]]:
@@ -146,3 +147,16 @@ def _gauges(readings: dict[tuple[str, str], Reading]) -> Iterator[Metric]:
     yield depth
     yield wait
     yield loaded
+
+
+def _processes(started: int, alive: int) -> Iterator[Metric]:
+    starts = CounterMetricFamily(
+        "foldserve_worker_starts",
+        "Worker processes started since the server started (1 without --workers; more than "
+        "--workers means the supervisor restarted a worker that died)",
+    )
+    starts.add_metric([], started)
+    yield starts
+    live = GaugeMetricFamily("foldserve_workers_alive", "Worker processes serving now")
+    live.add_metric([], alive)
+    yield live

@@ -264,6 +264,16 @@ class Telemetry:
         return _read_pooled(self._pooled_dir)
 
 
+    def processes(self) -> tuple[int, int]:
+        """Worker processes (started in this server's life, alive now): one of each without
+        --workers; with them, every worker's file counts once (a restarted worker is a new
+        process with a new file) and the supervisor's restarts show as started > alive."""
+        if self._pooled_dir is None or not self.shared:
+            return 1, 1
+        pids = [f.stem.split("-")[1] for f in self._pooled_dir.glob("worker-*.json")]
+        return len(pids), sum(1 for pid in pids if pid.isdigit() and pid_alive(int(pid)))
+
+
 def _read_pooled(folder: Path) -> dict[Key, Reading]:
     blocks: dict[Key, list[tuple[list[float], bool]]] = {}
     for keys_file in folder.glob("worker-*.json"):

@@ -38,7 +38,13 @@ from tests.service.conftest import serve
 
 # The oldest Kubernetes still commonly run, and the newest schemas kubernetes-validate ships.
 VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
-CUSTOM_KINDS = {"ServiceMonitor", "ServingRuntime", "ClusterServingRuntime", "InferenceService"}
+CUSTOM_KINDS = {
+    "ServiceMonitor",
+    "PrometheusRule",
+    "ServingRuntime",
+    "ClusterServingRuntime",
+    "InferenceService",
+}
 NOT_RESOURCES = {"kustomization.yaml", "deployment-patch.yaml"}  # kustomize's own files
 MANIFESTS = sorted(
     p.relative_to(KUBERNETES) for p in KUBERNETES.rglob("*.yaml") if p.name not in NOT_RESOURCES

@@ -13,6 +13,7 @@ import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +30,8 @@ COMPOSE = ROOT / "docker" / "compose.yaml"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus.yml"
 PROVISIONING = ROOT / "docker" / "grafana" / "provisioning"
 ADAPTER = KUBERNETES / "autoscaling" / "prometheus-adapter-rules.yaml"
+ALERTS = ROOT / "deploy" / "prometheus" / "foldserve-alerts.yaml"
+PROMETHEUS_MADE = {"up"}  # series Prometheus makes itself for each target
 # PromQL's functions, aggregations and keywords that may precede "(" or stand alone; Grafana's
 # label_values() is read on its own below.
 PROMQL_WORDS = {
@@ -51,9 +54,9 @@ def read_promql(expr: str) -> Query:
     query = Query()
     text = re.sub(r"\[[^\]]*\]", "", expr)  # range selectors: [5m], [$__rate_interval]
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # label values, which may hold anything
-    for match in re.finditer(r"\b(?:by|without)\s*\(([^)]*)\)", text):
+    for match in re.finditer(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", text):
         query.grouping |= {label.strip() for label in match.group(1).split(",") if label.strip()}
-    text = re.sub(r"\b(?:by|without)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", " ", text)
     for match in re.finditer(r"([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}", text):
         query.metrics.add(match.group(1))
         for matcher in match.group(2).split(","):
@@ -84,6 +87,11 @@ def dashboard_queries() -> dict[str, str]:
         metric, label = values.groups()
         found[f"variable {variable['name']}"] = f"sum by ({label}) ({metric})"
     return found
+
+
+def alert_queries() -> dict[str, str]:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {f"alert {r['alert']}": r["expr"] for group in rules for r in group["rules"]}
 
 
 def adapter_queries() -> dict[str, str]:
@@ -128,18 +136,20 @@ def series(exposition: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize(
-    "where, expr", sorted({**dashboard_queries(), **adapter_queries()}.items()), ids=str
+    "where, expr",
+    sorted({**dashboard_queries(), **adapter_queries(), **alert_queries()}.items()),
+    ids=str,
 )
 def test_every_query_reads_series_the_server_exposes(
     where: str, expr: str, series: dict[str, set[str]]
 ) -> None:
     query = read_promql(expr)
     assert query.metrics, f"{where}: no series in {expr}"
-    for metric in query.metrics:
+    for metric in query.metrics - PROMETHEUS_MADE:
         assert metric in series, f"{where}: {metric} is not in /metrics ({sorted(series)})"
         missing = query.labels[metric] - series[metric] - {"namespace", "pod"}  # added by k8s
         assert not missing, f"{where}: {metric} has no label {missing}"
-    carried = set().union(*(series[m] for m in query.metrics))
+    carried = set().union(*(series[m] for m in query.metrics - PROMETHEUS_MADE))
     assert query.grouping <= carried, f"{where}: grouped by {query.grouping - carried}"
 
 
@@ -151,6 +161,8 @@ def test_the_promql_reader_finds_what_it_should() -> None:
     )
     assert query.metrics == {"foo_bucket", "bar_total"}
     assert query.labels["foo_bucket"] == {"model", "code"} and query.grouping == {"le"}
+    joined = read_promql("max by (model) (a) > 0.5 and on (model, version) max by (model) (b)")
+    assert joined.metrics == {"a", "b"} and joined.grouping == {"model", "version"}
 
 
 def test_the_dashboard_shows_what_operators_ask_for() -> None:
@@ -161,7 +173,11 @@ def test_the_dashboard_shows_what_operators_ask_for() -> None:
     assert "sum by (code) (rate(foldserve_requests_total" in exprs
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le) (rate(" in exprs
-    for metric in ("foldserve_batch_size_", "foldserve_queue_depth", "foldserve_model_loaded"):
+    for metric in (
+        "foldserve_batch_size_", "foldserve_queue_depth", "foldserve_model_loaded",
+        "foldserve_input_drift_score", "foldserve_hidden_drift_score", "foldserve_stage_duration",
+        "foldserve_workers_alive", "foldserve_worker_starts_total",
+    ):  # fmt: skip
         assert metric in exprs
     assert "sum by (reason) (rate(foldserve_requests_shed_total" in exprs
     assert 'code=~"413|504"' in exprs
@@ -192,9 +208,14 @@ def test_promtool_accepts_the_exposition(exposition: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_promtool_accepts_composes_prometheus_config() -> None:
+def test_promtool_accepts_composes_prometheus_config(tmp_path: Path) -> None:
+    # As compose lays them out in the container: the rules file beside the config.
+    shutil.copy(PROMETHEUS_CONFIG, tmp_path / "prometheus.yml")
+    shutil.copy(ALERTS, tmp_path / ALERTS.name)
     done = subprocess.run(
-        [promtool(), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True
+        [promtool(), "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
 from service.metrics import TelemetryCollector
@@ -59,3 +61,19 @@ def test_many_versions_grow_the_store_without_losing_figures() -> None:
     readings = telemetry.read()
     assert readings[("a", "1")].get(0) == 2  # both answers, across the move
     assert all(readings[("a", str(v))].live_workers == 1 for v in range(2, 60))
+
+
+def test_worker_processes_count_every_worker_file_and_only_live_ones_as_serving(
+    tmp_path: Path,
+) -> None:
+    # Worker files are named worker-<pid>-<start ns>; a restarted worker writes a new one and
+    # the dead one's file stays (its counts stay in the totals).
+    assert Telemetry().processes() == (1, 1)
+    me = Telemetry(tmp_path)
+    me.share()
+    (tmp_path / "worker-999999999-1.json").write_text('{"keys": []}')  # no such process
+    started, alive = me.processes()
+    assert (started, alive) == (2, 1)
+    registry = registry_of(me)
+    assert registry.get_sample_value("foldserve_worker_starts_total") == 2
+    assert registry.get_sample_value("foldserve_workers_alive") == 1
