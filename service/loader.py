@@ -86,8 +86,10 @@ def _load(
     settings: Settings, directory: Path, name: str, version: int, cpus: int, learned: Learned
 ) -> Loaded:
     fmt = settings.backend
-    check_inside(settings.model_store, directory)
+    # NOTE: the fingerprint first: a version refused for where it lies is then not tried (and
+    # logged) again at every rescan, only once its files change.
     learned.fingerprint = fingerprint(directory)
+    check_inside(settings.model_store, directory)
     manifest = learned.manifest = read_manifest(directory)
     if (manifest.name, manifest.version) != (name, version):
         raise VerificationError(

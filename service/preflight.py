@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from service.keys import read_key_file
 from service.settings import Settings, setting_ref, torchscript_not_allowed
 from service.store import StoreView, open_store, read_manifest
 
+log = logging.getLogger(__name__)
 _PROBE_TIMEOUT_S = 120.0
 
 
@@ -76,15 +78,33 @@ def _check_store(root: Path) -> StoreView:
 
 
 def _check_default_model(settings: Settings, store: StoreView) -> None:
-    name = settings.default_model
+    asked = settings.default_model
     models = store.models()
-    if name not in models:
-        close = difflib.get_close_matches(name, models, n=1)
+    name = store.answering_for(asked)
+    if name is None:
+        if settings.missing_model == "unready":
+            log.warning(
+                "%s is not in the model store %s (it holds %s): serving the others, not ready "
+                "until it arrives (%s)",
+                setting_ref("default_model", asked),
+                settings.model_store,
+                ", ".join(models) or "no model",
+                setting_ref("missing_model", "unready"),
+            )
+            return
+        close = difflib.get_close_matches(asked, models, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"{setting_ref('default_model', name)} is not in the model store "
+            f"{setting_ref('default_model', asked)} is not in the model store "
             f"{settings.model_store} (it holds {', '.join(models) or 'no model'}): {hint}"
-            "set --default-model to one of them"
+            "set --default-model to one of them, or FOLDSERVE_MISSING_MODEL=unready to start "
+            "unready until it arrives"
+        )
+    if name != asked:
+        log.info(
+            "the model store holds one model, %r: it answers as %r (default_model) too",
+            name,
+            asked,
         )
     available = store.versions(name)
     policy = settings.model_versions.get(name)

@@ -45,6 +45,7 @@ class Registry:
         self._telemetry = telemetry
         self._models: dict[str, list[VersionRecord]] = {}  # versions ascending
         self._store = StoreView(settings.model_store)
+        self._alias: str | None = None  # the store's only model, answering as default_model
         self._scanned = False
         self._unloaded: set[str] = set()  # models the management API took out of service
         self._rescan_lock = asyncio.Lock()
@@ -56,6 +57,8 @@ class Registry:
         """The ready version asked for; ``None`` means the default model, and its default
         version (``model_versions``) or else its latest ready one."""
         asked, name = name, self._settings.default_model if name is None else name
+        if self._alias is not None and name == self._settings.default_model:
+            name = self._alias
         versions = self._models.get(name)
         if not versions and asked is None:
             # NOTE: a request that names no model asked for the server's own: that it is not
@@ -125,6 +128,7 @@ class Registry:
             )
         for name in self._store.models():
             self._models[name] = [self._record(name, v) for v in self._wanted(name)]
+        self._name_the_default()
         self._scanned = True
         unmatched = sorted(set(self._settings.model_batching) - set(self._models))
         if unmatched:
@@ -135,6 +139,21 @@ class Registry:
                 root,
                 ", ".join(self._models) or "none",
             )
+
+    def _name_the_default(self) -> None:
+        """A store of one model serves it as default_model too, whatever its manifest calls
+        it: KServe names the model after the InferenceService (``/v2/models/<isvc>/infer``)."""
+        asked = self._settings.default_model
+        answering = self._store.answering_for(asked)
+        alias = answering if answering not in (None, asked) else None
+        if alias is not None and alias != self._alias:
+            log.info("model %r (the store's only model) answers as %r too", alias, asked)
+        self._alias = alias
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Names that are not a model's own, and the model each one means."""
+        return {} if self._alias is None else {self._settings.default_model: self._alias}
 
     def _record(self, name: str, version: int) -> VersionRecord:
         record = VersionRecord(name, version, self._telemetry.version(name, version))
@@ -292,6 +311,7 @@ class Registry:
             except StoreError as exc:
                 log.error("rescan: model store %s NOT read: %s", self._settings.model_store, exc)
                 return
+            self._name_the_default()
             names = set(self._store.models()) | set(self._models)
             for name in sorted(names if only is None else {only}):
                 if name not in self._unloaded:

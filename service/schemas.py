@@ -230,6 +230,10 @@ class ModelVersions(BaseModel):
 
 class ModelsAnswer(BaseModel):
     default_model: str
+    aliases: dict[str, str] = Field(
+        description="names that are not a model's own and the model each means: a store of one "
+        "model answers as default_model too (KServe: the InferenceService's name)"
+    )
     models: list[ModelVersions]
 
 

@@ -68,7 +68,16 @@ class Settings(BaseSettings):
         Path("model_store"),
         description="folder of <name>/<version>/ models, or of one model or one version",
     )
-    default_model: str = Field("digits-mlp", description="model answering requests naming none")
+    default_model: str = Field(
+        "digits-mlp",
+        description="model answering requests naming none; a store of one model serves it "
+        "under this name too, whatever its manifest calls it",
+    )
+    missing_model: Literal["exit", "unready"] = Field(
+        "exit",
+        description="default_model not in a store of several models: exit (2, one line) or "
+        "unready (serve the others; readiness says why until it arrives)",
+    )
     backend: BackendName = Field("onnx", description="runtime: onnx (onnxruntime) or torchscript")
     # NOTE: loading a TorchScript file runs code the file carries; ONNX files are data only.
     allow_torchscript: bool = Field(

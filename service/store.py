@@ -437,6 +437,15 @@ class StoreView:
             return [self.version]
         return _version_folders(self.root)
 
+    def answering_for(self, name: str) -> str | None:
+        """The model that answers to ``name``: that model, or the store's only model whatever
+        it is called (KServe names a model after its InferenceService, the store after its
+        manifest); None when neither."""
+        models = self.models()
+        if name in models:
+            return name
+        return models[0] if len(models) == 1 else None
+
     def version_dir(self, name: str, version: int) -> Path:
         if self.layout == "store":
             return version_dir(self.root, name, version)
@@ -447,11 +456,30 @@ class StoreView:
 
 def check_inside(root: Path, path: Path) -> None:
     """Refuse a path that resolves outside the store: a symlinked version folder or file could
-    make the server load (and vouch for) whatever it points at."""
-    real_root, real = root.resolve(), path.resolve()
-    if real != real_root and not real.is_relative_to(real_root):
-        shown = path.relative_to(root) if path.is_relative_to(root) else path.name
-        raise StoreError(f"{shown} resolves outside the model store (a symlink?): refused")
+    make the server load (and vouch for) whatever it points at.
+
+    NOTE: links in the store's own folder are the operator's, and followed: KServe's storage
+    initializer serves a local or PVC model by linking each entry of the model's folder into
+    ``/mnt/models``. What they lead into is then the store's too; a link below them that
+    leaves both is refused, as one in a plain store is.
+    """
+    real = path.resolve()
+    for tree in trusted_trees(root):
+        if real == tree or real.is_relative_to(tree):
+            return
+    shown = path.relative_to(root) if path.is_relative_to(root) else path.name
+    raise StoreError(
+        f"{shown} resolves outside the model store and the folders its own links lead to "
+        "(a symlink below them?): refused"
+    )
+
+
+def trusted_trees(root: Path) -> list[Path]:
+    """The store's real folder, and where each link directly in it leads."""
+    trees = [root.resolve()]
+    with contextlib.suppress(OSError):
+        trees += [entry.resolve() for entry in root.iterdir() if entry.is_symlink()]
+    return trees
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]

@@ -87,6 +87,7 @@ async def list_models(request: Request) -> Response:
         by_name.setdefault(entry.name, []).append(describe(entry))
     body = {
         "default_model": registry.default_model,
+        "aliases": registry.aliases,
         "models": [{"name": name, "versions": versions} for name, versions in by_name.items()],
     }
     return Response(orjson.dumps(body), media_type="application/json")

@@ -10,6 +10,9 @@ and pkg/constants/constants.go of kserve/kserve, 2026-08):
   protocolVersions are among v1, v2, grpc-v1, grpc-v2.
 - InferenceService is serving.kserve.io/v1beta1; its spec requires `predictor`; predictor.model
   .modelFormat requires `name`; predictor.scaleMetric is one of cpu, memory, concurrency, rps.
+- The deployment mode (annotation serving.kserve.io/deploymentMode) decides which scale metrics
+  work (KServe's autoscaling docs): RawDeployment's HPA takes cpu and memory; Serverless's
+  Knative autoscaler concurrency and rps.
 - The container KServe wires the model into is named `kserve-container`; the storage initializer
   puts the storageUri's content at /mnt/models; KServe routes HTTP to port 8080.
 The containers themselves are Kubernetes Containers: validated with the Kubernetes schemas.
@@ -38,6 +41,8 @@ from tests.service.conftest import serve
 
 RUNTIME = KUBERNETES / "kserve" / "servingruntime.yaml"
 SERVICE = KUBERNETES / "kserve" / "inferenceservice.yaml"
+SERVICES = sorted((KUBERNETES / "kserve").glob("inferenceservice*.yaml"))
+MODE_METRICS = {"RawDeployment": {"cpu", "memory"}, "Serverless": {"concurrency", "rps"}}
 RUNTIME_SPEC_FIELDS = {
     "affinity", "annotations", "builtInAdapter", "containers", "disabled", "grpcDataEndpoint",
     "grpcEndpoint", "hostIPC", "httpDataEndpoint", "imagePullSecrets", "labels", "multiModel",
@@ -57,8 +62,8 @@ def runtime() -> dict[str, Any]:
     return doc
 
 
-def inference_service() -> dict[str, Any]:
-    (doc,) = yaml_documents(SERVICE)
+def inference_service(path: Path = SERVICE) -> dict[str, Any]:
+    (doc,) = yaml_documents(path)
     return doc
 
 
@@ -100,8 +105,9 @@ def test_the_runtime_has_the_structure_kserve_defines() -> None:
     kubernetes_validate.validate(pod, kubernetes_validate.utils.latest_version(), strict=True)
 
 
-def test_the_inference_service_has_the_structure_kserve_defines() -> None:
-    doc, spec = inference_service(), runtime()["spec"]
+@pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
+def test_the_inference_service_has_the_structure_kserve_defines(path: Path) -> None:
+    doc, spec = inference_service(path), runtime()["spec"]
     assert doc["apiVersion"] == "serving.kserve.io/v1beta1"
     assert doc["kind"] == "InferenceService"
     predictor = doc["spec"]["predictor"]
@@ -110,6 +116,8 @@ def test_the_inference_service_has_the_structure_kserve_defines() -> None:
     assert model["runtime"] == runtime()["metadata"]["name"]
     assert model["protocolVersion"] in spec["protocolVersions"]
     assert predictor["scaleMetric"] in SCALE_METRICS
+    mode = doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+    assert predictor["scaleMetric"] in MODE_METRICS[mode], f"{mode} cannot scale on it"
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     assert isinstance(predictor["scaleTarget"], int)
     # Per replica, under one process's 12,030 req/s for one digits-mlp sample (performance.md).
@@ -135,22 +143,34 @@ def test_the_runtime_runs_the_image_as_kserve_wires_it(monkeypatch: pytest.Monke
     assert annotations["prometheus.kserve.io/port"] == str(HTTP_PORT)
 
 
-def test_the_inference_service_names_the_model_its_storage_holds() -> None:
-    doc = inference_service()
+def test_both_modes_are_offered() -> None:
+    modes = {
+        inference_service(p)["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+        for p in SERVICES
+    }
+    assert modes == set(MODE_METRICS)
+
+
+@pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
+def test_the_inference_service_points_at_one_models_folder(path: Path) -> None:
+    doc = inference_service(path)
     uri = urlparse(doc["spec"]["predictor"]["model"]["storageUri"])
     assert uri.scheme in {"pvc", "s3", "gs", "https", "hdfs", "webhdfs", "oci"}
     folder = Path(uri.path).name
-    # The model folder's name (its manifests') is the name in V2 paths and the default model.
-    assert folder == doc["metadata"]["name"]
+    # One model's folder: it answers to the InferenceService's name (the default model) and to
+    # its manifests' name, whichever the client uses.
     assert open_store(STORE / folder).name == folder
 
 
 def test_foldserve_serves_what_the_storage_initializer_puts_at_mnt_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    name = inference_service()["metadata"]["name"]
+    doc = inference_service()
+    name = doc["metadata"]["name"]
+    folder = Path(urlparse(doc["spec"]["predictor"]["model"]["storageUri"]).path).name
+    assert name != folder  # the InferenceService is not named after the model: still served
     mounted = tmp_path / "mnt" / "models"
-    shutil.copytree(STORE / name, mounted)  # the storageUri's folder, as KServe copies it
+    shutil.copytree(STORE / folder, mounted)  # the storageUri's folder, as KServe copies it
     settings = runtime_settings(name, monkeypatch).model_copy(update={"model_store": mounted})
     golden = read_manifest(mounted / "1").golden
     x = np.asarray(golden.inputs, dtype=np.float32)

@@ -57,10 +57,19 @@ def test_a_store_that_cannot_be_read_is_refused(
     assert "point it at one of them" in refused(settings(store))
 
 
-def test_a_default_model_not_in_the_store_is_refused(store: Path) -> None:
+def test_a_default_model_not_in_a_store_of_several_is_refused_unless_asked_to_wait(
+    store: Path, artifacts: Artifacts
+) -> None:
+    # One model: it answers as the default whatever it is called (KServe's InferenceService).
+    check_startup(settings(store).model_copy(update={"default_model": "tinny"}))
+    add_version(store, artifacts, "other")
     message = refused(settings(store).model_copy(update={"default_model": "tinny"}))
     assert message.startswith("default_model (FOLDSERVE_DEFAULT_MODEL=tinny) is not in the model")
-    assert "(it holds tiny): did you mean 'tiny'? set --default-model" in message
+    assert "(it holds other, tiny): did you mean 'tiny'? set --default-model" in message
+    assert "FOLDSERVE_MISSING_MODEL=unready" in message
+    check_startup(
+        settings(store, missing_model="unready").model_copy(update={"default_model": "x"})
+    )
 
 
 def test_a_default_model_its_policy_leaves_without_a_version_is_refused(
@@ -128,11 +137,12 @@ def test_workers_are_never_started_for_a_bad_setting(
     started: list[object] = []
     monkeypatch.setattr(cli, "Supervisor", lambda *a, **k: started.append(a))
     monkeypatch.setattr(cli, "listening_sockets", lambda *a: started.append(a))
-    command = ["serve", "--workers", "2", "--model-store", str(store), "--default-model", "nope"]
+    missing = str(store / "nowhere")
+    command = ["serve", "--workers", "2", "--model-store", missing, "--default-model", "tiny"]
     assert main(command) == 2
     assert started == []  # no socket, no worker: nothing to restart in a loop
     (line,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert line.levelname == "CRITICAL" and "=nope) is not in the model store" in line.getMessage()
+    assert line.levelname == "CRITICAL" and "nowhere) does not exist" in line.getMessage()
 
 
 def test_a_server_whose_default_model_fails_its_checks_still_starts(
@@ -146,7 +156,8 @@ def test_a_server_whose_default_model_fails_its_checks_still_starts(
     assert len(served) == 1
 
 
-def test_foldserve_serve_exits_at_once_with_one_line(store: Path) -> None:
+def test_foldserve_serve_exits_at_once_with_one_line(store: Path, artifacts: Artifacts) -> None:
+    add_version(store, artifacts, "other")  # two models: neither answers for a third name
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -172,8 +183,9 @@ def test_foldserve_serve_exits_at_once_with_one_line(store: Path) -> None:
     (line,) = done.stderr.splitlines()
     assert line.endswith(
         f"CRITICAL service.cli: foldserve cannot start: default_model "
-        f"(FOLDSERVE_DEFAULT_MODEL=tinny) is not in the model store {store} (it holds tiny): "
-        "did you mean 'tiny'? set --default-model to one of them"
+        f"(FOLDSERVE_DEFAULT_MODEL=tinny) is not in the model store {store} (it holds other, "
+        "tiny): did you mean 'tiny'? set --default-model to one of them, or "
+        "FOLDSERVE_MISSING_MODEL=unready to start unready until it arrives"
     )
     assert done.stdout == ""
 

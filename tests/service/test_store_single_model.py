@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -140,3 +141,99 @@ def test_an_older_version_naming_another_model_fails_alone(one_model: Path) -> N
 
 def _settings(root: Path) -> Settings:
     return Settings(model_store=root, default_model=MODEL)
+
+
+def linked_like_kserve(source: Path, mount: Path) -> Path:
+    """``mount`` as KServe's storage initializer lays out a local or PVC model: a link for each
+    entry of the model's folder, pointing into it (``Storage._download_local``)."""
+    mount.mkdir()
+    for entry in source.iterdir():
+        (mount / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return mount
+
+
+def v2_infer(base: str, name: str, inputs: list[list[float]]) -> httpx.Response:
+    tensor = {
+        "name": "input",
+        "shape": [len(inputs), len(inputs[0])],
+        "datatype": "FP32",
+        "data": [v for row in inputs for v in row],
+    }
+    return httpx.post(f"{base}/v2/models/{name}/infer", json={"inputs": [tensor]})
+
+
+@pytest.mark.parametrize("layout", ["one_model", "one_version"])
+def test_kserves_linked_layout_serves_under_the_inferenceservices_name(
+    layout: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    source: Path = request.getfixturevalue(layout)  # what the PVC holds
+    mount = linked_like_kserve(source, tmp_path / "mnt-models")
+    inputs, expected = golden(SHIPPED_STORE / MODEL / "1")
+    # The InferenceService is called "digits", the manifest "digits-mlp": the runtime passes
+    # --default-model={{.Name}}, and the store's only model answers to both.
+    with serve(create_app(Settings(model_store=mount, default_model="digits"))) as base:
+        assert httpx.get(f"{base}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{base}/v2/models/digits/ready").status_code == 200
+        by_isvc, by_manifest = v2_infer(base, "digits", inputs), v2_infer(base, MODEL, inputs)
+        models = httpx.get(f"{base}/models").json()
+    for answer in (by_isvc, by_manifest):
+        assert answer.status_code == 200, answer.text
+        out = answer.json()["outputs"][0]
+        np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), expected, atol=1e-4)
+    assert models["aliases"] == {"digits": MODEL} and models["default_model"] == "digits"
+    assert [m["name"] for m in models["models"]] == [MODEL]
+
+
+def test_a_link_inside_the_linked_model_that_leaves_it_is_still_refused(
+    one_model: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere.onnx"
+    shutil.copy(one_model / "1" / "model.onnx", elsewhere)  # the same bytes: only where differs
+    (one_model / "1" / "model.onnx").unlink()
+    (one_model / "1" / "model.onnx").symlink_to(elsewhere)
+    mount = linked_like_kserve(one_model, tmp_path / "mnt-models")
+    with serve(create_app(Settings(model_store=mount, default_model=MODEL))) as base:
+        ready = httpx.get(f"{base}/v2/health/ready")
+        (model,) = httpx.get(f"{base}/models").json()["models"]
+    assert ready.status_code == 503
+    (version,) = model["versions"]
+    assert version["status"] == "failed"
+    assert "model.onnx resolves outside the model store" in version["reason"]
+
+
+def test_a_missing_default_model_can_leave_the_server_up_and_unready(tmp_path: Path) -> None:
+    settings = Settings(
+        model_store=SHIPPED_STORE, default_model="digits-resnet", missing_model="unready"
+    )
+    inputs, _ = golden(SHIPPED_STORE / MODEL / "1")
+    with serve(create_app(settings)) as base:
+        ready = httpx.get(f"{base}/readyz")
+        named = v2_infer(base, MODEL, inputs)
+        unnamed = httpx.post(f"{base}/predict", json={"inputs": inputs})
+    assert ready.status_code == 503
+    assert "the default model 'digits-resnet' is not loaded" in ready.json()["reason"]
+    assert named.status_code == 200  # the others serve
+    assert unnamed.status_code == 503 and "Retry-After" in unnamed.headers
+
+
+def test_a_refused_version_is_logged_once_not_at_every_rescan(
+    one_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(one_model / "1", elsewhere)
+    store = tmp_path / "store"
+    (store / MODEL).mkdir(parents=True)
+    shutil.copytree(one_model / "1", store / MODEL / "1")
+    (store / MODEL / "2").symlink_to(elsewhere, target_is_directory=True)  # a link below the top
+    manifest = json.loads((elsewhere / MANIFEST_FILE).read_text())
+    (elsewhere / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 2}))
+    caplog.set_level(logging.INFO)
+    settings = Settings(model_store=store, default_model=MODEL, poll_interval_s=0.05)
+    with serve(create_app(settings)) as base:
+        time.sleep(0.6)  # a dozen rescans
+        (model,) = httpx.get(f"{base}/models").json()["models"]
+    refused = [
+        r for r in caplog.records if "NOT served" in r.getMessage() and "v2" in r.getMessage()
+    ]
+    assert len(refused) == 1, [r.getMessage() for r in refused]
+    assert any(v["version"] == 2 and v["status"] == "failed" for v in model["versions"])

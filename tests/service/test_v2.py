@@ -115,8 +115,11 @@ def test_metadata_errors_are_v2_errors(base: str, path: str, status: int) -> Non
     assert list(response.json()) == ["error"]
 
 
-def test_not_ready_server_answers_503(v2_store: Path) -> None:
-    settings = Settings(model_store=v2_store, default_model="missing")
+def test_not_ready_server_answers_503(tmp_path: Path, artifacts: Artifacts) -> None:
+    store = tmp_path / "store"
+    add_version(store, artifacts)
+    add_version(store, artifacts, "other")  # two models: neither answers for "missing"
+    settings = Settings(model_store=store, default_model="missing", missing_model="unready")
     with serve(create_app(settings)) as url:
         assert httpx.get(f"{url}/v2/health/live").status_code == 200
         response = httpx.get(f"{url}/v2/health/ready")
