@@ -175,6 +175,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     """
     inference_keys = Keys("api_key", settings.api_key, settings.api_key_file)
     management_keys = Keys("management_api_key", settings.management_api_key)
+    if settings.management_api and settings.management_api_key is None:
+        log.warning(
+            "the repository API (management_api) requires no key: anyone who reaches this port "
+            "can load and unload models; set management_api_key to require one"
+        )
     telemetry = Telemetry(settings.metrics_dir)
     model_registry = Registry(settings, telemetry)
     prometheus = registry if registry is not None else CollectorRegistry()

@@ -26,7 +26,9 @@ from service.admission import Ticket
 from service.backends import Array
 from service.errors import (
     FoldserveError,
+    InferenceTimeout,
     InvalidInput,
+    ModelNotReady,
     Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -38,8 +40,9 @@ from service.images import EncodedImages, ImageDecoder
 from service.keys import Keys
 from service.packing import Packing
 from service.registry import Registry
+from service.repeated_log import RepeatedLog
 from service.request_body import BodyLimit, body_decoder, read_body, read_body_now
-from service.shedding import ShedLog, requested_timeout
+from service.shedding import requested_timeout
 from service.store import ImageInput, TensorSpec
 from service.telemetry import Figures
 from service.versions import ReadyVersion
@@ -203,14 +206,17 @@ class DataPlane:
         *,
         keys: Keys | None = None,
         request_timeout_s: float | None = None,
-        shed_log: ShedLog | None = None,
+        shed_log: RepeatedLog | None = None,
         images: ImageDecoder | None = None,
     ) -> None:
         self.registry = registry
         self.unresolved = unresolved  # where requests that resolved to no version are counted
         self.keys = keys  # None when no key is required: no check at all
         self.request_timeout_s = request_timeout_s
-        self.shed_log = shed_log or ShedLog()
+        self.shed_log = shed_log or RepeatedLog(log, "shedding load")
+        # NOTE: while a model loads, or after it is unloaded, every request for it gets a 503,
+        # and a request the batcher could not answer in time a 504: counted, not a line each.
+        self.unanswered_log = RepeatedLog(log, "requests not answered")
         self.images = images or ImageDecoder(1 << 24, "max_image_pixels", 1)
 
     def deadline(self, arrived: float, requested_s: float | None) -> float | None:
@@ -318,6 +324,9 @@ class DataPlane:
             # Refusals under overload come in thousands: one line, then a summary per interval.
             name = ready.name if ready is not None else ""
             self.shed_log.note(name, error.reason, error.message)
+        elif isinstance(error, ModelNotReady | InferenceTimeout):
+            name = ready.name if ready is not None else ""
+            self.unanswered_log.note(name, f"{error.status}", error.logged())
         elif error.status >= 500:
             log.warning("%s (%d): %s", type(error).__name__, error.status, error.logged())
 

@@ -207,6 +207,11 @@ class Settings(BaseSettings):
         "several separated by commas",
         repr=False,
     )
+    management_api_open: bool = Field(
+        False,
+        description="serve the repository API without a key even though inference needs one "
+        "(otherwise that is refused at start)",
+    )
     api_key: str | None = Field(
         None,
         description="key the inference and model routes require (Authorization: Bearer or "
@@ -253,6 +258,21 @@ class Settings(BaseSettings):
                     f"{field} ({env_name(field)}) is set but holds no key: give one or more "
                     "keys separated by commas, or unset it to require none"
                 )
+        inference_keyed = self.api_key is not None or self.api_key_file is not None
+        if (
+            self.management_api
+            and self.management_api_key is None
+            and inference_keyed
+            and not self.management_api_open
+        ):
+            # NOTE: an operator who keys inference and turns the repository API on has not
+            # meant anyone to unload the models: refused, not warned about in a log nobody reads.
+            raise ValueError(
+                "management_api (FOLDSERVE_MANAGEMENT_API=true) would let anyone load and unload "
+                "models while inference needs a key: set management_api_key "
+                "(FOLDSERVE_MANAGEMENT_API_KEY), or FOLDSERVE_MANAGEMENT_API_OPEN=true to serve "
+                "it without one"
+            )
         if self.metrics_require_key and self.api_key is None and self.api_key_file is None:
             raise ValueError(
                 "metrics_require_key needs the inference key: set api_key (FOLDSERVE_API_KEY) "

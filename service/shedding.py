@@ -4,22 +4,20 @@ A request carries a time budget: its own (``X-Request-Timeout`` in seconds, or V
 ``parameters.timeout`` in microseconds as Triton reads it), never more than the server's
 ``request_timeout_s``. It is admitted only if the batcher's estimated wait fits the budget; under
 overload the refusals come in thousands a second, so the log gets one line when shedding starts
-and one summary per interval while it goes on, never a line per request.
+and one summary per interval while it goes on, never a line per request
+(``service.repeated_log``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-from collections import Counter
 
 from service.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = b"x-request-timeout"
-SUMMARY_INTERVAL_S = 10.0
 
 
 def requested_timeout(value: bytes | None) -> float | None:
@@ -54,40 +52,3 @@ def timeout_parameter(parameters: object) -> float | None:
         )
     # A huge budget is no error: the server's request_timeout_s caps it anyway.
     return min(micros, 10**12) / 1e6
-
-
-class ShedLog:
-    """One warning when shedding starts, then a count per model and reason every interval."""
-
-    def __init__(self, interval_s: float = SUMMARY_INTERVAL_S) -> None:
-        self._interval_s = interval_s
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._active = False
-
-    def note(self, model: str, reason: str, message: str) -> None:
-        if self._active:
-            self._counts[(model, reason)] += 1
-            return
-        self._active = True
-        log.warning(
-            "shedding load: %s (further refusals are summarized every %g s)",
-            message,
-            self._interval_s,
-        )
-        asyncio.get_running_loop().call_later(self._interval_s, self._summarize)
-
-    def _summarize(self) -> None:
-        if not self._counts:
-            self._active = False  # quiet for a whole interval: the next refusal logs again
-            return
-        parts = ", ".join(
-            f"{model or '?'} ({reason}) {count}" for (model, reason), count in self._counts.items()
-        )
-        log.warning(
-            "shed %d requests in the last %g s: %s",
-            sum(self._counts.values()),
-            self._interval_s,
-            parts,
-        )
-        self._counts.clear()
-        asyncio.get_running_loop().call_later(self._interval_s, self._summarize)

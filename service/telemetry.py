@@ -263,7 +263,6 @@ class Telemetry:
             }
         return _read_pooled(self._pooled_dir)
 
-
     def processes(self) -> tuple[int, int]:
         """Worker processes (started in this server's life, alive now): one of each without
         --workers; with them, every worker's file counts once (a restarted worker is a new

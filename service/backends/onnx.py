@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,8 +36,19 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
             f"device 'cuda' requested but onnxruntime offers only {available}; install "
             "onnxruntime-gpu on a machine with a GPU, or set FOLDSERVE_DEVICE=cpu"
         )
-    log.warning("no CUDA execution provider available (%s): running on CPU", available)
+    _say_cpu_only(tuple(available))
     return [_CPU]
+
+
+@functools.cache
+def _say_cpu_only(available: tuple[str, ...]) -> None:
+    """Once per process, not once per session: every version (and each of its checks) opens
+    one, and a CPU machine is no news after the first."""
+    log.warning(
+        "device auto: no CUDA execution provider in onnxruntime (%s): running on CPU "
+        "(FOLDSERVE_DEVICE=cpu says so and keeps quiet)",
+        ", ".join(available),
+    )
 
 
 class OnnxBackend:

@@ -32,9 +32,13 @@ from service.http import eager
 from service.http.limits import HEAD_READ_SLACK, BodyBudget, HttpLimits
 from service.http.request import KNOWN, Body, Head, Request
 from service.http.response import Response, encode, failure
+from service.repeated_log import RepeatedLog
 from service.settings import setting_ref
 
 log = logging.getLogger(__name__)
+# NOTE: a client holding many connections open without sending (slowloris) makes one of these
+# per connection: the first is logged, the rest counted.
+_slow_clients = RepeatedLog(log, "closing slow connections", logging.INFO)
 
 # NOTE: a request answered before its body was read keeps its connection only when the rest of
 # the body is small: reading and dropping more costs the server what the client chose to send.
@@ -483,8 +487,8 @@ class Connection(asyncio.Protocol):
             if self._active is None and not self._queue and not self._head_open:
                 self._close()
         elif kind is _Timer.HEAD:
-            log.info(
-                "closing a connection: headers not received within %g s", limits.header_timeout_s
+            _slow_clients.note(
+                "", "headers", f"headers not received within {limits.header_timeout_s:g} s"
             )
             seconds = limits.header_timeout_s
             self._refuse_head(
@@ -494,7 +498,7 @@ class Connection(asyncio.Protocol):
                 )
             )
         elif kind is _Timer.BODY and self._parsing is not None:
-            log.info("closing a connection: body not received within %g s", limits.body_timeout_s)
+            _slow_clients.note("", "body", f"body not received within {limits.body_timeout_s:g} s")
             seconds = limits.body_timeout_s
             self._parsing.body.fail(
                 RequestTimeout(

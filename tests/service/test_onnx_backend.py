@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from service.backends import BackendOptions
 from service.backends import onnx as onnx_backend
+from service.backends.onnx import choose_providers
 from service.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "model_store" / "digits-mlp" / "1" / "model.onnx"
@@ -38,3 +40,16 @@ def test_the_thread_pool_stops_spinning_when_a_run_returns() -> None:
     options = backend._session.get_session_options()
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert options.intra_op_num_threads == 2
+
+
+def test_a_machine_without_cuda_is_said_once_not_per_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    onnx_backend._say_cpu_only.cache_clear()
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):  # every version, and each check of it, opens a session
+        assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    said = [r for r in caplog.records if "no CUDA execution provider" in r.getMessage()]
+    assert len(said) == 1
+    assert choose_providers("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert len([r for r in caplog.records if "no CUDA" in r.getMessage()]) == 1

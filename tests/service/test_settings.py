@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from service.app import create_app
 from service.settings import (
     BatchingOverride,
     Settings,
@@ -86,3 +89,24 @@ def test_a_metrics_dir_without_workers_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metrics_dir is set by the --workers supervisor"):
         Settings(metrics_dir=tmp_path)
     assert Settings(metrics_dir=tmp_path, workers=2).metrics_dir == tmp_path
+
+
+def test_a_keyed_server_refuses_an_unkeyed_management_api_unless_told_it_is_meant() -> None:
+    with pytest.raises(ValidationError, match="would let anyone load and unload models"):
+        Settings(api_key="k", management_api=True)
+    with pytest.raises(ValidationError, match="would let anyone load and unload models"):
+        Settings(api_key_file=Path("/run/secrets/key"), management_api=True)
+    Settings(api_key="k", management_api=True, management_api_key="m")
+    Settings(api_key="k", management_api=True, management_api_open=True)
+    Settings(management_api=True)  # no key anywhere: open throughout, and warned about at start
+
+
+def test_an_unkeyed_management_api_is_warned_about_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    create_app(Settings(management_api=True))
+    assert any("anyone who reaches this port" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    create_app(Settings(management_api=True, management_api_key="m"))
+    assert not any("anyone who reaches this port" in r.getMessage() for r in caplog.records)

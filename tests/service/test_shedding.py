@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import dataplane
 from service.app import create_app
 from service.batching import Batcher
 from service.errors import InferenceTimeout, InvalidInput
+from service.repeated_log import RepeatedLog
 from service.settings import Settings
-from service.shedding import ShedLog, requested_timeout, timeout_parameter
+from service.shedding import requested_timeout, timeout_parameter
 from tests.service.conftest import SHAPE, running
 
 # ------------------------------------------------------------------ the batcher's side
@@ -195,7 +197,7 @@ def test_the_shed_log_is_one_line_then_a_summary(
     store: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = create_app(_settings(store))
-    app.state.dataplane.shed_log = ShedLog(interval_s=0.3)
+    app.state.dataplane.shed_log = RepeatedLog(dataplane.log, "shedding load", interval_s=0.3)
     caplog.set_level(logging.WARNING)
     with running(app) as (base, _):
         _slow_estimate(app, 5.0)
@@ -208,11 +210,12 @@ def test_the_shed_log_is_one_line_then_a_summary(
         assert codes == [503] * 40
         time.sleep(1.0)  # the summaries fire on the server's loop, every 0.3 s while it sheds
     messages = [r.getMessage() for r in caplog.records]
-    assert len([m for m in messages if m.startswith("shedding load")]) == 1
+    firsts = [m for m in messages if m.startswith("shedding load: ") and "more in the" not in m]
+    assert len(firsts) == 1
     summaries = [
-        re.match(r"shed (\d+) requests in the last 0.3 s: tiny \(deadline\) \1$", m)
+        re.match(r"shedding load: (\d+) more in the last 0.3 s: tiny \(deadline\) \1$", m)
         for m in messages
-        if m.startswith("shed ")
+        if m.startswith("shedding load: ") and "more in the last" in m
     ]
     assert summaries and all(summaries)
     assert sum(int(m.group(1)) for m in summaries if m) == 39  # every refusal after the first

@@ -201,15 +201,24 @@ def test_a_link_inside_the_linked_model_that_leaves_it_is_still_refused(
     assert "model.onnx resolves outside the model store" in version["reason"]
 
 
-def test_a_missing_default_model_can_leave_the_server_up_and_unready(tmp_path: Path) -> None:
+def test_a_missing_default_model_can_leave_the_server_up_and_unready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     settings = Settings(
         model_store=SHIPPED_STORE, default_model="digits-resnet", missing_model="unready"
     )
     inputs, _ = golden(SHIPPED_STORE / MODEL / "1")
+    caplog.set_level(logging.INFO)
     with serve(create_app(settings)) as base:
         ready = httpx.get(f"{base}/readyz")
         named = v2_infer(base, MODEL, inputs)
         unnamed = httpx.post(f"{base}/predict", json={"inputs": inputs})
+        more = [httpx.post(f"{base}/predict", json={"inputs": inputs}) for _ in range(30)]
+    assert all(r.status_code == 503 for r in more)
+    # 31 refusals, one line: the rest are counted (every 10 s, and in /metrics by code).
+    messages = [r.getMessage() for r in caplog.records]
+    lines = [m for m in messages if "digits-resnet" in m and ("503" in m or "not answered" in m)]
+    assert len(lines) == 1, lines
     assert ready.status_code == 503
     assert "the default model 'digits-resnet' is not loaded" in ready.json()["reason"]
     assert named.status_code == 200  # the others serve
