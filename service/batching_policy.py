@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,6 +29,12 @@ _T = TypeVar("_T")
 THREADS_FROM_MS = 1.0
 _TIMING_RUNS = 7
 _TIMING_BUDGET_S = 1.0
+# NOTE: a batch holds every row's activations at once: for a MONAI ResNet-50 at 3x224x224 the
+# manifest's 27 rows grew onnxruntime's arena to 1.9 GiB of RSS, for as many images per second
+# as one row at a time on this CPU (a batch of 8: 1.00-1.02x). A slow model keeps the
+# manifest's cap only if a batch measurably buys speed here.
+BATCH_GAIN = 1.1
+PROBE_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,62 @@ def plan(settings: Settings, name: str, version: int, manifest: Manifest) -> Pla
             cap,
         )
     return Plan(cap, delay, rows, limit)
+
+
+@dataclass(frozen=True)
+class RowCap:
+    rows: int
+    why: str
+
+
+def row_cap(
+    settings: Settings,
+    name: str,
+    planned: int,
+    one_row_ms: float,
+    open_probe: Callable[[], Backend],
+    manifest: Manifest,
+) -> RowCap:
+    """The row cap to serve with: the planned one (settings, else the manifest's), or 1 for a
+    slow model (one row takes THREADS_FROM_MS or more) whose batch of up to PROBE_ROWS rows
+    gives under BATCH_GAIN times the rows per second of one row, timed at load on a probe
+    session without an arena (what it allocates goes with it, not into the served session)."""
+    own = settings.model_batching.get(name, BatchingOverride()).max_batch_size
+    if own is not None or settings.max_batch_size is not None:
+        return RowCap(planned, "set")
+    if not settings.measure_batching or planned <= 1 or one_row_ms < THREADS_FROM_MS:
+        return RowCap(planned, "the manifest's")
+    rows = min(planned, PROBE_ROWS)
+    golden = golden_inputs(manifest)
+    batch = np.ascontiguousarray(np.resize(golden, (rows, *golden.shape[1:])))
+    gain = _batch_gain(open_probe(), batch)  # the probe session is dropped on return
+    measured = f"a batch of {rows} rows ran {gain:.2f}x the rows per second of one row here"
+    if gain >= BATCH_GAIN:
+        return RowCap(planned, f"{measured}: the manifest's {planned} kept")
+    return RowCap(
+        1,
+        f"{measured}: one row per run (the manifest allows {planned}; a batch's memory would "
+        f"buy under {BATCH_GAIN}x; {setting_ref('measure_batching', False)} or "
+        "max_batch_size keeps it)",
+    )
+
+
+def _batch_gain(probe: Backend, batch: np.ndarray) -> float:
+    """Rows per second of ``batch`` in one run over those of one row alone."""
+    one = _best_s(lambda: probe.run(batch[:1]))
+    many = _best_s(lambda: probe.run(batch))
+    return (len(batch) / many) * one if many > 0 else 0.0
+
+
+def _best_s(call: Callable[[], object]) -> float:
+    """The fastest of two warm calls (the first call of a shape allocates: not timed)."""
+    call()
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def threads_for(settings: Settings, one_row_ms: float, cpus: int) -> int:

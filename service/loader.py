@@ -5,7 +5,7 @@ immutable ``Loaded`` (or raises ``LoadFailed`` with what it had learned, for ``/
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from service.backends import Backend, BackendOptions, load_backend
@@ -14,10 +14,12 @@ from service.batching_policy import (
     full_batch_ms,
     one_row_ms,
     plan,
+    row_cap,
     threads_for,
 )
 from service.drift import DriftMonitor
 from service.errors import ConfigError, VerificationError, logged_message, public_message
+from service.memory import release_freed, rss_bytes
 from service.packing import Signature
 from service.parallel_runs import ParallelRuns, choose_parallel_runs
 from service.settings import Settings, setting_ref, torchscript_not_allowed
@@ -50,6 +52,7 @@ class Learned:
     report: VerificationReport | None = None
     bitwise: BitwiseMeasurement | None = None
     backend: Backend | None = None
+    memory_bytes: int | None = None  # RSS the version added at load (service.memory)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Loaded:
     batching: BatchingChoice
     drift: DriftMonitor = field(compare=False)
     parallel: ParallelRuns = field(compare=False, default=ParallelRuns.off("not chosen"))
+    memory_bytes: int | None = None
 
 
 class LoadFailed(Exception):
@@ -86,6 +90,8 @@ def _load(
     settings: Settings, directory: Path, name: str, version: int, cpus: int, learned: Learned
 ) -> Loaded:
     fmt = settings.backend
+    release_freed()
+    rss_before = rss_bytes()
     # NOTE: the fingerprint first: a version refused for where it lies is then not tried (and
     # logged) again at every rescan, only once its files change.
     learned.fingerprint = fingerprint(directory)
@@ -116,6 +122,20 @@ def _load(
         options = BackendOptions(settings.device, wanted)
         backend = learned.backend = load_backend(fmt, path, options, signature)
         threads = wanted
+    cap = row_cap(
+        settings,
+        name,
+        batching.max_batch_size,
+        one_row,
+        lambda: load_backend(
+            fmt, path, BackendOptions(settings.device, threads, memory_arena=False), signature
+        ),
+        manifest,
+    )
+    release_freed()  # the probe's runs allocated outside any arena: hand that back
+    if cap.rows != batching.max_batch_size:
+        log.info("model %s v%s: %s", name, version, cap.why)
+        batching = replace(batching, max_batch_size=cap.rows)
     log.info(
         "model %s v%s: one row takes %.2f ms on one thread, so %d intra-op thread%s (%s)",
         name,
@@ -166,7 +186,27 @@ def _load(
         parallel.reason,
     )
     drift = DriftMonitor.for_manifest(manifest, settings.drift_threshold, directory)
-    return Loaded(learned.fingerprint, manifest, backend, report, bits, choice, drift, parallel)
+    release_freed()
+    rss_after = rss_bytes()
+    if rss_before is not None and rss_after is not None:
+        learned.memory_bytes = max(0, rss_after - rss_before)
+        log.info(
+            "model %s v%s holds %.0f MiB (resident memory it added at load)",
+            name,
+            version,
+            learned.memory_bytes / 2**20,
+        )
+    return Loaded(
+        learned.fingerprint,
+        manifest,
+        backend,
+        report,
+        bits,
+        choice,
+        drift,
+        parallel,
+        learned.memory_bytes,
+    )
 
 
 def _measure_bitwise(

@@ -137,6 +137,12 @@ def _gauges(readings: dict[tuple[str, str], Reading]) -> Iterator[Metric]:
         "1 when the version is verified and serving (in every live worker), else 0",
         labels=["model", "version"],
     )
+    memory = GaugeMetricFamily(
+        "foldserve_model_memory_bytes",
+        "Resident memory a loaded version added when it loaded (its sessions' weights and "
+        "arenas; summed over workers, each holds its own)",
+        labels=["model", "version"],
+    )
     for model, version, reading in _versions(readings):
         if not model:
             continue
@@ -144,9 +150,11 @@ def _gauges(readings: dict[tuple[str, str], Reading]) -> Iterator[Metric]:
         depth.add_metric(labels, reading.get(LAYOUT.gauges["queue_depth"]))
         wait.add_metric(labels, reading.get(LAYOUT.gauges["estimated_wait_s"]))
         loaded.add_metric(labels, reading.get(LAYOUT.gauges["loaded"]))
+        memory.add_metric(labels, reading.get(LAYOUT.gauges["memory_bytes"]))
     yield depth
     yield wait
     yield loaded
+    yield memory
 
 
 def _processes(started: int, alive: int) -> Iterator[Metric]:

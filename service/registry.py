@@ -160,6 +160,7 @@ class Registry:
         # Published at once: with --workers, a worker still loading keeps the pooled
         # foldserve_model_loaded (the minimum over live workers) at 0.
         record.figures.loaded(False)
+        record.figures.memory(0)
         return record
 
     async def load_all(self) -> None:
@@ -196,6 +197,7 @@ class Registry:
         record.learned.report = loaded.report
         record.learned.bitwise = loaded.bitwise
         record.learned.backend = loaded.backend
+        record.learned.memory_bytes = loaded.memory_bytes
         try:
             ready = self._serve(record, loaded)
             await ready.batcher.start()
@@ -206,6 +208,7 @@ class Registry:
         # shutdown never leaves a "ready" version without a batcher behind.
         record.ready, record.status = ready, Status.READY
         record.figures.loaded(True)
+        record.figures.memory(loaded.memory_bytes or 0)
 
     def _serve(self, record: VersionRecord, loaded: Loaded) -> ReadyVersion:
         s, choice = self._settings, loaded.batching
@@ -262,6 +265,7 @@ class Registry:
         record.status, record.reason = Status.FAILED, self._without_store_path(reason)
         record.ready = None
         record.figures.loaded(False)
+        record.figures.memory(0)
         logged = reason if exc is None else f"{reason} [{logged_message(exc)}]"
         # A traceback only for what we did not foresee: the others say all in their message.
         trace = exc if exc is not None and not isinstance(exc, FoldserveError | OSError) else None
@@ -294,6 +298,7 @@ class Registry:
                 _close(ready)
                 record.status, record.ready = Status.STOPPED, None
                 record.figures.loaded(False)
+                record.figures.memory(0)
 
     # -- the store changing under a running server
 
@@ -357,6 +362,7 @@ class Registry:
         ready, record.ready = record.ready, None
         record.status, record.reason = Status.UNLOADED, why
         record.figures.loaded(False)
+        record.figures.memory(0)
         if ready is not None:
             await ready.batcher.stop(timeout_s=self._settings.request_timeout_s)
             _close(ready)

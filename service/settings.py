@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         description="threads per inference session (unset: every usable CPU for a model whose "
         "one row takes 1 ms or more, else one; said in the log at load)",
     )
+    measure_batching: bool = Field(
+        True,
+        description="serve a slow model (a row takes 1 ms or more) one row per run when a batch "
+        "of up to 8 rows, timed at load, gives under 1.1x the rows per second (its memory buys "
+        "nothing); max_batch_size set anywhere wins",
+    )
     parallel_runs: int | None = Field(
         None,
         ge=1,

@@ -44,7 +44,7 @@ COUNTS = (
     "success_count", "success_s", "fail_count", "fail_s", "inference_count", "execution_count",
     "last_inference_ms",
 )  # fmt: skip
-GAUGES = ("queue_depth", "estimated_wait_s", "loaded")
+GAUGES = ("queue_depth", "estimated_wait_s", "loaded", "memory_bytes")
 
 
 class Histogram:
@@ -92,7 +92,7 @@ _SUCCESS, _SUCCESS_S = _L.counts["success_count"], _L.counts["success_s"]
 _FAIL, _FAIL_S = _L.counts["fail_count"], _L.counts["fail_s"]
 _ROWS_DONE, _RUNS = _L.counts["inference_count"], _L.counts["execution_count"]
 _LAST = _L.counts["last_inference_ms"]
-_QUEUE, _WAIT, _LOADED = (_L.gauges[g] for g in GAUGES)
+_QUEUE, _WAIT, _LOADED, _MEMORY = (_L.gauges[g] for g in GAUGES)
 _INPUT, _OUTPUT = _L.stages["compute_input"], _L.stages["compute_output"]
 _QUEUE_STAGE, _INFER = _L.stages["queue"], _L.stages["compute_infer"]
 
@@ -156,6 +156,9 @@ class Figures:
 
     def loaded(self, loaded: bool) -> None:
         self._v[_LOADED] = 1.0 if loaded else 0.0
+
+    def memory(self, held_bytes: int) -> None:
+        self._v[_MEMORY] = held_bytes
 
 
 Key = tuple[str, str]  # (model, version) as labels: ("", "") for requests that resolved to none
@@ -293,6 +296,7 @@ def _read_pooled(folder: Path) -> dict[Key, Reading]:
         # A dead worker's counts stay in the totals; its gauges say nothing now.
         live = [block for block, alive in found if alive]
         total[_QUEUE] = sum(block[_QUEUE] for block in live)
+        total[_MEMORY] = sum(block[_MEMORY] for block in live)  # each worker holds its own
         total[_WAIT] = max((block[_WAIT] for block in live), default=0.0)
         # Loaded only when every live worker has it loaded, as before.
         total[_LOADED] = min((block[_LOADED] for block in live), default=0.0)

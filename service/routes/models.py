@@ -49,6 +49,7 @@ def describe(entry: VersionRecord) -> dict[str, Any]:
     ready = entry.ready
     if ready is not None:
         info["batching"] = {**dataclasses.asdict(ready.batching), "inline": ready.batcher.inline}
+        info["memory_bytes"] = learned.memory_bytes  # the RSS it added at load
     manifest = learned.manifest
     if manifest is not None:
         info.update(
