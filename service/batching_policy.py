@@ -138,20 +138,22 @@ def row_cap(
 
 def _batch_gain(probe: Backend, batch: np.ndarray) -> float:
     """Rows per second of ``batch`` in one run over those of one row alone."""
-    one = _best_s(lambda: probe.run(batch[:1]))
-    many = _best_s(lambda: probe.run(batch))
+    one = _typical_s(lambda: probe.run(batch[:1]))
+    many = _typical_s(lambda: probe.run(batch))
     return (len(batch) / many) * one if many > 0 else 0.0
 
 
-def _best_s(call: Callable[[], object]) -> float:
-    """The fastest of two warm calls (the first call of a shape allocates: not timed)."""
-    call()
-    times = []
-    for _ in range(2):
+def _typical_s(call: Callable[[], object]) -> float:
+    """The median of warm calls, at least 3 and a quarter of a second of them: one call of a
+    model taking milliseconds varies by more than the gain it must tell (measured: best-of-2
+    called a UNet's batch of 8 0.88x one time and over 1.1x the next)."""
+    call()  # the first call of a shape allocates: not timed
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < 0.25 and len(times) < 50):
         started = time.perf_counter()
         call()
         times.append(time.perf_counter() - started)
-    return min(times)
+    return statistics.median(times)
 
 
 def threads_for(settings: Settings, one_row_ms: float, cpus: int) -> int:
