@@ -3,6 +3,7 @@ settings table lists is one, and every `FOLDSERVE_*` name they use is a setting'
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -53,3 +54,45 @@ def test_every_foldserve_variable_a_doc_uses_is_a_setting(doc: Path) -> None:
     variables = {env_name(field) for field in Settings.model_fields}
     used = set(re.findall(rf"\b{ENV_PREFIX}[A-Z0-9_]+\b", doc.read_text()))
     assert used <= variables, f"{doc.name}: {sorted(used - variables)}"
+
+
+def _options(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return set(action.choices[command]._option_string_actions)
+    return set()
+
+
+def shown_commands(text: str) -> list[list[str]]:
+    """Each `foldserve <command> ...` line of the docs' shell blocks, continuations joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = line.split("#")[0].split()
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                words = words[1:]  # VAR=value before the command
+            if len(words) > 1 and words[0].endswith("foldserve"):
+                commands.append(words[1:])
+    return commands
+
+
+def test_every_option_a_shown_foldserve_command_uses_exists() -> None:
+    from foldserve.cli import build_parser as offline_parser
+    from service.cli import build_parser as server_parser
+
+    parsers = {"serve": server_parser()}
+    seen = 0
+    for doc in DOCS:
+        for command, *words in shown_commands(doc.read_text()):
+            parser = parsers.get(command) or offline_parser()
+            known = _options(parser, command)
+            assert known, f"{doc.name}: `foldserve {command}` is no command"
+            used = {w.split("=")[0] for w in words if w.startswith("--")}
+            assert used <= known, f"{doc.name}: foldserve {command} {sorted(used - known)}"
+            seen += 1
+    assert seen >= 5  # the README's and docs' commands were read
+
+
+def test_the_command_reader_joins_continuations_and_skips_variables() -> None:
+    text = "```bash\nFOLDSERVE_X=1 .venv/bin/foldserve export --model a:b \\\n  --bogus 3\n```"
+    assert shown_commands(text) == [["export", "--model", "a:b", "--bogus", "3"]]
