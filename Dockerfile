@@ -32,7 +32,8 @@ ENV PATH=/opt/foldserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     FOLDSERVE_HOST=0.0.0.0 \
     FOLDSERVE_PORT=8000 \
-    FOLDSERVE_MODEL_STORE=/srv/model_store
+    FOLDSERVE_MODEL_STORE=/srv/model_store \
+    ORT_DISABLE_TELEMETRY=1
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a passwd entry; the server needs none.
 USER 10001:10001
 WORKDIR /srv

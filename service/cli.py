@@ -89,6 +89,12 @@ def _serve(settings: Settings) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     unknown = warn_unknown_env(os.environ)
+    if not settings.onnxruntime_telemetry:
+        # NOTE: onnxruntime (1.29 and later) keeps a 2.5 MB telemetry database under
+        # ~/.cache/Microsoft and reports to Microsoft unless this is set before its import: a
+        # server should not phone home, and on a read-only root the writes fail loudly. Read
+        # once when onnxruntime loads, so set here, before anything imports it.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         # Before listening, and before any worker starts: a supervisor restarting workers
         # that fail at once on a bad setting would only fill the log.

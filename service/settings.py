@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         description="threads per inference session (unset: every usable CPU for a model whose "
         "one row takes 1 ms or more, else one; said in the log at load)",
     )
+    onnxruntime_telemetry: bool = Field(
+        False,
+        description="let onnxruntime keep its telemetry (a database under ~/.cache/Microsoft, "
+        "reports to Microsoft); off: foldserve serve sets ORT_DISABLE_TELEMETRY=1 for it",
+    )
     measure_batching: bool = Field(
         True,
         description="serve a slow model (a row takes 1 ms or more) one row per run when a batch "

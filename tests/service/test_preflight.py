@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import onnxruntime as ort
 import pytest
 
@@ -192,3 +195,36 @@ def test_foldserve_serve_exits_at_once_with_one_line(store: Path, artifacts: Art
 
 def test_torchscript_needs_the_operators_opt_in(store: Path) -> None:
     assert "FOLDSERVE_ALLOW_TORCHSCRIPT=true" in refused(settings(store, backend="torchscript"))
+
+
+@pytest.mark.parametrize("telemetry", [False, True], ids=["default", "telemetry on"])
+def test_foldserve_serve_keeps_onnxruntime_from_writing_its_telemetry(
+    tmp_path: Path, telemetry: bool
+) -> None:
+    # onnxruntime 1.29+ writes a database under ~/.cache/Microsoft (and fails loudly on a
+    # read-only root) unless ORT_DISABLE_TELEMETRY is set before it loads.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("FOLDSERVE_", "ORT_"))}
+    env |= {"HOME": str(home), "FOLDSERVE_ONNXRUNTIME_TELEMETRY": str(telemetry).lower()}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+    command += ["--model-store", str(ROOT / "model_store")]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the server did not become ready")
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    assert (home / ".cache" / "Microsoft").exists() == telemetry
