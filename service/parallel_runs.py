@@ -1,15 +1,17 @@
 """Parallel runs: a batch's rows split across concurrent one-thread runs of a second session.
 
 onnxruntime splits each operator of one run across its intra-op threads, and those threads meet
-at every operator. On this project's 2 cores a MONAI 2-D UNet at 1x256x256 gives 205-260 images
-per second on one session with 2 threads (one image per run, or 2 or 4), but 266-302 as two
-one-thread runs side by side, each on its own core with nothing to wait for; a MONAI ResNet-50 at
-3x224x224 9.6-9.8 against 10.1-10.4 (``bench/run --only real`` measures the served figures). So
+at every operator. On this project's 2 cores (``bench/session_modes.py``) a MONAI 2-D UNet at
+1x256x256 gives 240-258 images per second on one session with 2 threads (one image per run, or 2
+or 4), but 285-291 as two one-thread runs side by side, each on its own core with nothing to wait
+for, and 211 as two callers of the 2-thread session; a MONAI ResNet-50 at 3x224x224 9.5-10.4
+against 9.8-9.9 (``bench/run --only real`` measures the served figures). So
 a version whose model earned several threads (one row takes ``THREADS_FROM_MS`` or more) gets a
 second, one-thread session: a lone one-row batch still runs on every thread (one sample cannot be
-split), and a batch of two rows or more is split into up to ``runs`` parts that run at once in
-the batcher's worker threads. The second session costs its weights once more (110 MiB of RSS for
-the ResNet-50) and an arena for half a batch.
+split), and requests that queue meanwhile go to up to ``runs`` one-thread runs at once, each
+taking its share of the queue, in worker threads of their own (``service.batching``). The second
+session costs its weights once more (110 MiB of RSS for the ResNet-50) and an arena for the rows
+its runs take.
 
 Chosen once per version at load, off the event loop: only for onnxruntime on the CPU (TorchScript
 shares one thread pool per process), and only when the split gives bit for bit the outputs of the

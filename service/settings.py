@@ -107,9 +107,9 @@ class Settings(BaseSettings):
     parallel_runs: int | None = Field(
         None,
         ge=1,
-        description="one-thread runs a batch of 2 or more rows is split into, at once (unset: "
-        "the usable CPUs for a model given several threads, when that measured faster at load; "
-        "1: never)",
+        description="one-thread runs at once for queued requests of a model given several "
+        "threads (a lone row keeps every thread; unset: the usable CPUs, onnxruntime on the "
+        "CPU, when intra_op_threads is unset and the outputs match bit for bit; 1: never)",
     )
     max_batch_size: int | None = Field(None, ge=1, description="override every manifest's row cap")
     max_delay_ms: float | None = Field(None, ge=0, description="override every manifest's delay")

@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from tests.service.server_process import until_ready
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("digits-mlp", "digits-cnn")
 
@@ -196,15 +198,7 @@ def run_against_a_server(
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        until_ready(base, server)
         asyncio.run(soak(base, store, min(2.0, seconds / 5), clients, seed + 1))  # warm-up
         before = rss_mib(server.pid)
         report = asyncio.run(soak(base, store, seconds, clients, seed))

@@ -10,11 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import onnxruntime as ort
 import pytest
 
@@ -25,6 +23,7 @@ from service.preflight import check_startup
 from service.settings import Settings
 from service.store import MANIFEST_FILE, version_dir
 from tests.service.conftest import ROOT, Artifacts, add_version
+from tests.service.server_process import until_ready
 
 
 def settings(store: Path, **extra: Any) -> Settings:
@@ -214,16 +213,7 @@ def test_foldserve_serve_keeps_onnxruntime_from_writing_its_telemetry(
     command += ["--model-store", str(ROOT / "model_store")]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not become ready")
+        until_ready(f"http://127.0.0.1:{port}", server, timeout=60)
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
