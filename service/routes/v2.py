@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service import __version__
+from service import v2_documents as documents
 from service.backends import Array
 from service.dataplane import Parsed
 from service.errors import FoldserveError, InvalidInput, ModelNotReady, PayloadTooLarge
@@ -58,7 +58,6 @@ from service.shedding import timeout_parameter
 from service.store import TensorSpec
 from service.versions import ReadyVersion
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 HEADER_LENGTH = b"inference-header-content-length"
 # V2 datatype -> little-endian wire dtype; the dataplane casts each to the input's own dtype,
 # once it checked the values fit it.
@@ -70,15 +69,6 @@ DATATYPES = {
     "INT64": "<i8",
     "UINT8": "<u1",
 }
-# A manifest's dtype as V2 names it (metadata, config).
-V2_NAMES = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "uint8": "UINT8",
-    "int32": "INT32",
-    "int64": "INT64",
-}
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 # NOTE: the routes behind the inference key, and the health probes, which are always open.
 router = APIRouter(prefix="/v2")
@@ -479,17 +469,10 @@ def _resolve(request: Request, name: str, version: str | None) -> ReadyVersion:
     return registry_of(request).resolve(name, v2_path_version(name, version))
 
 
-def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
-    return [{"name": s.name, "datatype": V2_NAMES[s.dtype], "shape": [-1, *s.shape]} for s in specs]
-
-
 @router.get("", responses=documented(ServerMetadata))
 @router.get("/", include_in_schema=False)  # the path as the protocol's document writes it
 async def server_metadata(request: Request) -> Response:
-    extensions = EXTENSIONS
-    if request.app.state.settings.management_api:
-        extensions = [*EXTENSIONS, "model_repository"]
-    return _json({"name": "foldserve", "version": __version__, "extensions": extensions})
+    return _json(documents.server_metadata(request.app.state.settings))
 
 
 @health_router.get("/health/live", responses=documented(LiveAnswer))
@@ -509,18 +492,7 @@ async def ready(request: Request) -> Response:
 @router.get("/models/{name}/versions/{version}", responses=documented(ModelMetadata, 404, 503))
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     entry = _resolve(request, name, version)
-    manifest = entry.manifest
-    versions = [str(e.version) for e in registry_of(request).entries() if e.name == name]
-    fmt = entry.backend.format
-    return _json(
-        {
-            "name": entry.name,
-            "versions": versions,
-            "platform": _PLATFORMS[fmt],
-            "inputs": _tensors(manifest.inputs),
-            "outputs": _tensors(manifest.outputs),
-        }
-    )
+    return _json(documents.model_metadata(registry_of(request), entry))
 
 
 @router.get("/models/{name}/ready", responses=documented(ModelReadyAnswer, 404, 503))
@@ -537,27 +509,4 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.get("/models/{name}/versions/{version}/config", responses=documented(ModelConfig, 404, 503))
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
     """Triton's model configuration, enough for perf_analyzer and tritonclient."""
-    entry = _resolve(request, name, version)
-    manifest = entry.manifest
-    fmt = entry.backend.format
-
-    def dims(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
-        return [
-            {"name": s.name, "data_type": f"TYPE_{V2_NAMES[s.dtype]}", "dims": list(s.shape)}
-            for s in specs
-        ]
-
-    return _json(
-        {
-            "name": entry.name,
-            "platform": _PLATFORMS[fmt],
-            # NOTE: the batcher splits a large request into batches of the manifest's row cap,
-            # so the largest batch one request may carry is the queue's bound, not that cap:
-            # max_queue_rows, or fewer for large inputs (max_queue_bytes).
-            "max_batch_size": entry.batching.max_queue_rows,
-            "input": dims(manifest.inputs),
-            "output": dims(manifest.outputs),
-            "dynamic_batching": {},
-            "version_policy": {"specific": {"versions": [entry.version]}},
-        }
-    )
+    return _json(documents.model_config(_resolve(request, name, version)))
