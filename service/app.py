@@ -45,6 +45,7 @@ from service.routes.access import inference_key
 from service.routes.docs import docs_router, openapi_document
 from service.routes.inference import InferenceRoutes
 from service.routes.responses import unexpected
+from service.rpc.server import GrpcServer
 from service.settings import Settings, setting_ref, unknown_env_message, unknown_env_names
 from service.telemetry import Telemetry
 
@@ -74,6 +75,8 @@ class Service:
         self.inference_keys = inference_keys
         self._bridge = AsgiBridge(api)
         self._tasks: list[asyncio.Task[None]] = []
+        self.grpc: GrpcServer | None = None  # once started (settings.grpc)
+        self._grpc_stopping: asyncio.Future[None] | None = None
         self.access_log = (
             AccessLog(settings.access_log_sample, settings.proxy_headers)
             if settings.access_log and settings.access_log_sample > 0
@@ -134,13 +137,33 @@ class Service:
         )
         watching.add_done_callback(_log_crash)
         self._tasks.append(watching)
+        if self.settings.grpc:
+            grpc = GrpcServer(
+                self.settings,
+                self.registry,
+                self.api.state.dataplane,
+                self.inference_keys,
+                lambda: bool(self.api.state.draining),
+                self.access_log,
+            )
+            await grpc.start()
+            self.grpc = grpc
 
     def start_draining(self) -> None:
-        """The server is shutting down: readiness turns 503 so that no new traffic is sent."""
+        """The server is shutting down: readiness turns 503 so that no new traffic is sent,
+        and the gRPC service takes no new calls (those accepted are answered)."""
         self.api.state.draining = True
+        if self.grpc is not None and self._grpc_stopping is None:
+            self._grpc_stopping = asyncio.ensure_future(
+                self.grpc.stop(self.settings.shutdown_grace_s)
+            )
 
     async def shutdown(self) -> None:
         _stop_listening_for_sighup()
+        if self.grpc is not None:
+            if self._grpc_stopping is None:
+                self._grpc_stopping = asyncio.ensure_future(self.grpc.stop(0))
+            await self._grpc_stopping
         for task in reversed(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

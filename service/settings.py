@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     workers: int = Field(1, ge=1, description="server processes, each with its own sessions")
+    grpc: bool = Field(
+        True, description="serve the Open Inference Protocol's gRPC service on grpc_port too"
+    )
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the gRPC service (0: one the OS picks)"
+    )
     # NOTE: also one model's <version>/ folders or one version's files (service.store.open_store
     # reads the layout off the folder): what KServe's storage initializer puts at /mnt/models.
     model_store: Path = Field(

@@ -188,6 +188,7 @@ def run_against_a_server(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    env["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     env["FOLDSERVE_LOG_LEVEL"] = "warning"
     command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     server = subprocess.Popen(

@@ -49,6 +49,7 @@ def test_two_workers_share_connections_survive_a_crash_and_drain_on_ctrl_c(
 ) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    env["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     command = [sys.executable, "-m", "service", "serve", "--workers", "2", "--port", str(port)]
     command += ["--model-store", str(shipped_store)]
     log = (tmp_path / "server.log").open("w+")

@@ -38,6 +38,7 @@ def test_an_invalid_flag_value_is_reported_not_raised(capsys: pytest.CaptureFixt
 def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A private os.environ for the test: serve writes the workers' variables into it."""
     fake = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    fake["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     monkeypatch.setattr(os, "environ", fake)
     return fake
 

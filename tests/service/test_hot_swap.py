@@ -213,6 +213,7 @@ def test_sighup_makes_a_running_server_pick_up_a_new_version(tmp_path: Path) -> 
     root = tmp_path / "store"
     add(root, 1)
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    env["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     env["FOLDSERVE_DEFAULT_MODEL"] = "lin"
     port = free_port()
     server = subprocess.Popen(

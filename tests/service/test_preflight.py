@@ -126,6 +126,7 @@ def test_a_version_failing_its_checks_is_a_readiness_reason_not_a_refusal(store:
 @pytest.fixture
 def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     fake = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    fake["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     monkeypatch.setattr(os, "environ", fake)
     return fake
 
@@ -161,6 +162,7 @@ def test_a_server_whose_default_model_fails_its_checks_still_starts(
 def test_foldserve_serve_exits_at_once_with_one_line(store: Path, artifacts: Artifacts) -> None:
     add_version(store, artifacts, "other")  # two models: neither answers for a third name
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    env["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -232,6 +234,7 @@ def test_foldserve_serve_keeps_onnxruntime_from_writing_its_telemetry(
         if not k.upper().startswith(("FOLDSERVE_", "ORT_")) and k not in ONNXRUNTIME_QUIETS_UNDER
     }
     env |= {"HOME": str(home), "FOLDSERVE_ONNXRUNTIME_TELEMETRY": str(telemetry).lower()}
+    env["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

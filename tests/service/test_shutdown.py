@@ -35,6 +35,7 @@ def _start(
     store: Path, port: int, workers: int, log: Path, **settings: str
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
+    env["FOLDSERVE_GRPC"] = "false"  # its own port: off, as in every test server
     # Every request waits in the queue for 1.5 s: all 96 are surely in flight at the signal.
     env |= {
         "FOLDSERVE_MAX_DELAY_MS": "1500",
