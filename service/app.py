@@ -142,7 +142,8 @@ class Service:
                 self.settings,
                 self.registry,
                 self.api.state.dataplane,
-                self.inference_keys,
+                self.telemetry,
+                (self.inference_keys, self.api.state.management_keys),
                 lambda: bool(self.api.state.draining),
                 self.access_log,
             )

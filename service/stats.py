@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.telemetry import LAYOUT, STAGES, Reading
+from service.errors import ModelNotFound
+from service.registry import Registry
+from service.telemetry import LAYOUT, STAGES, Reading, Telemetry
+from service.versions import Status
 
 _NS = 1e9
 
@@ -47,4 +50,32 @@ def triton_entry(name: str, version: int, reading: Reading | None) -> dict[str, 
             "cache_miss": {"count": 0, "ns": 0},
         },
         "batch_stats": [],
+    }
+
+
+# Versions that serve (or served, at shutdown); one loading or failed has nothing to count.
+COUNTED = (Status.READY, Status.STOPPED)
+
+
+def model_stats(
+    registry: Registry, telemetry: Telemetry, name: str | None, version: int | None
+) -> dict[str, Any]:
+    """Triton's statistics document: every counted version, or those of ``name`` (and
+    ``version``); with --workers, every worker's figures (pooled)."""
+    entries = registry.entries()
+    if name is not None:
+        entries = [e for e in entries if e.name == name]
+        if not entries:
+            raise ModelNotFound(f"model {name!r} not found")
+        if version is not None:
+            entries = [e for e in entries if e.version == version]
+            if not entries:
+                raise ModelNotFound(f"model {name!r} has no version {version}")
+    readings = telemetry.read()
+    return {
+        "model_stats": [
+            triton_entry(e.name, e.version, readings.get((e.name, str(e.version))))
+            for e in entries
+            if e.status in COUNTED
+        ]
     }

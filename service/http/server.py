@@ -123,8 +123,8 @@ class HttpServer:
     def request_stop(self) -> None:
         """Start the drain; safe from any thread (tests call it from theirs)."""
         loop = self._loop
-        if loop is not None and self._stop is not None:
-            loop.call_soon_threadsafe(self._stop.set)
+        if loop is not None and self._stop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._stop.set)  # a second call, once stopped: nothing
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         loop = self._loop = asyncio.get_running_loop()

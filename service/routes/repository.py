@@ -6,6 +6,8 @@ rescans the model's folder (new versions, changed files) and answers once that i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import orjson
 from fastapi import APIRouter, Request, Response
 
@@ -69,9 +71,15 @@ async def _refuse_overrides(request: Request) -> None:
         raise InvalidInput("load request body must be JSON") from None
     parameters = payload.get("parameters") if isinstance(payload, dict) else None
     if isinstance(parameters, dict):
-        refused = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
-        if refused:
-            raise InvalidInput(
-                f"load parameters {refused} are not supported: foldserve loads versions "
-                "from the model store only, with the configuration in their manifests"
-            )
+        check_load_parameters(parameters)
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """Triton's load may carry a configuration override or the model's files (REST and gRPC
+    alike): refused, rather than ignored."""
+    refused = sorted(k for k in names if k == "config" or k.startswith("file:"))
+    if refused:
+        raise InvalidInput(
+            f"load parameters {refused} are not supported: foldserve loads versions "
+            "from the model store only, with the configuration in their manifests"
+        )

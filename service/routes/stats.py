@@ -7,51 +7,28 @@ Triton, statistics win. The app includes this router before the V2 one, so that 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service.errors import ModelNotFound
 from service.routes.models import registry_of
 from service.routes.paths import v2_path_version
 from service.schemas import ModelStatsAnswer, documented
-from service.stats import triton_entry
-from service.telemetry import Telemetry
-from service.versions import Status, VersionRecord
+from service.stats import model_stats as stats_document
 
 router = APIRouter(prefix="/v2/models")
-
-# Versions that serve (or served, at shutdown); one loading or failed has nothing to count.
-_COUNTED = (Status.READY, Status.STOPPED)
 
 
 @router.get("/stats", responses=documented(ModelStatsAnswer))
 async def all_stats(request: Request) -> Response:
-    return _answer(request, registry_of(request).entries())
+    return _answer(request, None, None)
 
 
 @router.get("/{name}/stats", responses=documented(ModelStatsAnswer, 404))
 @router.get("/{name}/versions/{version}/stats", responses=documented(ModelStatsAnswer, 404))
 async def model_stats(request: Request, name: str, version: str | None = None) -> Response:
-    number = v2_path_version(name, version)
-    versions = [e for e in registry_of(request).entries() if e.name == name]
-    if not versions:
-        raise ModelNotFound(f"model {name!r} not found")
-    if number is not None:
-        versions = [e for e in versions if e.version == number]
-        if not versions:
-            raise ModelNotFound(f"model {name!r} has no version {number}")
-    return _answer(request, versions)
+    return _answer(request, name, v2_path_version(name, version))
 
 
-def _answer(request: Request, entries: Iterable[VersionRecord]) -> Response:
-    # With --workers, every worker's figures (pooled); alone, this process's own.
-    telemetry: Telemetry = request.app.state.telemetry
-    readings = telemetry.read()
-    stats = [
-        triton_entry(e.name, e.version, readings.get((e.name, str(e.version))))
-        for e in entries
-        if e.status in _COUNTED
-    ]
-    return Response(orjson.dumps({"model_stats": stats}), media_type="application/json")
+def _answer(request: Request, name: str | None, version: int | None) -> Response:
+    document = stats_document(registry_of(request), request.app.state.telemetry, name, version)
+    return Response(orjson.dumps(document), media_type="application/json")

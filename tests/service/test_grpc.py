@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,137 @@ def test_the_grpc_service_is_off_when_asked(shipped_store: Path) -> None:
     app = create_app(Settings(model_store=shipped_store, grpc=False))
     with serve(app):
         assert app.grpc is None
+
+
+def test_statistics_are_the_rest_documents(client: Client) -> None:
+    client.infer(raw_request(GOLDEN_IN[:3]))
+    every = client("ModelStatistics", pb.ModelStatisticsRequest(), pb.ModelStatisticsResponse)
+    assert {s.name for s in every.model_stats} == {"digits-mlp", "digits-cnn"}
+    one = client(
+        "ModelStatistics",
+        pb.ModelStatisticsRequest(name="digits-mlp", version="1"),
+        pb.ModelStatisticsResponse,
+    )
+    (stat,) = one.model_stats
+    rest = httpx.get(f"{client.base}/v2/models/digits-mlp/versions/1/stats").json()
+    (expected,) = rest["model_stats"]
+    assert stat.inference_count == expected["inference_count"] == 3
+    assert stat.inference_stats.success.count == expected["inference_stats"]["success"]["count"]
+    assert stat.inference_stats.compute_infer.ns > 0
+    error = refused(
+        lambda: client(
+            "ModelStatistics", pb.ModelStatisticsRequest(name="nope"), pb.ModelStatisticsResponse
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_repository_needs_the_management_api_and_its_key(shipped_store: Path) -> None:
+    off = Settings(model_store=shipped_store, grpc=True, grpc_port=0)
+    with _client(off) as client:
+        error = refused(
+            lambda: client(
+                "RepositoryIndex", pb.RepositoryIndexRequest(), pb.RepositoryIndexResponse
+            )
+        )
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+    on = Settings(
+        model_store=shipped_store,
+        grpc=True,
+        grpc_port=0,
+        management_api=True,
+        management_api_key="m4n",
+    )
+    key = [("authorization", "Bearer m4n")]
+    with _client(on) as client:
+        error = refused(
+            lambda: client(
+                "RepositoryIndex", pb.RepositoryIndexRequest(), pb.RepositoryIndexResponse
+            )
+        )
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        index = client(
+            "RepositoryIndex", pb.RepositoryIndexRequest(), pb.RepositoryIndexResponse, metadata=key
+        )
+        assert ("digits-mlp", "1", "READY") in {(m.name, m.version, m.state) for m in index.models}
+        unload = pb.RepositoryModelUnloadRequest(model_name="digits-cnn")
+        client("RepositoryModelUnload", unload, pb.RepositoryModelUnloadResponse, metadata=key)
+        ready = client("ModelReady", pb.ModelReadyRequest(name="digits-cnn"), pb.ModelReadyResponse)
+        assert not ready.ready
+        override = pb.RepositoryModelLoadRequest(model_name="digits-cnn")
+        override.parameters["config"].string_param = "{}"
+        error = refused(
+            lambda: client(
+                "RepositoryModelLoad", override, pb.RepositoryModelLoadResponse, metadata=key
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "config" in error.details()
+        load = pb.RepositoryModelLoadRequest(model_name="digits-cnn")
+        client("RepositoryModelLoad", load, pb.RepositoryModelLoadResponse, metadata=key)
+        ready = client("ModelReady", pb.ModelReadyRequest(name="digits-cnn"), pb.ModelReadyResponse)
+        assert ready.ready
+
+
+def test_a_stream_answers_each_request_by_id_and_its_refusals_alone(client: Client) -> None:
+    call = client.channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    sent = [raw_request(GOLDEN_IN[i : i + 1], id=f"s-{i}") for i in range(6)]
+    sent.insert(3, raw_request(GOLDEN_IN[:1], model="nope", id="bad"))
+    answers = list(call(iter(sent), timeout=30))
+    assert len(answers) == 7
+    errors = [a.error_message for a in answers if a.error_message]
+    assert len(errors) == 1 and "'nope' not found" in errors[0]
+    by_id = {a.infer_response.id: a.infer_response for a in answers if not a.error_message}
+    assert sorted(by_id) == [f"s-{i}" for i in range(6)]
+    for i in range(6):
+        np.testing.assert_array_equal(
+            outputs(by_id[f"s-{i}"]), outputs(client.infer(raw_request(GOLDEN_IN[i : i + 1])))
+        )
+
+
+def test_health_watch_says_the_status_then_its_changes(client: Client) -> None:
+    call = client.channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    stream = call(health_pb2.HealthCheckRequest(service="digits-mlp"), timeout=10)
+    assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+    stream.cancel()
+    unknown = call(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    unknown.cancel()
+
+
+def test_a_drain_answers_every_accepted_call_then_refuses_new_ones(shipped_store: Path) -> None:
+    # Every request waits 1.5 s for batch mates: all 16 are surely in flight at the stop.
+    settings = Settings(
+        model_store=shipped_store,
+        grpc=True,
+        grpc_port=0,
+        max_delay_ms=1500,
+        adaptive_delay=False,
+    )
+    app = create_app(settings)
+    with running(app) as (_, server):
+        assert app.grpc is not None
+        with grpc.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            call = channel.unary_unary(
+                f"/{SERVICE}/ModelInfer",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            pending = [
+                call.future(raw_request(GOLDEN_IN[i % 8 : i % 8 + 1]), timeout=30)
+                for i in range(16)
+            ]
+            time.sleep(0.3)
+            server.request_stop()
+            answers = [future.result() for future in pending]
+            later = refused(lambda: call(raw_request(GOLDEN_IN[:1]), timeout=5))
+    for i, answer in enumerate(answers):
+        np.testing.assert_allclose(outputs(answer)[0], GOLDEN_OUT[i % 8], rtol=1e-4, atol=1e-4)
+    assert later.code() == grpc.StatusCode.UNAVAILABLE

@@ -19,7 +19,7 @@ from tests.service.conftest import running
 from tests.service.pair_model import add_pair_version, pair_inputs, pair_reference
 from tests.service.test_real_clients import HERE, clients_python, close
 
-KEY = "grpc-key-1"
+KEY, MANAGEMENT_KEY = "grpc-key-1", "grpc-manage-2"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,13 +32,21 @@ def test_tritonclient_grpc_and_the_kserve_grpc_client_work_unchanged(tmp_path: P
     x = np.asarray(manifest["golden"]["inputs"][:3], dtype=np.float32)
     expected = np.asarray(manifest["golden"]["outputs"][:3], dtype=np.float32)
     pair = pair_inputs(2, seed=4)
-    settings = Settings(model_store=store, api_key=KEY, grpc=True, grpc_port=0)
+    settings = Settings(
+        model_store=store,
+        api_key=KEY,
+        grpc=True,
+        grpc_port=0,
+        management_api=True,
+        management_api_key=MANAGEMENT_KEY,
+    )
     app = create_app(settings)
     with running(app, key=KEY):
         assert app.grpc is not None
         config = {
             "address": f"127.0.0.1:{app.grpc.port}",
             "key": KEY,
+            "management_key": MANAGEMENT_KEY,
             "model": "digits-mlp",
             "inputs": x.tolist(),
             "several": {"model": "pair", "inputs": {k: v.tolist() for k, v in pair.items()}},
@@ -71,6 +79,22 @@ def test_tritonclient_grpc_and_the_kserve_grpc_client_work_unchanged(tmp_path: P
     assert triton["infer_without_key"]["status"] == "StatusCode.UNAUTHENTICATED"
     assert "api_key" in triton["infer_without_key"]["message"]
     assert triton["infer_unknown_version"]["status"] == "StatusCode.NOT_FOUND"
+
+    streamed = triton["stream"]
+    assert sorted(streamed["answers"]) == ["s-0", "s-1", "s-2", "s-4", "s-5"]
+    for i in (0, 1, 2, 4, 5):
+        close(streamed["answers"][f"s-{i}"], expected[i % 3 : i % 3 + 1])
+    assert len(streamed["errors"]) == 1 and "'nope' not found" in streamed["errors"][0]
+    (stat,) = triton["statistics"]["model_stats"]
+    assert stat["name"] == "digits-mlp" and int(stat["inference_count"]) >= 3 * len(x)
+    assert int(stat["inference_stats"]["success"]["count"]) >= 3
+    assert {"name": "digits-mlp", "version": "1", "state": "READY"}.items() <= next(
+        m for m in triton["index"]["models"] if m["name"] == "digits-mlp"
+    ).items()
+    assert triton["index_without_key"]["status"] == "StatusCode.UNAUTHENTICATED"
+    assert triton["unload"] is None and triton["load"] is None
+    assert triton["ready_after_unload"] is False
+    close(triton["infer_after_load"], expected)
 
     several = results["several_tritonclient"]
     assert several["infer_all"]["order"] == ["logits", "scaled"]

@@ -81,8 +81,48 @@ def with_tritonclient(config: dict[str, Any]) -> dict[str, Any]:
     attempt(results, "infer_version", lambda: infer(version="1"))
     attempt(results, "infer_without_key", lambda: infer(headers=None))
     attempt(results, "infer_unknown_version", lambda: infer(version="7"))
+    attempt(results, "stream", lambda: stream(client, config, key))
+    attempt(
+        results,
+        "statistics",
+        lambda: as_dict(client.get_inference_statistics(model, "1", headers=key)),
+    )
+    manage = {"authorization": f"Bearer {config['management_key']}"}
+    attempt(results, "index", lambda: as_dict(client.get_model_repository_index(headers=manage)))
+    attempt(results, "index_without_key", lambda: client.get_model_repository_index())
+    attempt(results, "unload", lambda: client.unload_model(model, headers=manage))
+    attempt(results, "ready_after_unload", lambda: client.is_model_ready(model, headers=key))
+    attempt(results, "load", lambda: client.load_model(model, headers=manage))
+    attempt(results, "infer_after_load", lambda: infer())
     client.close()
     return results
+
+
+def stream(client: Any, config: dict[str, Any], key: dict[str, str]) -> dict[str, Any]:
+    """tritonclient's stream API: six requests and one for a model that is not there, on one
+    stream; each answer (or error) as the callback gets it."""
+    import queue
+
+    import tritonclient.grpc as triton
+
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)), headers=key)
+    x = np.asarray(config["inputs"], dtype=np.float32)
+    for i in range(6):
+        tensor = triton.InferInput("input", [1, x.shape[1]], "FP32")
+        tensor.set_data_from_numpy(x[i % len(x) : i % len(x) + 1])
+        model = "nope" if i == 3 else config["model"]
+        client.async_stream_infer(model, [tensor], request_id=f"s-{i}")
+    answers: dict[str, Any] = {}
+    errors: list[str] = []
+    for _ in range(6):
+        result, error = got.get(timeout=30)
+        if error is not None:
+            errors.append(str(error))
+        else:
+            answers[result.get_response().id] = result.as_numpy("logits").tolist()
+    client.stop_stream()
+    return {"answers": answers, "errors": errors}
 
 
 def several_with_tritonclient(config: dict[str, Any]) -> dict[str, Any]:
