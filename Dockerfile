@@ -37,7 +37,7 @@ ENV PATH=/opt/foldserve/bin:$PATH \
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a passwd entry; the server needs none.
 USER 10001:10001
 WORKDIR /srv
-EXPOSE 8000
+EXPOSE 8000 8001
 # Readiness, not liveness: the container is healthy once the default model is verified.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "/opt/foldserve/healthcheck.py"]

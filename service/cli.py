@@ -24,7 +24,16 @@ from service.workers import (
 )
 
 # Flags that map one to one onto Settings fields; unset flags leave env/defaults alone.
-_SERVE_FLAGS = ("host", "port", "model_store", "workers", "default_model", "backend", "device")
+_SERVE_FLAGS = (
+    "host",
+    "port",
+    "grpc_port",
+    "model_store",
+    "workers",
+    "default_model",
+    "backend",
+    "device",
+)
 _BACKLOG = 2048  # the listening socket's queue, as service.server's
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (FOLDSERVE_HOST; 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (FOLDSERVE_PORT; 8000)")
+    serve.add_argument(
+        "--grpc-port", type=int, help="TCP port of the gRPC service (FOLDSERVE_GRPC_PORT; 8001)"
+    )
     serve.add_argument("--model-store", help="model store folder (FOLDSERVE_MODEL_STORE)")
     serve.add_argument("--workers", type=int, help="server processes (FOLDSERVE_WORKERS; 1)")
     serve.add_argument("--default-model", help="model for requests naming none (digits-mlp)")

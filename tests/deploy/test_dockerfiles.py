@@ -105,7 +105,7 @@ def test_environment_names_only_real_settings(
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
     assert str(settings.model_store) == "/srv/model_store"
     expose = final(recipe).one("EXPOSE").args
-    assert expose == str(settings.port)
+    assert expose.split() == [str(settings.port), str(settings.grpc_port)]  # HTTP, gRPC
 
 
 def test_the_gpu_image_refuses_to_fall_back_to_the_cpu_by_setting() -> None:

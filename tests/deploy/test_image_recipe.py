@@ -45,10 +45,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 
+from service.rpc import health_pb2
 from tests.deploy.conftest import DOCKERFILE, ROOT
 from tests.deploy.dockerfile import (
     DockerIgnore,
@@ -143,6 +145,7 @@ class Image:
     healthcheck: list[str]
     stop_signal: signal.Signals
     port: int
+    grpc_port: int
     venv: Path
     store: Path
 
@@ -290,7 +293,7 @@ def _read_only_copy(instruction: Instruction, paths: PathMap, cwd: Path | None) 
 def _final_stage(final: Stage, paths: PathMap, build_paths: PathMap) -> Image:
     env = {"PATH": BASE_PATH, "HOME": "/"}  # Docker's HOME for a user without a passwd entry
     cwd: Path | None = None
-    uid = gid = port = -1
+    uid = gid = port = grpc_port = -1
     entrypoint: list[str] = []
     healthcheck: list[str] = []
     stop = signal.SIGTERM
@@ -312,7 +315,7 @@ def _final_stage(final: Stage, paths: PathMap, build_paths: PathMap) -> Image:
         elif key == "WORKDIR":
             cwd = paths.path(instruction.args, cwd)
         elif key == "EXPOSE":
-            port = int(instruction.args.split("/")[0])
+            port, grpc_port = (int(p.split("/")[0]) for p in instruction.args.split())
         elif key == "HEALTHCHECK":
             healthcheck = exec_form(instruction, instruction.args.partition("CMD ")[2])
         elif key == "STOPSIGNAL":
@@ -332,6 +335,7 @@ def _final_stage(final: Stage, paths: PathMap, build_paths: PathMap) -> Image:
         healthcheck=[paths.text(arg) for arg in healthcheck],
         stop_signal=stop,
         port=port,
+        grpc_port=grpc_port,
         venv=paths.path("/opt/foldserve"),
         store=Path(mapped["FOLDSERVE_MODEL_STORE"]),
     )
@@ -364,6 +368,7 @@ class Container:
     pid: int  # the server's pid here; inside its namespace it is 1
     base: str
     log: Path
+    grpc_port: int
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
@@ -398,13 +403,15 @@ def running(
     image: Image, tmp_path: Path, *, writable_tmp: bool, env: dict[str, str] | None = None
 ) -> Iterator[Container]:
     """``docker run --read-only [--tmpfs /tmp] -p PORT:8000 [-e ...] image``, here."""
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     environ = {
         **image.env,
         **(env or {}),
         "FOLDSERVE_HOST": "127.0.0.1",
         "FOLDSERVE_PORT": str(port),
+        "FOLDSERVE_GRPC_PORT": str(grpc_port),
     }
+    environ.pop("FOLDSERVE_GRPC", None)  # the image's own choice (on): not the test suite's
     log = tmp_path / f"container-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -422,7 +429,8 @@ def running(
             stderr=subprocess.STDOUT,
         )
     try:
-        yield Container(process, _namespace_init(process.pid), f"http://127.0.0.1:{port}", log)
+        base = f"http://127.0.0.1:{port}"
+        yield Container(process, _namespace_init(process.pid), base, log, grpc_port)
     finally:
         if process.poll() is None:
             process.kill()  # unshare --kill-child takes the server with it
@@ -512,6 +520,15 @@ def test_serves_read_only_as_its_user_and_drains_a_request_in_flight(
         assert answer.json()["model"] == model
         np.testing.assert_allclose(answer.json()["outputs"], expected, atol=1e-4)
         assert healthcheck(image, port) == 0
+        # The gRPC service, on its published port, from the image's own venv (grpcio included).
+        with grpc.insecure_channel(f"127.0.0.1:{container.grpc_port}") as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            status = check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
         # The status page and its modules come with the installed package (package data).
         page = httpx.get(f"{container.base}/")
         assert page.status_code == 200 and 'src="ui/status.js"' in page.text

@@ -55,6 +55,7 @@ SCALE_METRICS = {"cpu", "memory", "concurrency", "rps"}
 MODEL_CONTAINER = "kserve-container"
 MODEL_MOUNT = "/mnt/models"
 HTTP_PORT = 8080
+GRPC_PORT = 8081  # KServe routes gRPC predictors to a port named h2c, 8081 by its convention
 
 
 def runtime() -> dict[str, Any]:
@@ -75,6 +76,7 @@ def model_container() -> dict[str, Any]:
 def runtime_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """What `foldserve serve` makes of the image's environment and the runtime's arguments,
     with KServe's {{.Name}} filled in."""
+    monkeypatch.delenv("FOLDSERVE_GRPC", raising=False)  # the test suite's, not the image's
     for key, value in env_pairs(parse(DOCKERFILE)[-1].one("ENV")):
         if key.startswith("FOLDSERVE_"):
             monkeypatch.setenv(key, value)
@@ -134,6 +136,7 @@ def test_the_runtime_runs_the_image_as_kserve_wires_it(monkeypatch: pytest.Monke
     assert str(settings.model_store) == MODEL_MOUNT
     assert (settings.host, settings.port) == ("0.0.0.0", HTTP_PORT)
     assert [p["containerPort"] for p in pod["ports"]] == [HTTP_PORT]
+    assert settings.grpc and settings.grpc_port == GRPC_PORT  # what a grpc-v2 service exposes
     assert settings.default_model == name
     # No volume: one process writes nothing, even to /tmp (tests/deploy/test_image_recipe.py).
     assert settings.workers == 1 and not runtime()["spec"].get("volumes")
@@ -194,3 +197,15 @@ def test_foldserve_serves_what_the_storage_initializer_puts_at_mnt_models(
     np.testing.assert_allclose(
         np.reshape(out["data"], out["shape"]), np.asarray(golden.outputs), atol=1e-4
     )
+
+
+def test_a_grpc_service_exposes_the_runtimes_grpc_port_as_h2c() -> None:
+    grpc_services = [
+        p
+        for p in SERVICES
+        if inference_service(p)["spec"]["predictor"]["model"]["protocolVersion"] == "grpc-v2"
+    ]
+    assert grpc_services, "no InferenceService example over gRPC"
+    for path in grpc_services:
+        (port,) = inference_service(path)["spec"]["predictor"]["model"]["ports"]
+        assert (port["name"], port["containerPort"]) == ("h2c", GRPC_PORT)

@@ -158,9 +158,13 @@ def test_the_pods_run_the_image_as_it_was_built(monkeypatch: pytest.MonkeyPatch)
     (tmp,) = [m for m in pod["volumeMounts"] if m["mountPath"] == "/tmp"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == tmp["name"]]
     assert volume["emptyDir"]["medium"] == "Memory"
-    (port,) = pod["ports"]
-    assert str(port["containerPort"]) == final.one("EXPOSE").args
-    assert port["containerPort"] == configmap_settings(monkeypatch).port  # the image's 8000
+    port, grpc_port = pod["ports"]
+    assert (port["name"], grpc_port["name"]) == ("http", "grpc")
+    exposed = [str(port["containerPort"]), str(grpc_port["containerPort"])]
+    assert exposed == final.one("EXPOSE").args.split()
+    settings = configmap_settings(monkeypatch)
+    assert port["containerPort"] == settings.port  # the image's 8000
+    assert grpc_port["containerPort"] == settings.grpc_port  # and 8001
     annotations = one(BASE / "deployment.yaml", "Deployment")["spec"]["template"]["metadata"][
         "annotations"
     ]
