@@ -20,6 +20,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,35 @@ def check_startup(settings: Settings) -> None:
         read_key_file(settings.api_key_file)
     if settings.device == "cuda":
         _check_device(settings)
+    _check_grpc(settings)
+
+
+def _check_grpc(settings: Settings) -> None:
+    """The gRPC port: one that every worker shares, and free (a busy one would end each worker
+    as it starts, after its models loaded)."""
+    if not settings.grpc:
+        return
+    port = settings.grpc_port
+    if port == 0 and settings.workers > 1:
+        raise ConfigError(
+            f"{setting_ref('grpc_port', 0)} with {settings.workers} workers: each would listen "
+            "on a port of its own; set a port, or grpc=false (FOLDSERVE_GRPC=false)"
+        )
+    if port == settings.port:
+        raise ConfigError(f"grpc_port and port are both {port}: give gRPC a port of its own")
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for gRPC on {settings.host}:{port} "
+                f"({setting_ref('grpc_port', port)}): {exc.strerror or exc}; set another port, or "
+                "grpc=false (FOLDSERVE_GRPC=false)"
+            ) from None
 
 
 def _check_backend(settings: Settings) -> None:

@@ -247,3 +247,18 @@ def test_foldserve_serve_keeps_onnxruntime_from_writing_its_telemetry(
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
     assert (home / ".cache" / "Microsoft").exists() == telemetry
+
+
+def test_a_grpc_port_in_use_or_not_shared_by_the_workers_is_refused() -> None:
+    shipped = ROOT / "model_store"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        message = refused(Settings(model_store=shipped, grpc=True, grpc_port=port))
+        assert f"127.0.0.1:{port}" in message and "FOLDSERVE_GRPC_PORT" in message
+    check_startup(Settings(model_store=shipped, grpc=True, grpc_port=port))  # free again
+    check_startup(Settings(model_store=shipped, grpc=False, grpc_port=port, port=port))
+    message = refused(Settings(model_store=shipped, grpc=True, grpc_port=0, workers=2))
+    assert "port of its own" in message
+    assert "both" in refused(Settings(model_store=shipped, grpc=True, grpc_port=8000, port=8000))
