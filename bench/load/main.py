@@ -37,9 +37,11 @@ from load.servers import servers
 from load.summary import Results, print_report
 from load.targets import targets
 
-PARTS = ("inprocess", "matrix", "profile", "paired", "rows64", "overload", "hostile", "real")
+PARTS = (
+    "inprocess", "matrix", "profile", "paired", "rows64", "grpc", "overload", "hostile", "real",
+)  # fmt: skip
 # After the matrix, in this order; the matrix gets what these leave of the budget.
-LATER = ("paired", "rows64", "overload", "hostile", "real")
+LATER = ("paired", "rows64", "grpc", "overload", "hostile", "real")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         round_s=2.0,
         overload_times=(1.0, 1.0, 3.0) if quick else (2.0, 1.0, 5.0),
         rows64_rounds=1 if quick else 3,
+        grpc_rounds=1 if quick else 2,
         hostile_s=4.0 if quick else 8.0,
         real_s=3.0 if quick else 5.0,
         real_inprocess_s=2.0 if quick else 5.0,
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], Any]] = {
         "paired": lambda: parts.run_paired(pair, plan, tmp, skipped),
         "rows64": lambda: parts.run_rows64(plan, tmp, skipped),
+        "grpc": lambda: parts.run_grpc(plan, tmp, skipped),
         "overload": lambda: parts.run_overload(plan, tmp, skipped),
         "hostile": lambda: parts.run_hostile(plan, tmp, skipped),
         "real": lambda: parts.run_real(plan, tmp, skipped),
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     r = results
     result = targets(
         r.matrix.measurements, r.ort, r.overhead, r.matrix.rss, r.paired, r.overload,
-        r.rows64, r.hostile, r.real,
+        r.rows64, r.hostile, r.real, r.grpc,
     )  # fmt: skip
     print_report(results, result)
     if skipped:
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "measurements": [asdict(m) for m in r.matrix.measurements],
         "paired_rounds": r.paired,
         "rows64": r.rows64,
+        "grpc": r.grpc,
         "overload": r.overload,
         "hostile": r.hostile,
         "real_networks": r.real,

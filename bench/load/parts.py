@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from load import hostile, overload, paired, real_models, rows64
+from load import grpc_rest, hostile, overload, paired, real_models, rows64
 from load.process import running
 from load.real_store import NETWORKS
 from load.servers import Server, by_name
@@ -26,6 +26,7 @@ class Plan:
     round_s: float
     overload_times: tuple[float, float, float]  # sweep, warm-up, overload
     rows64_rounds: int
+    grpc_rounds: int
     hostile_s: float  # per phase
     real_s: float  # per HTTP run
     real_inprocess_s: float  # per in-process reference
@@ -36,6 +37,7 @@ class Plan:
         return {
             "paired": paired.planned_seconds(pair, self.rounds, self.round_s),
             "rows64": rows64.planned_seconds(self.rows64_rounds, self.round_s, self.warmup),
+            "grpc": grpc_rest.planned_seconds(self.grpc_rounds, self.round_s, self.warmup),
             "overload": overload.planned_seconds(*self.overload_times),
             "hostile": hostile.planned_seconds(self.hostile_s, self.warmup),
             "real": real_models.planned_seconds(self.real_s, self.real_inprocess_s, self.warmup),
@@ -84,6 +86,29 @@ def run_rows64(plan: Plan, tmp: Path, skipped: list[str]) -> dict[str, Any] | No
             f"{r['ort_batch64_us']:.0f}, parse {r['json_parse_us']:.0f})",
             flush=True,
         )
+    return result
+
+
+def run_grpc(plan: Plan, tmp: Path, skipped: list[str]) -> dict[str, Any] | None:
+    missing = grpc_rest.available()
+    if missing is not None:
+        print(f"gRPC against REST: left out: {missing}", flush=True)
+        skipped.append(f"grpc ({missing})")
+        return None
+    print(
+        f"gRPC against REST: {plan.grpc_rounds} rounds, rows {list(grpc_rest.ROWS)} at "
+        f"c={list(grpc_rest.CONNECTIONS)}, V2 binary (wrk) and ModelInfer (h2load) ...",
+        flush=True,
+    )
+    try:
+        result = grpc_rest.rounds(
+            by_name()["foldserve"], plan.grpc_rounds, plan.round_s, plan.warmup, tmp
+        )
+    except Exception as exc:
+        print(f"  gRPC against REST: FAILED: {exc}", flush=True)
+        skipped.append(f"grpc ({exc})")
+        return None
+    grpc_rest.print_table(result)
     return result
 
 

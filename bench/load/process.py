@@ -49,6 +49,10 @@ class Running:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = logdir / f"{server.name}.log"
         env = {**os.environ, **server.env, "PYTHONPATH": str(BENCH)}
+        # Each foldserve its own gRPC port: several run side by side (8001 is the default).
+        self.grpc_port = free_port() if server.is_foldserve else None
+        if self.grpc_port is not None:
+            env["FOLDSERVE_GRPC_PORT"] = str(self.grpc_port)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [*server.argv, "--port", str(self.port)],

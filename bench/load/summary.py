@@ -18,6 +18,7 @@ class Results:
     overhead: dict[str, Any] | None = None
     paired: dict[str, Any] | None = None
     rows64: dict[str, Any] | None = None
+    grpc: dict[str, Any] | None = None
     overload: dict[str, dict[str, Any]] | None = None
     hostile: dict[str, Any] | None = None
     real: dict[str, Any] | None = None

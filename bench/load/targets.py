@@ -103,6 +103,7 @@ def targets(
     rows64: dict[str, Any] | None = None,
     hostile: dict[str, Any] | None = None,
     real: dict[str, Any] | None = None,
+    grpc: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     from load import targets_cost as cost  # it builds on this module's helpers
 
@@ -195,4 +196,14 @@ def targets(
     overload(t, scenario)
     cost.hostile(t, hostile)
     cost.real_networks(t, real)
+    if grpc is not None:
+        for row in grpc["table"]:
+            if row["rows"] == 64:
+                t.add(
+                    f"grpc x64 c={row['connections']} samples/s vs REST V2 binary",
+                    row["grpc_vs_rest"],
+                    1.0,
+                    detail=f"CPU/request {row['grpc_cpu_us_per_request']:.0f} us gRPC, "
+                    f"{row['rest_cpu_us_per_request']:.0f} us REST (issue 19)",
+                )
     return t.rows

@@ -186,7 +186,7 @@ def test_keys_guard_all_but_health_and_the_request_id_comes_back(shipped_store: 
         assert client("ServerLive", pb.ServerLiveRequest(), pb.ServerLiveResponse).live
         assert client("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse).ready
         assert client.health() == health_pb2.HealthCheckResponse.SERVING
-        # The request id: the client's when valid, else a new one, in the initial metadata.
+        # The request id: the client's when valid, else a new one, with the status.
         call = client.channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
             request_serializer=lambda m: m.SerializeToString(),
@@ -197,8 +197,8 @@ def test_keys_guard_all_but_health_and_the_request_id_comes_back(shipped_store: 
             raw_request(GOLDEN_IN[:1]), metadata=[*keyed, ("x-request-id", "abc-1")]
         )
         _, made = call.with_call(raw_request(GOLDEN_IN[:1]), metadata=keyed)
-        assert dict(given.initial_metadata())["x-request-id"] == "abc-1"
-        assert dict(made.initial_metadata())["x-request-id"] not in ("", "abc-1")
+        assert dict(given.trailing_metadata())["x-request-id"] == "abc-1"
+        assert dict(made.trailing_metadata())["x-request-id"] not in ("", "abc-1")
 
 
 def test_metadata_config_and_readiness_are_the_rest_documents(client: Client) -> None:
