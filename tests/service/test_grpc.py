@@ -394,3 +394,24 @@ def test_a_drain_answers_every_accepted_call_then_refuses_new_ones(shipped_store
     for i, answer in enumerate(answers):
         np.testing.assert_allclose(outputs(answer)[0], GOLDEN_OUT[i % 8], rtol=1e-4, atol=1e-4)
     assert later.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_calls_deadline_is_the_requests_time_budget(shipped_store: Path) -> None:
+    # A request waits 1.5 s for batch mates; its call's deadline is 0.3 s: the server itself
+    # gives up on it at its deadline (a 504 in its own figures), not only the client.
+    settings = Settings(
+        model_store=shipped_store,
+        grpc=True,
+        grpc_port=0,
+        max_delay_ms=1500,
+        adaptive_delay=False,
+    )
+    with _client(settings) as client:
+        started = time.monotonic()
+        error = refused(lambda: client.infer(raw_request(GOLDEN_IN[:1]), timeout=0.3))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.0
+        deadline = time.monotonic() + 5
+        while 'code="504"' not in httpx.get(f"{client.base}/metrics").text:
+            assert time.monotonic() < deadline, "the server never counted the request as 504"
+            time.sleep(0.05)
