@@ -67,6 +67,7 @@ class Codec(Protocol):
     binary: bool  # reads application/octet-stream bodies too
     images: bool  # reads image/png and image/jpeg bodies too
     route: str  # for the log
+    over_grpc: bool  # counted among the gRPC requests too (service.telemetry)
 
     def version(self, name: str | None, text: str | None) -> int | None:
         """The version a URL path names (400 or 404 for a malformed one)."""
@@ -285,21 +286,25 @@ class DataPlane:
             returned = time.perf_counter()
             response = codec.encode(ready, outputs, parsed)
         except FoldserveError as exc:
-            self._refused(ready, exc, request.started)
+            self._refused(ready, exc, request.started, codec.over_grpc)
             return failure(exc)
         except asyncio.CancelledError:
             # The connection closed: nobody reads an answer (its rows left the queue).
-            self._count(ready, 499, request.started)
+            self._count(ready, 499, request.started, grpc=codec.over_grpc)
             raise
         except Exception:
-            self._count(ready, 500, request.started)
+            self._count(ready, 500, request.started, grpc=codec.over_grpc)
             raise  # the server answers 500 with an id to find it in the log
         finally:
             if ticket is not None:
                 ticket.leave()
         finished = time.perf_counter()
         ready.figures.answered(
-            len(rows), finished - request.started, submitted - request.started, finished - returned
+            len(rows),
+            finished - request.started,
+            submitted - request.started,
+            finished - returned,
+            codec.over_grpc,
         )
         # answered rows only; folded in later, off the event loop
         ready.drift.observe(ready.signature.inputs.part(rows, 0))
@@ -317,9 +322,11 @@ class DataPlane:
         version = parsed.version if parsed.version is not None else number
         return self.registry.resolve(model, version)
 
-    def _refused(self, ready: ReadyVersion | None, error: FoldserveError, started: float) -> None:
+    def _refused(
+        self, ready: ReadyVersion | None, error: FoldserveError, started: float, grpc: bool
+    ) -> None:
         shed = error.reason if isinstance(error, Overloaded) else None
-        self._count(ready, error.status, started, shed)
+        self._count(ready, error.status, started, shed, grpc)
         if isinstance(error, Overloaded):
             # Refusals under overload come in thousands: one line, then a summary per interval.
             name = ready.name if ready is not None else ""
@@ -331,7 +338,12 @@ class DataPlane:
             log.warning("%s (%d): %s", type(error).__name__, error.status, error.logged())
 
     def _count(
-        self, ready: ReadyVersion | None, status: int, started: float, shed: str | None = None
+        self,
+        ready: ReadyVersion | None,
+        status: int,
+        started: float,
+        shed: str | None = None,
+        grpc: bool = False,
     ) -> None:
         figures = self.unresolved if ready is None else ready.figures
-        figures.refused(status, time.perf_counter() - started, shed)
+        figures.refused(status, time.perf_counter() - started, shed, grpc)

@@ -34,6 +34,7 @@ class TelemetryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         readings = self._telemetry.read()
         yield _requests(readings)
+        yield _grpc_requests(readings)
         yield _durations(readings)
         yield from _batches(readings)
         yield _stages(readings)
@@ -59,6 +60,25 @@ def _requests(readings: dict[tuple[str, str], Reading]) -> Metric:
             if count:
                 family.add_metric([model, version, str(code)], count)
         other = reading.get(LAYOUT.other_code)
+        if other:
+            family.add_metric([model, version, "other"], other)
+    return family
+
+
+def _grpc_requests(readings: dict[tuple[str, str], Reading]) -> Metric:
+    family = CounterMetricFamily(
+        "foldserve_grpc_requests",
+        "Inference requests over gRPC (ModelInfer, ModelStreamInfer), a part of "
+        "foldserve_requests_total, by model, version and the HTTP status code of the same error "
+        "(service/rpc/status.py maps it to the gRPC status)",
+        labels=["model", "version", "code"],
+    )
+    for model, version, reading in _versions(readings):
+        for code in CODES:
+            count = reading.get(LAYOUT.grpc_codes[code])
+            if count:
+                family.add_metric([model, version, str(code)], count)
+        other = reading.get(LAYOUT.grpc_other)
         if other:
             family.add_metric([model, version, "other"], other)
     return family

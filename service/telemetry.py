@@ -1,7 +1,8 @@
 """Every figure of every model version, in one store: counted on the request path with plain
 arithmetic, read at scrape time by the Prometheus collector and by Triton's statistics.
 
-Each version has a block of float64 slots (``LAYOUT``): requests by status code, their durations,
+Each version has a block of float64 slots (``LAYOUT``): requests by status code (and those over
+gRPC by status code again), their durations,
 Triton's success/fail counts and the four stage histograms (queue, compute_input, compute_infer,
 compute_output), batch sizes and run times, refusals by reason, and three gauges (queue depth,
 estimated wait, loaded). One process keeps its blocks in memory. With ``--workers`` each worker
@@ -81,7 +82,11 @@ class _Layout:
         self.counts = {name: slot + i for i, name in enumerate(COUNTS)}
         slot += len(COUNTS)
         self.gauges = {name: slot + i for i, name in enumerate(GAUGES)}
-        self.size = slot + len(GAUGES)
+        slot += len(GAUGES)
+        # The requests that came over gRPC, by status, again: a subset of ``codes``.
+        self.grpc_codes = {code: slot + i for i, code in enumerate(CODES)}
+        self.grpc_other = slot + len(CODES)
+        self.size = self.grpc_other + 1
 
 
 LAYOUT = _Layout()
@@ -95,6 +100,7 @@ _LAST = _L.counts["last_inference_ms"]
 _QUEUE, _WAIT, _LOADED, _MEMORY = (_L.gauges[g] for g in GAUGES)
 _INPUT, _OUTPUT = _L.stages["compute_input"], _L.stages["compute_output"]
 _QUEUE_STAGE, _INFER = _L.stages["queue"], _L.stages["compute_infer"]
+_GRPC_200 = _L.grpc_codes[200]
 
 
 class Figures:
@@ -116,9 +122,13 @@ class Figures:
 
     # -- the request path (service.dataplane), once per request
 
-    def answered(self, rows: int, total_s: float, input_s: float, output_s: float) -> None:
+    def answered(
+        self, rows: int, total_s: float, input_s: float, output_s: float, grpc: bool = False
+    ) -> None:
         v = self._v
         v[_L.codes[200]] += 1
+        if grpc:
+            v[_GRPC_200] += 1
         self._observe(_L.duration, total_s)
         v[_SUCCESS] += 1
         v[_SUCCESS_S] += total_s
@@ -126,9 +136,13 @@ class Figures:
         self._observe(_INPUT, input_s)
         self._observe(_OUTPUT, output_s)
 
-    def refused(self, status: int, total_s: float, shed: str | None = None) -> None:
+    def refused(
+        self, status: int, total_s: float, shed: str | None = None, grpc: bool = False
+    ) -> None:
         v = self._v
         v[_L.codes.get(status, _L.other_code)] += 1
+        if grpc:
+            v[_L.grpc_codes.get(status, _L.grpc_other)] += 1
         self._observe(_L.duration, total_s)
         v[_FAIL] += 1
         v[_FAIL_S] += total_s

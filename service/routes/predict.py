@@ -31,6 +31,7 @@ class PredictCodec:
     binary = False
     images = True
     route = "/predict"
+    over_grpc = False
 
     def __init__(self, settings: Settings) -> None:
         self._limit = json_limit(settings)

@@ -84,6 +84,7 @@ class V2Codec:
     binary = True
     images = False  # V2 sends images as BYTES tensors (service.routes.v2_images)
     route = "/v2 infer"
+    over_grpc = False
 
     def __init__(self, settings: Settings) -> None:
         self._json = json_limit(settings)

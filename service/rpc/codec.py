@@ -64,6 +64,7 @@ class InferCall:
     binary = True  # the request's "body" is the message's bytes
     images = False
     route = "grpc ModelInfer"
+    over_grpc = True
 
     def __init__(self, message: pb.ModelInferRequest, limit: BodyLimit) -> None:
         self.message = message

@@ -113,7 +113,7 @@ class InferHandlers:
         try:
             message = infer_request(raw)
         except FoldserveError as exc:
-            self._dataplane.unresolved.refused(exc.status, time.perf_counter() - started)
+            self._dataplane.unresolved.refused(exc.status, time.perf_counter() - started, grpc=True)
             return _refused(failure(exc))
         head.content_type = b"application/octet-stream"
         head.content_length = b"%d" % len(raw)

@@ -240,9 +240,23 @@ def test_grpc_requests_are_counted_where_rest_ones_are(client: Client) -> None:
     for _ in range(3):
         client.infer(raw_request(GOLDEN_IN[:2]))
     refused(lambda: client.infer(raw_request(GOLDEN_IN[:2], model_version="9")))
-    assert successes() == before + 3
-    metrics = httpx.get(f"{client.base}/metrics").text
-    assert 'code="404"' in metrics
+    for _ in range(2):
+        httpx.post(f"{client.base}/predict", json={"inputs": GOLDEN_IN[:1].tolist()})
+    assert successes() == before + 5
+    # Among them, those over gRPC, by the status of the same error.
+    samples = metric_samples(httpx.get(f"{client.base}/metrics").text)
+    labels = 'code="200",model="digits-mlp",version="1"'
+    assert samples[f"foldserve_grpc_requests_total{{{labels}}}"] == 3
+    assert samples[f"foldserve_requests_total{{{labels}}}"] == before + 5
+    assert samples['foldserve_grpc_requests_total{code="404",model="",version=""}'] == 1
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_the_grpc_port_closes_with_the_server(shipped_store: Path) -> None:
