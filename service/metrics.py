@@ -49,36 +49,34 @@ def _versions(readings: dict[tuple[str, str], Reading]) -> Iterator[tuple[str, s
 
 
 def _requests(readings: dict[tuple[str, str], Reading]) -> Metric:
-    family = CounterMetricFamily(
-        "foldserve_requests",
-        "Inference requests by model, version and HTTP status code",
-        labels=["model", "version", "code"],
-    )
-    for model, version, reading in _versions(readings):
-        for code in CODES:
-            count = reading.get(LAYOUT.codes[code])
-            if count:
-                family.add_metric([model, version, str(code)], count)
-        other = reading.get(LAYOUT.other_code)
-        if other:
-            family.add_metric([model, version, "other"], other)
-    return family
+    help_text = "Inference requests by model, version and HTTP status code"
+    return _by_code("foldserve_requests", help_text, readings, LAYOUT.codes, LAYOUT.other_code)
 
 
 def _grpc_requests(readings: dict[tuple[str, str], Reading]) -> Metric:
-    family = CounterMetricFamily(
-        "foldserve_grpc_requests",
+    help_text = (
         "Inference requests over gRPC (ModelInfer, ModelStreamInfer), a part of "
         "foldserve_requests_total, by model, version and the HTTP status code of the same error "
-        "(service/rpc/status.py maps it to the gRPC status)",
-        labels=["model", "version", "code"],
+        "(service/rpc/status.py maps it to the gRPC status)"
     )
+    slots, other = LAYOUT.grpc_codes, LAYOUT.grpc_other
+    return _by_code("foldserve_grpc_requests", help_text, readings, slots, other)
+
+
+def _by_code(
+    name: str,
+    help_text: str,
+    readings: dict[tuple[str, str], Reading],
+    slots: dict[int, int],
+    other_slot: int,
+) -> Metric:
+    family = CounterMetricFamily(name, help_text, labels=["model", "version", "code"])
     for model, version, reading in _versions(readings):
         for code in CODES:
-            count = reading.get(LAYOUT.grpc_codes[code])
+            count = reading.get(slots[code])
             if count:
                 family.add_metric([model, version, str(code)], count)
-        other = reading.get(LAYOUT.grpc_other)
+        other = reading.get(other_slot)
         if other:
             family.add_metric([model, version, "other"], other)
     return family

@@ -31,8 +31,9 @@ def _free_port() -> int:
 def test_two_workers_share_the_grpc_port(tmp_path: Path) -> None:
     port, grpc_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FOLDSERVE_")}
-    env |= {"FOLDSERVE_GRPC": "true", "FOLDSERVE_GRPC_PORT": str(grpc_port)}
+    env |= {"FOLDSERVE_GRPC": "true"}  # the default; the test suite turns it off elsewhere
     command = [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "2"]
+    command += ["--grpc-port", str(grpc_port)]
     command += ["--model-store", str(ROOT / "model_store")]
     log = tmp_path / "server.log"
     manifest = json.loads((ROOT / "model_store/digits-mlp/1/manifest.json").read_text())

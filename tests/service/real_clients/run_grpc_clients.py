@@ -37,6 +37,15 @@ def attempt(results: dict[str, Any], name: str, call: Callable[[], Any]) -> None
         results[name] = failure(exc)
 
 
+async def attempt_async(
+    results: dict[str, Any], name: str, call: Callable[[], Awaitable[Any]]
+) -> None:
+    try:
+        results[name] = await call()
+    except Exception as exc:
+        results[name] = failure(exc)
+
+
 def as_dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
@@ -161,12 +170,6 @@ async def with_tritonclient_aio(config: dict[str, Any]) -> dict[str, Any]:
     x = np.asarray(config["inputs"], dtype=np.float32)
     results: dict[str, Any] = {}
 
-    async def run(name: str, call: Callable[[], Awaitable[Any]]) -> None:
-        try:
-            results[name] = await call()
-        except Exception as exc:
-            results[name] = failure(exc)
-
     async def infer() -> list[Any]:
         tensor = triton_aio.InferInput("input", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
@@ -177,9 +180,9 @@ async def with_tritonclient_aio(config: dict[str, Any]) -> dict[str, Any]:
         answers = await asyncio.gather(*(infer() for _ in range(8)))
         return answers[-1]
 
-    await run("is_server_ready", lambda: client.is_server_ready())
-    await run("infer", infer)
-    await run("infer_8_at_once", several_at_once)
+    await attempt_async(results, "is_server_ready", lambda: client.is_server_ready())
+    await attempt_async(results, "infer", infer)
+    await attempt_async(results, "infer_8_at_once", several_at_once)
     await client.close()
     return results
 
@@ -193,12 +196,6 @@ async def with_kserve(config: dict[str, Any]) -> dict[str, Any]:
     x = np.asarray(config["inputs"], dtype=np.float32)
     results: dict[str, Any] = {}
 
-    async def run(name: str, call: Callable[[], Awaitable[Any]]) -> None:
-        try:
-            results[name] = await call()
-        except Exception as exc:
-            results[name] = failure(exc)
-
     async def infer() -> list[Any]:
         tensor = InferInput(name="input", shape=list(x.shape), datatype="FP32")
         tensor.set_data_from_numpy(x, binary_data=True)
@@ -209,10 +206,12 @@ async def with_kserve(config: dict[str, Any]) -> dict[str, Any]:
         assert output.name == "logits" and output.datatype == "FP32", output
         return output.as_numpy().tolist()
 
-    await run("is_server_live", lambda: client.is_server_live())
-    await run("is_server_ready", lambda: client.is_server_ready())
-    await run("is_model_ready", lambda: client.is_model_ready(model, headers=key))
-    await run("infer", infer)
+    await attempt_async(results, "is_server_live", lambda: client.is_server_live())
+    await attempt_async(results, "is_server_ready", lambda: client.is_server_ready())
+    await attempt_async(
+        results, "is_model_ready", lambda: client.is_model_ready(model, headers=key)
+    )
+    await attempt_async(results, "infer", infer)
     await client.close()
     return results
 
