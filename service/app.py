@@ -33,6 +33,7 @@ from service.drift_metrics import DriftCollector
 from service.errors import FoldserveError, InvalidInput, Overloaded
 from service.http.asgi import AsgiBridge
 from service.http.context import write_access_line
+from service.http.limits import BodyBudget
 from service.http.request import Request as HttpRequest
 from service.http.response import Response, answered, error_body, failure
 from service.images import ImageDecoder
@@ -75,6 +76,8 @@ class Service:
         self.inference_keys = inference_keys
         self._bridge = AsgiBridge(api)
         self._tasks: list[asyncio.Task[None]] = []
+        # Request bodies held at once, HTTP and gRPC together (max_body_memory_bytes).
+        self.body_budget = BodyBudget(settings.max_body_memory_bytes)
         self.grpc: GrpcServer | None = None  # once started (settings.grpc)
         self._grpc_stopping: asyncio.Future[None] | None = None
         self.access_log = (
@@ -146,6 +149,7 @@ class Service:
                 (self.inference_keys, self.api.state.management_keys),
                 lambda: bool(self.api.state.draining),
                 self.access_log,
+                self.body_budget,
             )
             await grpc.start()
             self.grpc = grpc

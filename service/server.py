@@ -39,7 +39,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def http_server(app: Service, settings: Settings) -> HttpServer:
     """The server exactly as ``foldserve serve`` runs it (tests run this one too)."""
-    return HttpServer(app, HttpLimits.of(settings), access_log=app.access_log)
+    return HttpServer(
+        app, HttpLimits.of(settings), access_log=app.access_log, budget=app.body_budget
+    )
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -67,10 +67,11 @@ class HttpServer:
         limits: HttpLimits,
         *,
         access_log: AccessLog | None = None,
+        budget: BodyBudget | None = None,  # shared with the gRPC service, when one runs
     ) -> None:
         self.app = app
         self.limits = limits
-        self.budget = BodyBudget(limits.max_body_memory_bytes)
+        self.budget = budget if budget is not None else BodyBudget(limits.max_body_memory_bytes)
         self.draining = False
         self.started = False  # accepting connections (tests wait for it)
         self._ids = RequestIds()

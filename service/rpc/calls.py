@@ -3,7 +3,7 @@ peer) and how it refuses one (the one error hierarchy's status, mapped once)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any
 
 import orjson
 from google.protobuf.message import Message
@@ -12,9 +12,9 @@ from service.errors import FoldserveError
 from service.http.request import Head
 from service.http.response import Response
 from service.rpc.status import grpc_status
+from service.rpc.wire.call import Call
 
-# grpc.aio.ServicerContext: grpcio ships no type information, so the alias says what it is.
-Context: TypeAlias = Any
+Context = Call  # what each handler is given beside its request
 
 
 def serialize(message: Message) -> bytes:
@@ -26,27 +26,19 @@ def head_of(context: Context) -> Head:
     """The metadata the request path reads, as the HTTP headers of the same names; the call's
     deadline as its time budget (capped by request_timeout_s, as X-Request-Timeout is)."""
     head = Head()
-    for key, value in context.invocation_metadata() or ():
-        if isinstance(value, str):
-            if key == "authorization" and head.authorization is None:
-                head.authorization = value.encode()
-            elif key == "x-api-key" and head.api_key is None:
-                head.api_key = value.encode()
-            elif key == "x-request-id" and head.request_id is None:
-                head.request_id = value.encode()
+    for key, value in context.headers:
+        if key == b"authorization":
+            if head.authorization is None:
+                head.authorization = value
+        elif key == b"x-api-key":
+            if head.api_key is None:
+                head.api_key = value
+        elif key == b"x-request-id" and head.request_id is None:
+            head.request_id = value
     remaining = context.time_remaining()
     if remaining is not None:
         head.timeout = b"%.6f" % max(remaining, 1e-6)
     return head
-
-
-def client_of(context: Context) -> tuple[str, int] | None:
-    peer = context.peer() or ""  # "ipv4:127.0.0.1:53422", "ipv6:[::1]:53422"
-    kind, _, rest = peer.partition(":")
-    host, _, port = rest.rpartition(":")
-    if kind in ("ipv4", "ipv6") and port.isdigit():
-        return host.strip("[]"), int(port)
-    return None
 
 
 async def abort(context: Context, error: FoldserveError) -> Any:

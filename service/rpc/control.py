@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf import json_format
 
 from service import v2_documents as documents
@@ -20,6 +19,7 @@ from service.routes.repository import check_load_parameters
 from service.rpc import health_pb2
 from service.rpc import inference_pb2 as pb
 from service.rpc.calls import Context, abort, head_of
+from service.rpc.status import Code
 from service.settings import Settings
 from service.stats import model_stats
 from service.telemetry import Telemetry
@@ -78,7 +78,7 @@ class ControlHandlers:
     ) -> health_pb2.HealthCheckResponse:
         status = self._serving(request.service)
         if status == Serving.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(Code.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def health_watch(

@@ -1,0 +1,332 @@
+"""One gRPC call on a connection: its request messages as they arrive, its answer as it leaves,
+and what its handler reads and sets (the part of grpc.aio's ServicerContext that foldserve's
+handlers use: metadata, deadline, peer, trailing metadata, abort)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, NoReturn
+
+from service.errors import FoldserveError
+from service.http.limits import BodyBudget
+from service.rpc.status import Code
+from service.rpc.wire.headers import Headers, percent_encode
+
+if TYPE_CHECKING:
+    from service.rpc.wire.connection import Connection
+    from service.rpc.wire.methods import Method
+
+MESSAGE_PREFIX = 5  # compressed flag (1 byte), length (4 bytes, big-endian)
+# A stream's answers queued past this many bytes (the client reading slower than they come)
+# make its handler wait before the next one.
+QUEUED_HIGH = 1 << 20
+Metadata = Iterable[tuple[str, str | bytes]]
+
+
+class Aborted(Exception):
+    """The call ends with this status (a handler's ``abort``, or a request the transport
+    refuses: too large, undecodable)."""
+
+    def __init__(self, code: Code, details: str, metadata: Metadata = ()) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.metadata = tuple(metadata)
+
+
+class Call:
+    __slots__ = (
+        "_arrived",
+        "_assembling",
+        "_budget",
+        "_connection",
+        "_encoding",
+        "_held",
+        "_limit",
+        "_messages",
+        "_partial",
+        "_writable",
+        "arrived",
+        "client",
+        "client_ended",
+        "deadline",
+        "finished",
+        "headers",
+        "headers_sent",
+        "initial_metadata",
+        "method",
+        "out",
+        "out_bytes",
+        "path",
+        "recv_unacked",
+        "send_window",
+        "stream_id",
+        "task",
+        "trailers",
+        "trailing_headers",
+    )
+
+    def __init__(
+        self,
+        connection: Connection,
+        stream_id: int,
+        path: bytes,
+        headers: Headers,
+        deadline: float | None,
+        arrived: float,
+        encoding: bytes | None,
+        send_window: int,
+        limit: int,
+        budget: BodyBudget,
+    ) -> None:
+        self.stream_id = stream_id
+        self.path = path
+        self.method: Method | None = None  # None: no such method (refused)
+        self.headers = headers  # the client's, as sent (pseudo-headers included)
+        self.deadline = deadline  # the loop's clock (grpc-timeout), or None
+        self.arrived = arrived  # the loop's clock when its headers came
+        self.client = connection.client  # (host, port), or None (not over TCP)
+        self.task: asyncio.Task[None] | None = None
+        self.send_window = send_window
+        self.recv_unacked = 0  # bytes received on the stream and not yet granted back
+        self.client_ended = False  # the client sent END_STREAM: no more requests
+        self.finished = False  # our status is on its way: the call is over for us
+        self.headers_sent = False
+        self.out: deque[bytes | memoryview] = deque()  # DATA not yet sent (flow control)
+        self.out_bytes = 0
+        self.trailers: Headers | None = None  # once finishing: sent after the last DATA
+        self.initial_metadata: Headers = []
+        self._connection = connection
+        self._limit = limit
+        self._budget = budget
+        self._held = 0
+        self._encoding = encoding
+        self._partial = bytearray()
+        self._assembling: int | None = None  # the size of the message being put together
+        self._messages: deque[bytes] = deque()
+        self._arrived: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self.trailing_headers: Headers = []  # sent with the status
+
+    # -- requests in
+
+    def receive(self, data: bytes | memoryview) -> None:
+        """Bytes of the stream's DATA: whole messages join the inbox. Raises Aborted for a
+        message over the limit, one that does not fit the memory budget, or one compressed
+        in a way this server cannot read."""
+        partial = self._partial
+        if not partial and len(data) >= MESSAGE_PREFIX:
+            size = int.from_bytes(data[1:5], "big")
+            if len(data) == MESSAGE_PREFIX + size:  # the common case: one message, whole
+                self._take_room(size)
+                self._arrive(data[0], bytes(data[MESSAGE_PREFIX:]))
+                return
+        partial += data
+        while len(partial) >= MESSAGE_PREFIX:
+            size = int.from_bytes(partial[1:5], "big")
+            if self._assembling is None:  # its prefix, seen for the first time
+                self._take_room(size)
+                self._assembling = size
+            if len(partial) < MESSAGE_PREFIX + size:
+                return
+            flag = partial[0]
+            message = bytes(partial[MESSAGE_PREFIX : MESSAGE_PREFIX + size])
+            del partial[: MESSAGE_PREFIX + size]
+            self._assembling = None
+            self._arrive(flag, message)
+
+    def _take_room(self, size: int) -> None:
+        if size > self._limit:
+            raise Aborted(
+                Code.RESOURCE_EXHAUSTED,
+                f"the message is {size} bytes, more than this server takes ({self._limit}, "
+                "max_body_bytes)",
+            )
+        try:
+            self._budget.take(size)
+        except FoldserveError as exc:
+            raise Aborted(Code.UNAVAILABLE, exc.message) from exc
+        self._held += size
+
+    def _arrive(self, flag: int, message: bytes) -> None:
+        if flag:
+            message = self._inflate(message)
+        self._messages.append(message)
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    def _inflate(self, message: bytes) -> bytes:
+        encoding = self._encoding
+        if encoding not in (b"gzip", b"deflate"):
+            name = (encoding or b"identity").decode("latin-1")
+            raise Aborted(Code.UNIMPLEMENTED, f"a compressed message with grpc-encoding {name}")
+        inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a zlib or a gzip header
+        try:
+            plain = inflater.decompress(message, self._limit + 1)
+        except zlib.error as exc:
+            raise Aborted(Code.INTERNAL, f"the compressed message cannot be read: {exc}") from exc
+        if len(plain) > self._limit or inflater.unconsumed_tail:
+            raise Aborted(
+                Code.RESOURCE_EXHAUSTED,
+                f"the message inflates past what this server takes ({self._limit} bytes, "
+                "max_body_bytes)",
+            )
+        return plain
+
+    def end_of_requests(self) -> None:
+        self.client_ended = True
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    def only_message(self) -> bytes:
+        """A unary call's request. Raises Aborted unless exactly one came whole."""
+        if len(self._messages) != 1 or self._partial:
+            raise Aborted(
+                Code.INTERNAL,
+                f"a unary call takes one whole request message; {len(self._messages)} came",
+            )
+        return self._messages.popleft()
+
+    async def requests(self) -> AsyncIterator[bytes]:
+        """A streaming call's requests, as they come, until the client ends its side."""
+        messages = self._messages
+        while True:
+            if messages:
+                message = messages.popleft()
+                self._give_back(len(message))
+                yield message
+            elif self.client_ended:
+                return
+            else:
+                self._arrived = asyncio.get_running_loop().create_future()
+                await self._arrived
+                self._arrived = None
+
+    def _give_back(self, size: int) -> None:
+        size = min(size, self._held)
+        self._held -= size
+        self._budget.give_back(size)
+
+    # -- the handler's context
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The client's custom metadata: binary (``-bin``) values decoded, others as text."""
+        pairs: list[tuple[str, str | bytes]] = []
+        for name, value in self.headers:
+            if name[:1] == b":" or name in _RESERVED:
+                continue
+            key = name.decode("latin-1")
+            if key.endswith("-bin"):
+                pairs.append((key, _unbase64(value)))
+            else:
+                pairs.append((key, value.decode("latin-1")))
+        return tuple(pairs)
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(self.deadline - self._connection.loop.time(), 0.0)
+
+    def peer(self) -> str:
+        return self._connection.peer
+
+    def set_trailing_metadata(self, metadata: Metadata) -> None:
+        self.trailing_headers = _headers(metadata)
+
+    async def send_initial_metadata(self, metadata: Metadata) -> None:
+        self.initial_metadata = _headers(metadata)
+        self._connection.send_headers(self)
+
+    async def abort(self, code: Code, details: str = "") -> NoReturn:
+        raise Aborted(code, details)
+
+    def cancelled(self) -> bool:
+        return self.finished and self.trailers is None
+
+    # -- answers out
+
+    def send(self, payload: bytes, flush: bool = True) -> None:
+        """One response message, sent as the client's flow control allows (with the status,
+        in the same write, when ``flush`` is False and ``finish`` follows)."""
+        if self.finished:
+            return
+        framed = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        self.out.append(framed)
+        self.out_bytes += len(framed)
+        if flush:
+            self._connection.flush(self)
+
+    async def writable(self) -> None:
+        """Wait while this call's unsent answers, or the connection's, are too many."""
+        while not self.finished and (self.out_bytes > QUEUED_HIGH or self._connection.write_paused):
+            self._writable = asyncio.get_running_loop().create_future()
+            self._connection.wake_when_writable(self)
+            await self._writable
+            self._writable = None
+
+    def wake_writer(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def finish(self, code: Code, details: str = "", metadata: Metadata = ()) -> None:
+        """End the call with this status, after the answers already sent (once)."""
+        if self.finished:
+            return
+        trailers = [(b"grpc-status", _STATUS[code])]
+        if details:
+            trailers.append((b"grpc-message", percent_encode(details)))
+        trailers += self.trailing_headers
+        if metadata:
+            trailers += _headers(metadata)
+        self.trailers = trailers
+        self.finished = True
+        self._connection.flush(self)
+
+    def closed(self) -> None:
+        """The stream is gone (answered, reset, or its connection lost): its requests' memory
+        goes back, and its handler, if still running, is cancelled."""
+        self.finished = True
+        self._messages.clear()
+        self._partial = bytearray()
+        self._give_back(self._held)
+        self.wake_writer()
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+        task = self.task
+        if task is not None and not task.done() and task is not _current_task():
+            task.cancel()
+
+
+_STATUS = {code: b"%d" % code for code in Code}
+_RESERVED = frozenset(
+    (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
+)
+
+
+def _current_task() -> asyncio.Task[object] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _headers(metadata: Metadata) -> Headers:
+    out: Headers = []
+    for key, value in metadata:
+        name = key.lower().encode("latin-1")
+        if isinstance(value, bytes):
+            out.append((name, base64.b64encode(value).rstrip(b"=")))
+        else:
+            out.append((name, value.encode("latin-1", "replace")))
+    return out
+
+
+def _unbase64(value: bytes) -> bytes:
+    try:
+        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    except ValueError:
+        return b""
