@@ -260,6 +260,11 @@ class Call:
         if flush:
             self._connection.flush(self)
 
+    def answer(self, payload: bytes) -> None:
+        """A unary call's response, then its OK status."""
+        if not self.finished:
+            self._connection.answer(self, payload)
+
     async def writable(self) -> None:
         """Wait while this call's unsent answers, or the connection's, are too many."""
         while not self.finished and (self.out_bytes > QUEUED_HIGH or self._connection.write_paused):
@@ -286,18 +291,22 @@ class Call:
         self.finished = True
         self._connection.flush(self)
 
-    def closed(self) -> None:
+    def closed(self, cancel: bool = False) -> None:
         """The stream is gone (answered, reset, or its connection lost): its requests' memory
-        goes back, and its handler, if still running, is cancelled."""
+        goes back, and with ``cancel`` its handler, if still running, is cancelled."""
         self.finished = True
-        self._messages.clear()
-        self._partial = bytearray()
-        self._give_back(self._held)
-        self.wake_writer()
+        if self._messages:
+            self._messages.clear()
+        if self._partial:
+            self._partial = bytearray()
+        if self._held:
+            self._give_back(self._held)
+        if self._writable is not None:
+            self.wake_writer()
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
         task = self.task
-        if task is not None and not task.done() and task is not _current_task():
+        if cancel and task is not None and not task.done():
             task.cancel()
 
 
@@ -305,13 +314,6 @@ _STATUS = {code: b"%d" % code for code in Code}
 _RESERVED = frozenset(
     (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
 )
-
-
-def _current_task() -> asyncio.Task[object] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:
-        return None
 
 
 def _headers(metadata: Metadata) -> Headers:

@@ -38,6 +38,8 @@ _SETTINGS = {
 }
 _GRPC_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 _GRPC_BLOCK = encode(_GRPC_HEADERS)
+_OK_BLOCK = encode([(b"grpc-status", b"0")])
+_INITIAL_HEAD = f.FRAME_HEAD.pack(len(_GRPC_BLOCK) << 8 | f.HEADERS, f.END_HEADERS, 0)[:5]
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
@@ -114,7 +116,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         for call in list(self.calls.values()):
-            call.closed()
+            call.closed(cancel=True)
         self.calls.clear()
         self._blocked.clear()
         for call in self._waiting_writers:
@@ -201,7 +203,11 @@ class Connection(asyncio.Protocol):
             call = self.calls.pop(stream, None)
             if call is not None:
                 self._blocked.pop(stream, None)
-                call.closed()
+                # A client resets a call at its deadline: the request path's own deadline, a
+                # moment later, ends it as what it is (504 in the figures), not as a client gone.
+                deadline = call.deadline
+                at_deadline = deadline is not None and self._loop.time() >= deadline - 0.05
+                call.closed(cancel=not at_deadline)
                 self._maybe_done()
         elif kind == f.CONTINUATION:
             self._on_continuation(flags, stream, payload)
@@ -394,6 +400,38 @@ class Connection(asyncio.Protocol):
         call.headers_sent = True
         self._write(self._header_frames(call.stream_id, _initial_block(call)))
 
+    def answer(self, call: Call, payload: bytes) -> None:
+        """A unary call's response and its OK status, in one write."""
+        size = len(payload) + 5
+        if (
+            call.headers_sent
+            or call.finished
+            or call.initial_metadata
+            or size > min(self._peer_frame, self._send_window, call.send_window)
+            or self._transport is None
+        ):
+            call.send(payload, flush=False)
+            call.finish(Code.OK)
+            return
+        stream = call.stream_id
+        trailers = _OK_BLOCK + encode(call.trailing_headers) if call.trailing_headers else _OK_BLOCK
+        end = f.END_HEADERS | f.END_STREAM
+        parts = [
+            _INITIAL_HEAD,
+            stream.to_bytes(4, "big"),
+            _GRPC_BLOCK,
+            f.FRAME_HEAD.pack(size << 8 | f.DATA, 0, stream),
+            b"\x00",
+            (size - 5).to_bytes(4, "big"),
+            payload,
+            f.FRAME_HEAD.pack(len(trailers) << 8 | f.HEADERS, end, stream),
+            trailers,
+        ]
+        self._send_window -= size
+        call.finished = True
+        call.trailers = []  # answered (not cancelled)
+        self._finished(call, parts)
+
     def flush(self, call: Call) -> None:
         """Send what ``call`` has queued, as far as the windows allow; its status once all
         its messages are out."""
@@ -494,7 +532,7 @@ class Connection(asyncio.Protocol):
         self._pending.append(f.rst_stream(call.stream_id, error))
         self.calls.pop(call.stream_id, None)
         self._blocked.pop(call.stream_id, None)
-        call.closed()
+        call.closed(cancel=True)
         self._maybe_done()
 
     # -- ending
@@ -520,6 +558,8 @@ class Connection(asyncio.Protocol):
         for call in [c for c in self.calls.values() if select(c)]:
             call.out.clear()
             call.out_bytes = 0
+            if call.task is not None:
+                call.task.cancel()  # its status is this one (run() adds none once finished)
             call.finish(code, details)
             if call.stream_id in self.calls:  # the status could not leave: the stream goes
                 self._reset(call, f.CANCEL)

@@ -50,9 +50,9 @@ async def run(method: Method, call: Call) -> None:
                 request = method.read(request)
             if method.kind is Kind.UNARY:
                 response = await method.handler(request, call)
-                call.send(method.write(response) if method.write else response, flush=False)
-            else:
-                await _send_all(call, method.handler(request, call), method.write)
+                call.answer(method.write(response) if method.write else response)
+                return
+            await _send_all(call, method.handler(request, call), method.write)
         call.finish(Code.OK)
     except Aborted as exc:
         call.finish(exc.code, exc.details, exc.metadata)
