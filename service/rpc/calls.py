@@ -26,15 +26,10 @@ def head_of(context: Context) -> Head:
     """The metadata the request path reads, as the HTTP headers of the same names; the call's
     deadline as its time budget (capped by request_timeout_s, as X-Request-Timeout is)."""
     head = Head()
-    for key, value in context.headers:
-        if key == b"authorization":
-            if head.authorization is None:
-                head.authorization = value
-        elif key == b"x-api-key":
-            if head.api_key is None:
-                head.api_key = value
-        elif key == b"x-request-id" and head.request_id is None:
-            head.request_id = value
+    fields = context.fields
+    head.authorization = fields.authorization
+    head.api_key = fields.api_key
+    head.request_id = fields.request_id
     remaining = context.time_remaining()
     if remaining is not None:
         head.timeout = b"%.6f" % max(remaining, 1e-6)

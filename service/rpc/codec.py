@@ -24,6 +24,7 @@ from service.routes.paths import v2_path_version
 from service.routes.responses import quoted
 from service.routes.v2 import DATATYPES
 from service.rpc import inference_pb2 as pb
+from service.rpc.messages import infer_response
 from service.store import TensorSpec
 from service.versions import ReadyVersion
 
@@ -119,14 +120,16 @@ class InferCall:
 
     def encode(self, ready: ReadyVersion, outputs: Array, parsed: Parsed) -> Response:
         packing = ready.signature.outputs
-        answer = pb.ModelInferResponse(
-            model_name=ready.name, model_version=str(ready.version), id=self.message.id
-        )
-        for index in self._outputs:
-            values = np.ascontiguousarray(packing.part(outputs, index), dtype="<f4")
-            answer.outputs.add(name=packing.names[index], datatype="FP32", shape=values.shape)
-            answer.raw_output_contents.append(values.tobytes())
-        return Response(200, answer.SerializeToString(), None)
+        tensors = [
+            (
+                packing.names[index],
+                "FP32",
+                np.ascontiguousarray(packing.part(outputs, index), dtype="<f4"),
+            )
+            for index in self._outputs
+        ]
+        body = infer_response(ready.name, str(ready.version), self.message.id, tensors)
+        return Response(200, body, None)
 
 
 def _position(name: str, inputs: Packing) -> int:

@@ -25,6 +25,7 @@ from service.request_body import BodyLimit
 from service.rpc import inference_pb2 as pb
 from service.rpc.calls import Context, error_message, head_of
 from service.rpc.codec import InferCall, infer_request
+from service.rpc.messages import field
 from service.rpc.status import grpc_status
 
 log = logging.getLogger(__name__)
@@ -171,23 +172,7 @@ def _stream_answer(outcome: Outcome) -> bytes:
     """The ModelStreamInferResponse for one request: its response's bytes as they are, inside
     (a length-delimited field needs no re-encoding), or its error."""
     if outcome.status == 200:
-        return _field(_STREAM_INFER_RESPONSE, outcome.body)
+        return field(_STREAM_INFER_RESPONSE, outcome.body)
     refusal = pb.ModelStreamInferResponse(error_message=outcome.error)
     data: bytes = refusal.SerializeToString()
     return data
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)

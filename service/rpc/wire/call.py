@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 from service.errors import FoldserveError
 from service.http.limits import BodyBudget
 from service.rpc.status import Code
-from service.rpc.wire.headers import Headers, percent_encode
+from service.rpc.wire.headers import Fields, Headers, percent_encode
 
 if TYPE_CHECKING:
     from service.rpc.wire.connection import Connection
@@ -44,7 +44,6 @@ class Call:
         "_assembling",
         "_budget",
         "_connection",
-        "_encoding",
         "_held",
         "_limit",
         "_messages",
@@ -54,8 +53,8 @@ class Call:
         "client",
         "client_ended",
         "deadline",
+        "fields",
         "finished",
-        "headers",
         "headers_sent",
         "initial_metadata",
         "method",
@@ -74,19 +73,17 @@ class Call:
         self,
         connection: Connection,
         stream_id: int,
-        path: bytes,
-        headers: Headers,
+        fields: Fields,
         deadline: float | None,
         arrived: float,
-        encoding: bytes | None,
         send_window: int,
         limit: int,
         budget: BodyBudget,
     ) -> None:
         self.stream_id = stream_id
-        self.path = path
+        self.fields = fields  # the client's headers
+        self.path: bytes = fields.path or b""
         self.method: Method | None = None  # None: no such method (refused)
-        self.headers = headers  # the client's, as sent (pseudo-headers included)
         self.deadline = deadline  # the loop's clock (grpc-timeout), or None
         self.arrived = arrived  # the loop's clock when its headers came
         self.client = connection.client  # (host, port), or None (not over TCP)
@@ -104,7 +101,6 @@ class Call:
         self._limit = limit
         self._budget = budget
         self._held = 0
-        self._encoding = encoding
         self._partial = bytearray()
         self._assembling: int | None = None  # the size of the message being put together
         self._messages: deque[bytes] = deque()
@@ -114,7 +110,7 @@ class Call:
 
     # -- requests in
 
-    def receive(self, data: bytes | memoryview) -> None:
+    def receive(self, data: memoryview) -> None:
         """Bytes of the stream's DATA: whole messages join the inbox. Raises Aborted for a
         message over the limit, one that does not fit the memory budget, or one compressed
         in a way this server cannot read."""
@@ -160,7 +156,7 @@ class Call:
             self._arrived.set_result(None)
 
     def _inflate(self, message: bytes) -> bytes:
-        encoding = self._encoding
+        encoding = self.fields.encoding
         if encoding not in (b"gzip", b"deflate"):
             name = (encoding or b"identity").decode("latin-1")
             raise Aborted(Code.UNIMPLEMENTED, f"a compressed message with grpc-encoding {name}")
@@ -216,7 +212,7 @@ class Call:
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         """The client's custom metadata: binary (``-bin``) values decoded, others as text."""
         pairs: list[tuple[str, str | bytes]] = []
-        for name, value in self.headers:
+        for name, value in self.fields.headers:
             if name[:1] == b":" or name in _RESERVED:
                 continue
             key = name.decode("latin-1")

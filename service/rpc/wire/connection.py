@@ -19,7 +19,7 @@ from service.http.limits import BodyBudget
 from service.rpc.status import Code
 from service.rpc.wire import frames as f
 from service.rpc.wire.call import Aborted, Call
-from service.rpc.wire.headers import HeaderDecoder, HeaderError, Headers, encode
+from service.rpc.wire.headers import Fields, HeaderDecoder, HeaderError, encode
 from service.rpc.wire.methods import Kind, Method, run
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class Connection(asyncio.Protocol):
             self._preface_seen = True
             data = data[len(f.PREFACE) :]
         pos, end = 0, len(data)
+        view = memoryview(data)  # frames' payloads as slices of it: a DATA frame is not copied
         unpack = f.FRAME_HEAD.unpack_from
         while end - pos >= f.FRAME_HEAD_SIZE:
             length_kind, flags, stream = unpack(data, pos)
@@ -175,13 +176,13 @@ class Connection(asyncio.Protocol):
             if end - start < length:
                 break
             pos = start + length
-            self._frame(length_kind & 0xFF, flags, stream & 0x7FFFFFFF, data[start:pos])
+            self._frame(length_kind & 0xFF, flags, stream & 0x7FFFFFFF, view[start:pos])
             if self._transport is None:
                 return
         if pos < end:
             buffer += data[pos:]
 
-    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+    def _frame(self, kind: int, flags: int, stream: int, payload: memoryview) -> None:
         if self._block is not None and kind != f.CONTINUATION:
             raise ConnectionError_(f.PROTOCOL_ERROR, "a header block without its CONTINUATION")
         if not self._settings_seen and kind != f.SETTINGS:
@@ -196,7 +197,7 @@ class Connection(asyncio.Protocol):
             if len(payload) != 8 or stream:
                 raise ConnectionError_(f.FRAME_SIZE_ERROR, "a PING of other than 8 bytes")
             if not flags & f.ACK:
-                self._pending.append(f.frame(f.PING, f.ACK, 0, payload))
+                self._pending.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
         elif kind == f.SETTINGS:
             self._on_settings(flags, stream, payload)
         elif kind == f.RST_STREAM:
@@ -218,7 +219,7 @@ class Connection(asyncio.Protocol):
             raise ConnectionError_(f.PROTOCOL_ERROR, "a client may not push")
         # PRIORITY and unknown types: nothing to do (RFC 9113, 5.5)
 
-    def _on_settings(self, flags: int, stream: int, payload: bytes) -> None:
+    def _on_settings(self, flags: int, stream: int, payload: memoryview) -> None:
         if stream:
             raise ConnectionError_(f.PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & f.ACK:
@@ -240,7 +241,7 @@ class Connection(asyncio.Protocol):
         self._pending.append(f.frame(f.SETTINGS, f.ACK, 0))
         self._flush_blocked()
 
-    def _on_window_update(self, stream: int, payload: bytes) -> None:
+    def _on_window_update(self, stream: int, payload: memoryview) -> None:
         if len(payload) != 4:
             raise ConnectionError_(f.FRAME_SIZE_ERROR, "a WINDOW_UPDATE of other than 4 bytes")
         increment = f.read_u32(payload) & 0x7FFFFFFF
@@ -262,20 +263,21 @@ class Connection(asyncio.Protocol):
         if stream in self._blocked:
             self.flush(call)
 
-    def _on_headers(self, flags: int, stream: int, payload: bytes) -> None:
+    def _on_headers(self, flags: int, stream: int, payload: memoryview) -> None:
         if stream == 0 or not stream & 1:
             raise ConnectionError_(f.PROTOCOL_ERROR, "HEADERS on a stream a client cannot open")
-        payload = _unpadded(flags, payload)
-        if flags & f.PRIORITY_FLAG:
-            payload = payload[5:]
+        if flags & (f.PADDED | f.PRIORITY_FLAG):
+            payload = _unpadded(flags, payload)
+            if flags & f.PRIORITY_FLAG:
+                payload = payload[5:]
         if flags & f.END_HEADERS:
-            self._headers(stream, payload, bool(flags & f.END_STREAM))
+            self._headers(stream, bytes(payload), bool(flags & f.END_STREAM))
             return
         self._block = bytearray(payload)
         self._block_stream = stream
         self._block_ends_stream = bool(flags & f.END_STREAM)
 
-    def _on_continuation(self, flags: int, stream: int, payload: bytes) -> None:
+    def _on_continuation(self, flags: int, stream: int, payload: memoryview) -> None:
         block = self._block
         if block is None or stream != self._block_stream:
             raise ConnectionError_(f.PROTOCOL_ERROR, "a CONTINUATION out of place")
@@ -288,7 +290,7 @@ class Connection(asyncio.Protocol):
 
     def _headers(self, stream: int, block: bytes, end_stream: bool) -> None:
         try:
-            headers = self._decoder.decode(block)
+            fields = self._decoder.decode(block)
         except HeaderError as exc:
             raise ConnectionError_(f.COMPRESSION_ERROR, f"a header block: {exc}") from exc
         call = self.calls.get(stream)
@@ -304,21 +306,10 @@ class Connection(asyncio.Protocol):
         if self.going_away or len(self.calls) >= MAX_STREAMS:
             self._pending.append(f.rst_stream(stream, f.REFUSED_STREAM))
             return
-        self._open(stream, headers, end_stream)
+        self._open(stream, fields, end_stream)
 
-    def _open(self, stream: int, headers: Headers, end_stream: bool) -> None:
-        path = method = content_type = timeout = encoding = None
-        for name, value in headers:
-            if name == b":path":
-                path = value
-            elif name == b":method":
-                method = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"grpc-timeout":
-                timeout = value
-            elif name == b"grpc-encoding":
-                encoding = value
+    def _open(self, stream: int, fields: Fields, end_stream: bool) -> None:
+        content_type = fields.content_type
         if content_type is None or not content_type.startswith(b"application/grpc"):
             # Not a gRPC call (gRPC's spec: 415 for a content type it does not speak).
             block = encode([(b":status", b"415"), (b"content-type", b"text/plain")])
@@ -327,14 +318,13 @@ class Connection(asyncio.Protocol):
                 self._pending.append(f.rst_stream(stream, f.NO_ERROR))
             return
         now = self._loop.time()
+        timeout = fields.timeout
         call = Call(
             self,
             stream,
-            path or b"",
-            headers,
-            _deadline(timeout, now),
+            fields,
+            None if timeout is None else _deadline(timeout, now),
             now,
-            encoding,
             self._peer_window,
             self._limits.max_message_bytes,
             self._site.budget,
@@ -342,9 +332,9 @@ class Connection(asyncio.Protocol):
         self.calls[stream] = call
         if end_stream:
             call.end_of_requests()
-        target = self._methods.get(path or b"")
-        if method != b"POST" or target is None:
-            what = (path or b"").decode("latin-1")[:200]
+        target = self._methods.get(call.path)
+        if fields.method != b"POST" or target is None:
+            what = call.path.decode("latin-1")[:200]
             refusal = f"no method {what!r} here" if target is None else "POST only"
             call.finish(Code.UNIMPLEMENTED, refusal)
             return
@@ -352,7 +342,7 @@ class Connection(asyncio.Protocol):
         if target.kind is Kind.BIDI or end_stream:
             self._start(call, target)
 
-    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, stream: int, payload: memoryview) -> None:
         size = len(payload)
         self._recv_unacked += size
         if self._recv_unacked >= CONNECTION_WINDOW // 2:
@@ -368,7 +358,7 @@ class Connection(asyncio.Protocol):
             return
         if size and not call.finished:
             try:
-                call.receive(_unpadded(flags, payload))
+                call.receive(_unpadded(flags, payload) if flags & f.PADDED else payload)
             except Aborted as exc:
                 call.finish(exc.code, exc.details, exc.metadata)
                 return
@@ -577,7 +567,7 @@ def _initial_block(call: Call) -> bytes:
     return _GRPC_BLOCK
 
 
-def _unpadded(flags: int, payload: bytes) -> bytes:
+def _unpadded(flags: int, payload: memoryview) -> memoryview:
     if not flags & f.PADDED:
         return payload
     if not payload or payload[0] >= len(payload):
@@ -585,7 +575,7 @@ def _unpadded(flags: int, payload: bytes) -> bytes:
     return payload[1 : len(payload) - payload[0]]
 
 
-def _deadline(timeout: bytes | None, now: float) -> float | None:
+def _deadline(timeout: bytes, now: float) -> float | None:
     """grpc-timeout: up to 8 digits and a unit (H, M, S, m, u, n)."""
     if not timeout or len(timeout) > 9:
         return None

@@ -66,7 +66,7 @@ def settings_frame(values: dict[int, int]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in values.items()))
 
 
-def read_settings(payload: bytes) -> list[tuple[int, int]]:
+def read_settings(payload: bytes | memoryview) -> list[tuple[int, int]]:
     return [_SETTING.unpack_from(payload, i) for i in range(0, len(payload), _SETTING.size)]
 
 
@@ -82,6 +82,6 @@ def goaway(last_stream: int, error: int, debug: bytes = b"") -> bytes:
     return frame(GOAWAY, 0, 0, _GOAWAY.pack(last_stream, error) + debug)
 
 
-def read_u32(payload: bytes) -> int:
+def read_u32(payload: bytes | memoryview) -> int:
     value: int = _U32.unpack_from(payload)[0]
     return value

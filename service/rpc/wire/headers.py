@@ -14,14 +14,57 @@ class HeaderError(Exception):
     """The block cannot be decoded: the connection's compression state is lost with it."""
 
 
+class Fields:
+    """A decoded header block, with the fields a call reads picked out once."""
+
+    __slots__ = (
+        "api_key",
+        "authorization",
+        "content_type",
+        "encoding",
+        "headers",
+        "method",
+        "path",
+        "request_id",
+        "timeout",
+    )
+
+    def __init__(self, headers: Headers) -> None:
+        self.headers = headers
+        self.path: bytes | None = None
+        self.method: bytes | None = None
+        self.content_type: bytes | None = None
+        self.timeout: bytes | None = None
+        self.encoding: bytes | None = None
+        self.authorization: bytes | None = None
+        self.api_key: bytes | None = None
+        self.request_id: bytes | None = None
+        for name, value in headers:
+            attribute = _PICKED.get(name)
+            if attribute is not None and getattr(self, attribute) is None:
+                setattr(self, attribute, value)
+
+
+_PICKED = {
+    b":path": "path",
+    b":method": "method",
+    b"content-type": "content_type",
+    b"grpc-timeout": "timeout",
+    b"grpc-encoding": "encoding",
+    b"authorization": "authorization",
+    b"x-api-key": "api_key",
+    b"x-request-id": "request_id",
+}
+
+
 class HeaderDecoder:
     """One connection's decoder (its dynamic table is the connection's)."""
 
     def __init__(self, max_list_bytes: int) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=max_list_bytes)
-        self._known: dict[bytes, Headers] = {}
+        self._known: dict[bytes, Fields] = {}
 
-    def decode(self, block: bytes) -> Headers:
+    def decode(self, block: bytes) -> Fields:
         # NOTE: a client repeats its calls' headers, as references to the table and literals
         # that it does not index: a block that changes no table decodes to the same headers
         # until a block that does change it. hpack takes ~16 us for a block; a look-up, nothing.
@@ -29,7 +72,7 @@ class HeaderDecoder:
         if known is not None:
             return known
         try:
-            headers = cast(Headers, self._decoder.decode(block, raw=True))
+            fields = Fields(cast(Headers, self._decoder.decode(block, raw=True)))
         except hpack.HPACKError as exc:
             raise HeaderError(str(exc) or type(exc).__name__) from exc
         except IndexError as exc:  # a block cut short inside a field
@@ -37,8 +80,8 @@ class HeaderDecoder:
         if changes_table(block):
             self._known.clear()
         elif len(self._known) < _KNOWN_BLOCKS:
-            self._known[block] = headers
-        return headers
+            self._known[block] = fields
+        return fields
 
 
 _KNOWN_BLOCKS = 32  # a client calling a few methods, with a few deadlines
