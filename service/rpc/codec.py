@@ -28,6 +28,7 @@ from service.rpc.messages import infer_response
 from service.store import TensorSpec
 from service.versions import ReadyVersion
 
+_ITEMSIZE = {dtype: np.dtype(dtype).itemsize for dtype in DATATYPES.values()}
 # Each V2 datatype's list in InferTensorContents (FP16 has none: raw only).
 _TYPED = {
     "FP32": "fp32_contents",
@@ -102,7 +103,7 @@ class InferCall:
             if arrays[index] is not None:
                 raise InvalidInput(f"input {tensor.name!r} is sent twice")
             spec = inputs.specs[index]
-            shape = _shape(list(tensor.shape), spec)
+            shape = _shape(tuple(tensor.shape), spec)
             dtype = DATATYPES.get(tensor.datatype)
             if dtype is None:
                 raise InvalidInput(
@@ -139,27 +140,31 @@ def _position(name: str, inputs: Packing) -> int:
     return inputs.names.index(name)
 
 
-def _shape(shape: list[int], spec: TensorSpec) -> list[int]:
-    if len(shape) < 1 or any(d < 0 for d in shape) or tuple(shape[1:]) != spec.shape:
+def _shape(shape: tuple[int, ...], spec: TensorSpec) -> tuple[int, ...]:
+    # NOTE: the sample dimensions are the spec's (positive); only the count may be anything.
+    if not shape or shape[1:] != spec.shape or shape[0] < 0:
         expected = f"[n, {', '.join(map(str, spec.shape))}]"
-        raise InvalidInput(f"input {spec.name!r}: shape must be {expected}, got {shape}")
+        raise InvalidInput(f"input {spec.name!r}: shape must be {expected}, got {list(shape)}")
     return shape
 
 
 def _from_raw(
-    data: bytes, dtype: str, shape: list[int], datatype: str, spec: TensorSpec
+    data: bytes, dtype: str, shape: tuple[int, ...], datatype: str, spec: TensorSpec
 ) -> np.ndarray:
-    needed = math.prod(shape) * np.dtype(dtype).itemsize
+    needed = math.prod(shape) * _ITEMSIZE[dtype]
     if len(data) != needed:
         raise InvalidInput(
-            f"input {spec.name!r}: shape {shape} of {datatype} needs {needed} bytes, its raw "
-            f"contents hold {len(data)}"
+            f"input {spec.name!r}: shape {list(shape)} of {datatype} needs {needed} bytes, its "
+            f"raw contents hold {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _from_typed(
-    tensor: pb.ModelInferRequest.InferInputTensor, dtype: str, shape: list[int], spec: TensorSpec
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    dtype: str,
+    shape: tuple[int, ...],
+    spec: TensorSpec,
 ) -> np.ndarray:
     field = _TYPED.get(tensor.datatype)
     if field is None:
@@ -170,7 +175,8 @@ def _from_typed(
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidInput(
-            f"input {spec.name!r}: shape {shape} needs {count} values, {field} holds {len(values)}"
+            f"input {spec.name!r}: shape {list(shape)} needs {count} values, {field} holds "
+            f"{len(values)}"
         )
     # NOTE: int_contents and uint_contents are 32-bit lists: a UINT8 value past 255 is refused
     # by the request path's range check once cast, not wrapped here.

@@ -41,13 +41,15 @@ class Aborted(Exception):
 class Call:
     __slots__ = (
         "_arrived",
-        "_assembling",
         "_budget",
         "_connection",
+        "_flag",
         "_held",
         "_limit",
         "_messages",
-        "_partial",
+        "_missing",
+        "_pieces",
+        "_prefix",
         "_writable",
         "arrived",
         "client",
@@ -101,8 +103,10 @@ class Call:
         self._limit = limit
         self._budget = budget
         self._held = 0
-        self._partial = bytearray()
-        self._assembling: int | None = None  # the size of the message being put together
+        self._prefix = bytearray()  # a message's prefix, when it came split
+        self._pieces: list[memoryview] = []  # a message that came in several frames, so far
+        self._missing = -1  # bytes of the message being put together still to come (-1: none)
+        self._flag = 0
         self._messages: deque[bytes] = deque()
         self._arrived: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
@@ -114,26 +118,37 @@ class Call:
         """Bytes of the stream's DATA: whole messages join the inbox. Raises Aborted for a
         message over the limit, one that does not fit the memory budget, or one compressed
         in a way this server cannot read."""
-        partial = self._partial
-        if not partial and len(data) >= MESSAGE_PREFIX:
-            size = int.from_bytes(data[1:5], "big")
-            if len(data) == MESSAGE_PREFIX + size:  # the common case: one message, whole
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._missing < 0:  # between messages: the next one's prefix
+                prefix = self._prefix
+                if not prefix and end - pos >= MESSAGE_PREFIX:
+                    flag, size = data[pos], int.from_bytes(data[pos + 1 : pos + 5], "big")
+                    pos += MESSAGE_PREFIX
+                else:
+                    taken = min(MESSAGE_PREFIX - len(prefix), end - pos)
+                    prefix += data[pos : pos + taken]
+                    pos += taken
+                    if len(prefix) < MESSAGE_PREFIX:
+                        return
+                    flag, size = prefix[0], int.from_bytes(prefix[1:5], "big")
+                    prefix.clear()
                 self._take_room(size)
-                self._arrive(data[0], bytes(data[MESSAGE_PREFIX:]))
-                return
-        partial += data
-        while len(partial) >= MESSAGE_PREFIX:
-            size = int.from_bytes(partial[1:5], "big")
-            if self._assembling is None:  # its prefix, seen for the first time
-                self._take_room(size)
-                self._assembling = size
-            if len(partial) < MESSAGE_PREFIX + size:
-                return
-            flag = partial[0]
-            message = bytes(partial[MESSAGE_PREFIX : MESSAGE_PREFIX + size])
-            del partial[: MESSAGE_PREFIX + size]
-            self._assembling = None
-            self._arrive(flag, message)
+                if end - pos >= size:  # whole, in this frame: one copy
+                    self._arrive(flag, bytes(data[pos : pos + size]))
+                    pos += size
+                    continue
+                self._flag, self._missing = flag, size
+            # NOTE: the pieces are views of the frames as read: joined once, when all came.
+            taken = min(self._missing, end - pos)
+            self._pieces.append(data[pos : pos + taken])
+            pos += taken
+            self._missing -= taken
+            if self._missing == 0:
+                message = b"".join(self._pieces)
+                self._pieces.clear()
+                self._missing = -1
+                self._arrive(self._flag, message)
 
     def _take_room(self, size: int) -> None:
         if size > self._limit:
@@ -180,7 +195,7 @@ class Call:
 
     def only_message(self) -> bytes:
         """A unary call's request. Raises Aborted unless exactly one came whole."""
-        if len(self._messages) != 1 or self._partial:
+        if len(self._messages) != 1 or self._missing >= 0 or self._prefix:
             raise Aborted(
                 Code.INTERNAL,
                 f"a unary call takes one whole request message; {len(self._messages)} came",
@@ -293,8 +308,8 @@ class Call:
         self.finished = True
         if self._messages:
             self._messages.clear()
-        if self._partial:
-            self._partial = bytearray()
+        if self._pieces:
+            self._pieces.clear()
         if self._held:
             self._give_back(self._held)
         if self._writable is not None:
