@@ -38,6 +38,8 @@ def test_the_bytes_are_protobufs(
     ours = infer_response(name, version, request_id, [(n, "FP32", v) for n, v in outputs])
     assert ours == _by_protobuf(name, version, request_id, outputs)
     read = pb.ModelInferResponse.FromString(ours)
-    for (output, values), tensor, raw in zip(outputs, read.outputs, read.raw_output_contents):
+    for (output, values), tensor, raw in zip(
+        outputs, read.outputs, read.raw_output_contents, strict=True
+    ):
         assert tensor.name == output and list(tensor.shape) == list(values.shape)
         np.testing.assert_array_equal(np.frombuffer(raw, "<f4").reshape(values.shape), values)
