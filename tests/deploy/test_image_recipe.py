@@ -520,7 +520,7 @@ def test_serves_read_only_as_its_user_and_drains_a_request_in_flight(
         assert answer.json()["model"] == model
         np.testing.assert_allclose(answer.json()["outputs"], expected, atol=1e-4)
         assert healthcheck(image, port) == 0
-        # The gRPC service, on its published port, from the image's own venv (grpcio included).
+        # The gRPC service, on its published port, called with grpcio (the image has none).
         with grpc.insecure_channel(f"127.0.0.1:{container.grpc_port}") as channel:
             check = channel.unary_unary(
                 "/grpc.health.v1.Health/Check",
