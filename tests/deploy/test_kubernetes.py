@@ -282,3 +282,32 @@ def parse_quantity(text: str) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]?)", text)
     assert match and match.group(2) in suffixes, text
     return float(match.group(1)) * suffixes[match.group(2)]
+
+
+def test_the_grpc_probe_overlay_asks_the_grpc_port_what_readyz_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import grpc
+
+    from service.rpc import health_pb2
+
+    (deployment,) = [d for d in kustomize(KUBERNETES / "grpc-probes") if d["kind"] == "Deployment"]
+    (pod,) = deployment["spec"]["template"]["spec"]["containers"]
+    probe = pod["readinessProbe"]["grpc"]
+    ports = {p["name"]: p["containerPort"] for p in pod["ports"]}
+    settings = configmap_settings(monkeypatch)
+    assert probe["port"] == ports["grpc"] == settings.grpc_port
+    app = create_app(
+        settings.model_copy(update={"model_store": STORE, "grpc": True, "grpc_port": 0})
+    )
+    with serve(app) as base:
+        assert httpx.get(base + "/readyz").status_code == 200
+        assert app.grpc is not None
+        with grpc.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            answer = check(health_pb2.HealthCheckRequest(service=probe["service"]), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
