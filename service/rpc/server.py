@@ -62,14 +62,20 @@ class GrpcServer:
         self._control = ControlHandlers(settings, registry, telemetry, *keys, draining)
         # What each connection reads (service.rpc.wire.connection.Site).
         self.methods = self._inference_methods() | self._health_methods()
-        self.limits = WireLimits(settings.max_body_bytes, settings.max_header_bytes)
+        self.limits = WireLimits(
+            settings.max_body_bytes,
+            settings.max_header_bytes,
+            settings.max_connections,
+            settings.header_timeout_s,
+        )
         self.budget = budget if budget is not None else BodyBudget(settings.max_body_memory_bytes)
         self._connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self.port: int | None = None  # once listening (grpc_port 0: the one the OS picked)
 
-    def opened(self, connection: Connection) -> None:
+    def opened(self, connection: Connection) -> int:
         self._connections.add(connection)
+        return len(self._connections)
 
     def closed(self, connection: Connection) -> None:
         self._connections.discard(connection)

@@ -400,3 +400,40 @@ def test_the_same_bytes_decode_anew_once_the_table_changed() -> None:
     assert newest == b"\xbe" and ours.decode(newest).headers == [(b"x-a", b"1")]
     ours.decode(encoder.encode([("x-b", "2")]))  # added: now the newest
     assert ours.decode(b"\xbe").headers == [(b"x-b", b"2")]
+
+
+def test_silent_and_surplus_connections_are_closed(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(SHIPPED_STORE, store)
+    settings = Settings(
+        model_store=store, grpc=True, grpc_port=0, max_connections=3, header_timeout_s=0.5
+    )
+    service = create_app(settings)
+    with running(service):
+        assert service.grpc is not None and service.grpc.port
+        port = service.grpc.port
+        # Silent: closed after header_timeout_s, with GOAWAY.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
+            received = b""
+            while chunk := silent.recv(65536):
+                received += chunk
+        assert 7 in _frame_types(received)
+        # Three speaking HTTP/2 are served; a fourth gets GOAWAY and is closed.
+        with contextlib.ExitStack() as open_now:
+            clients = [open_now.enter_context(client(service)) for _ in range(3)]
+            for c in clients:
+                stream = c.call()
+                c.send(stream, _framed(_message(GOLDEN_IN[:1])))
+                assert c.answer(stream)[2]["grpc-status"] == "0"
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as surplus:
+                received = b""
+                with contextlib.suppress(OSError):
+                    while chunk := surplus.recv(65536):
+                        received += chunk
+            assert 7 in _frame_types(received)
+            assert b"too many connections" in received
+        # Once they close, a new one is served.
+        with client(service) as c:
+            stream = c.call()
+            c.send(stream, _framed(_message(GOLDEN_IN[:1])))
+            assert c.answer(stream)[2]["grpc-status"] == "0"

@@ -56,6 +56,8 @@ class ConnectionError_(Exception):
 class WireLimits:
     max_message_bytes: int  # one request message (max_body_bytes)
     max_header_bytes: int  # one header block, decoded (max_header_bytes)
+    max_connections: int = 2048  # open at once (max_connections): past it, GOAWAY and close
+    preface_timeout_s: float = 10.0  # to start speaking HTTP/2 (header_timeout_s)
 
 
 class Site(Protocol):
@@ -65,7 +67,9 @@ class Site(Protocol):
     limits: WireLimits
     budget: BodyBudget
 
-    def opened(self, connection: Connection) -> None: ...
+    def opened(self, connection: Connection) -> int:
+        """Count it in; the connections now open."""
+        ...
 
     def closed(self, connection: Connection) -> None: ...
 
@@ -100,6 +104,7 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self.client: tuple[str, int] | None = None
         self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._silent: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
 
@@ -109,12 +114,22 @@ class Connection(asyncio.Protocol):
         self.peer = _peer(address)
         if isinstance(address, tuple) and len(address) >= 2:
             self.client = (str(address[0]), int(address[1]))
-        self._site.opened(self)
-        transport.write(
-            f.settings_frame(_SETTINGS) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
-        )
+        greeting = f.settings_frame(_SETTINGS)
+        if self._site.opened(self) > self._limits.max_connections:
+            transport.write(greeting + f.goaway(0, f.ENHANCE_YOUR_CALM, b"too many connections"))
+            transport.close()
+            return
+        transport.write(greeting + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW))
+        # A connection that never starts speaking HTTP/2 would be held for ever.
+        self._silent = self._loop.call_later(self._limits.preface_timeout_s, self._no_preface)
+
+    def _no_preface(self) -> None:
+        if not self._settings_seen and self._transport is not None:
+            self._fail(f.PROTOCOL_ERROR, "no HTTP/2 preface within header_timeout_s")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._silent is not None:
+            self._silent.cancel()
         for call in list(self.calls.values()):
             call.closed(cancel=True)
         self.calls.clear()
@@ -234,7 +249,11 @@ class Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise ConnectionError_(f.FRAME_SIZE_ERROR, "SETTINGS of a partial entry")
-        self._settings_seen = True
+        if not self._settings_seen:
+            self._settings_seen = True
+            if self._silent is not None:
+                self._silent.cancel()
+                self._silent = None
         for key, value in f.read_settings(payload):
             if key == f.INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
