@@ -49,11 +49,3 @@ def error_message(response: Response) -> str:
         return str(orjson.loads(response.body)["error"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return "refused"
-
-
-async def abort_with(context: Context, response: Response) -> Any:
-    """A refusal the request path rendered, as the call's status."""
-    headers = tuple((k.decode(), v.decode()) for k, v in response.headers)
-    if headers:
-        context.set_trailing_metadata(headers)
-    await context.abort(grpc_status(response.status), error_message(response))

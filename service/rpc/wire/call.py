@@ -1,6 +1,6 @@
 """One gRPC call on a connection: its request messages as they arrive, its answer as it leaves,
 and what its handler reads and sets (the part of grpc.aio's ServicerContext that foldserve's
-handlers use: metadata, deadline, peer, trailing metadata, abort)."""
+handlers use: the client's headers, the deadline, initial and trailing metadata, abort)."""
 
 from __future__ import annotations
 
@@ -224,26 +224,10 @@ class Call:
 
     # -- the handler's context
 
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """The client's custom metadata: binary (``-bin``) values decoded, others as text."""
-        pairs: list[tuple[str, str | bytes]] = []
-        for name, value in self.fields.headers:
-            if name[:1] == b":" or name in _RESERVED:
-                continue
-            key = name.decode("latin-1")
-            if key.endswith("-bin"):
-                pairs.append((key, _unbase64(value)))
-            else:
-                pairs.append((key, value.decode("latin-1")))
-        return tuple(pairs)
-
     def time_remaining(self) -> float | None:
         if self.deadline is None:
             return None
         return max(self.deadline - self._connection.loop.time(), 0.0)
-
-    def peer(self) -> str:
-        return self._connection.peer
 
     def set_trailing_metadata(self, metadata: Metadata) -> None:
         self.trailing_headers = _headers(metadata)
@@ -254,9 +238,6 @@ class Call:
 
     async def abort(self, code: Code, details: str = "") -> NoReturn:
         raise Aborted(code, details)
-
-    def cancelled(self) -> bool:
-        return self.finished and self.trailers is None
 
     # -- answers out
 
@@ -322,9 +303,6 @@ class Call:
 
 
 _STATUS = {code: b"%d" % code for code in Code}
-_RESERVED = frozenset(
-    (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
-)
 
 
 def _headers(metadata: Metadata) -> Headers:
@@ -336,10 +314,3 @@ def _headers(metadata: Metadata) -> Headers:
         else:
             out.append((name, value.encode("latin-1", "replace")))
     return out
-
-
-def _unbase64(value: bytes) -> bytes:
-    try:
-        return base64.b64decode(value + b"=" * (-len(value) % 4))
-    except ValueError:
-        return b""
