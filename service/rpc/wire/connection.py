@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_STREAMS = 1024
 RECEIVE_WINDOW = 1 << 20  # per stream: a 64-row call of most models arrives without a pause
 CONNECTION_WINDOW = 16 << 20
+LINGER_S = 1.0  # after a GOAWAY for a broken protocol, before the socket closes
 MAX_FRAME = 1 << 18  # larger DATA frames from the client: fewer frames for large tensors
 _SETTINGS = {
     f.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
@@ -105,6 +106,7 @@ class Connection(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._silent: asyncio.TimerHandle | None = None
+        self._failed = False  # closing: what still comes is dropped
 
     # -- asyncio.Protocol
 
@@ -116,8 +118,8 @@ class Connection(asyncio.Protocol):
             self.client = (str(address[0]), int(address[1]))
         greeting = f.settings_frame(_SETTINGS)
         if self._site.opened(self) > self._limits.max_connections:
-            transport.write(greeting + f.goaway(0, f.ENHANCE_YOUR_CALM, b"too many connections"))
-            transport.close()
+            transport.write(greeting)
+            self._fail(f.ENHANCE_YOUR_CALM, "too many connections (max_connections)")
             return
         transport.write(greeting + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW))
         # A connection that never starts speaking HTTP/2 would be held for ever.
@@ -152,6 +154,8 @@ class Connection(asyncio.Protocol):
             call.wake_writer()
 
     def data_received(self, data: bytes) -> None:
+        if self._failed:
+            return
         try:
             self._read(data)
         except ConnectionError_ as exc:
@@ -564,8 +568,13 @@ class Connection(asyncio.Protocol):
         log.info("gRPC connection from %s closed: %s", self.peer, reason)
         self._pending.append(f.goaway(self._last_stream, code, reason.encode()[:200]))
         self._write_pending()
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None or self._failed:
+            return
+        for call in list(self.calls.values()):
+            call.closed(cancel=True)
+        self.calls.clear()
+        self._close_gently(transport)
 
     def go_away(self) -> None:
         """Take no new calls (GOAWAY); the connection ends once its calls are answered."""
@@ -591,7 +600,19 @@ class Connection(asyncio.Protocol):
     def _maybe_done(self) -> None:
         if self.going_away and not self.calls and self._transport is not None:
             self._write_pending()
-            self._transport.close()
+            self._close_gently(self._transport)
+
+    def _close_gently(self, transport: asyncio.Transport) -> None:
+        # NOTE: closed at once, a socket with unread input answers with a reset, and the
+        # client's kernel drops what it had not read yet (the GOAWAY, the last answers):
+        # half-close, drop what still comes for a moment (or until the client closes), close.
+        if transport.can_write_eof() and not transport.is_closing():
+            if not self._failed:
+                self._failed = True  # nothing more is read
+                transport.write_eof()
+                self._loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
 
 
 def _initial_block(call: Call) -> bytes:
