@@ -9,22 +9,35 @@ import base64
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn, Protocol
 
 from service.errors import FoldserveError
 from service.http.limits import BodyBudget
 from service.rpc.status import Code
 from service.rpc.wire.headers import Fields, Headers, percent_encode
-
-if TYPE_CHECKING:
-    from service.rpc.wire.connection import Connection
-    from service.rpc.wire.methods import Method
+from service.rpc.wire.methods import Method
 
 MESSAGE_PREFIX = 5  # compressed flag (1 byte), length (4 bytes, big-endian)
 # A stream's answers queued past this many bytes (the client reading slower than they come)
 # make its handler wait before the next one.
 QUEUED_HIGH = 1 << 20
 Metadata = Iterable[tuple[str, str | bytes]]
+
+
+class Owner(Protocol):
+    """What a call asks of its connection (service.rpc.wire.connection.Connection)."""
+
+    loop: asyncio.AbstractEventLoop
+    client: tuple[str, int] | None
+    write_paused: bool
+
+    def send_headers(self, call: Call) -> None: ...
+
+    def flush(self, call: Call) -> None: ...
+
+    def answer(self, call: Call, payload: bytes) -> None: ...
+
+    def wake_when_writable(self, call: Call) -> None: ...
 
 
 class Aborted(Exception):
@@ -73,7 +86,7 @@ class Call:
 
     def __init__(
         self,
-        connection: Connection,
+        connection: Owner,
         stream_id: int,
         fields: Fields,
         deadline: float | None,

@@ -20,7 +20,8 @@ from service.rpc.status import Code
 from service.rpc.wire import frames as f
 from service.rpc.wire.call import Aborted, Call
 from service.rpc.wire.headers import Fields, HeaderDecoder, HeaderError, encode
-from service.rpc.wire.methods import Kind, Method, run
+from service.rpc.wire.methods import Kind, Method
+from service.rpc.wire.run import run
 
 log = logging.getLogger(__name__)
 
