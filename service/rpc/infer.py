@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 from service.dataplane import DataPlane
 from service.errors import FoldserveError
@@ -27,6 +26,7 @@ from service.rpc.calls import Context, error_message, head_of
 from service.rpc.codec import InferCall, infer_request
 from service.rpc.messages import field
 from service.rpc.status import grpc_status
+from service.rpc.wire.call import Aborted
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,6 @@ AccessLog = Callable[[Request, int], None]
 # thousands of tasks.
 STREAM_IN_FLIGHT = 64
 _STREAM_INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response's field number
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: int
-    body: bytes = b""  # the serialized ModelInferResponse (200)
-    error: str = ""  # the refusal's message, as REST's error body says it
-    metadata: tuple[tuple[str, str], ...] = ()  # the refusal's headers (Retry-After)
-
-
-def _refused(response: Response) -> Outcome:
-    metadata = tuple((k.decode(), v.decode()) for k, v in response.headers)
-    return Outcome(response.status, error=error_message(response), metadata=metadata)
 
 
 class InferHandlers:
@@ -63,16 +50,14 @@ class InferHandlers:
     async def unary(self, raw: bytes, context: Context) -> bytes:
         head = head_of(context)
         request_id = self._ids.of(head)
-        outcome = await self._one(raw, head, request_id, context)
         # NOTE: the id goes back with the status (trailing metadata): initial metadata sent on
         # its own is one more frame on the call.
         context.trailing_headers = [(b"x-request-id", request_id)]
-        if outcome.status != 200:
-            context.set_trailing_metadata(
-                (("x-request-id", request_id.decode()), *outcome.metadata)
-            )
-            await context.abort(grpc_status(outcome.status), outcome.error)
-        return outcome.body
+        response = await self._serve(raw, head, request_id, context)
+        if response.status != 200:
+            context.trailing_headers += [(k.lower(), v) for k, v in response.headers]
+            raise Aborted(grpc_status(response.status), error_message(response))
+        return response.body
 
     async def stream(
         self, requests: AsyncIterator[bytes], context: Context
@@ -86,8 +71,8 @@ class InferHandlers:
         async def answer(raw: bytes) -> None:
             try:
                 # Each request of the stream its own id (a stream is many requests).
-                outcome = await self._one(raw, _copy(head), self._ids.new(), context)
-                await answers.put(_stream_answer(outcome))
+                response = await self._serve(raw, _copy(head), self._ids.new(), context)
+                await answers.put(_stream_answer(response))
             finally:
                 room.release()
 
@@ -112,13 +97,13 @@ class InferHandlers:
             for task in list(running):
                 task.cancel()
 
-    async def _one(self, raw: bytes, head: Head, request_id: bytes, context: Context) -> Outcome:
+    async def _serve(self, raw: bytes, head: Head, request_id: bytes, context: Context) -> Response:
         started, arrived = time.perf_counter(), context.arrived
         try:
             message = infer_request(raw)
         except FoldserveError as exc:
             self._dataplane.unresolved.refused(exc.status, time.perf_counter() - started, grpc=True)
-            return _refused(failure(exc))
+            return failure(exc)
         head.content_type = b"application/octet-stream"
         head.content_length = b"%d" % len(raw)
         body = Body(None)  # complete: the message arrived whole
@@ -146,14 +131,14 @@ class InferHandlers:
                 message.model_version or None,
             )
             status = response.status
-            return _refused(response) if status != 200 else Outcome(200, response.body)
+            return response
         except asyncio.CancelledError:
             status = 499
             raise
         except Exception as exc:
             error_id = os.urandom(4).hex()
             log.error("unexpected error %s in gRPC ModelInfer", error_id, exc_info=exc)
-            return _refused(error_response(500, f"internal error {error_id}: see the server log"))
+            return error_response(500, f"internal error {error_id}: see the server log")
         finally:
             body.release()
             if self._access_log is not None:
@@ -168,11 +153,11 @@ def _copy(head: Head) -> Head:
     return copied
 
 
-def _stream_answer(outcome: Outcome) -> bytes:
+def _stream_answer(response: Response) -> bytes:
     """The ModelStreamInferResponse for one request: its response's bytes as they are, inside
     (a length-delimited field needs no re-encoding), or its error."""
-    if outcome.status == 200:
-        return field(_STREAM_INFER_RESPONSE, outcome.body)
-    refusal = pb.ModelStreamInferResponse(error_message=outcome.error)
+    if response.status == 200:
+        return field(_STREAM_INFER_RESPONSE, response.body)
+    refusal = pb.ModelStreamInferResponse(error_message=error_message(response))
     data: bytes = refusal.SerializeToString()
     return data

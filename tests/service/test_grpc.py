@@ -331,6 +331,8 @@ def test_the_repository_needs_the_management_api_and_its_key(shipped_store: Path
         client("RepositoryModelUnload", unload, pb.RepositoryModelUnloadResponse, metadata=key)
         ready = client("ModelReady", pb.ModelReadyRequest(name="digits-cnn"), pb.ModelReadyResponse)
         assert not ready.ready
+        unloaded = refused(lambda: client.infer(pb.ModelInferRequest(model_name="digits-cnn")))
+        assert unloaded.code() == grpc.StatusCode.NOT_FOUND, unloaded.details()
         override = pb.RepositoryModelLoadRequest(model_name="digits-cnn")
         override.parameters["config"].string_param = "{}"
         error = refused(
@@ -429,3 +431,20 @@ def test_the_calls_deadline_is_the_requests_time_budget(shipped_store: Path) -> 
         while 'code="504"' not in httpx.get(f"{client.base}/metrics").text:
             assert time.monotonic() < deadline, "the server never counted the request as 504"
             time.sleep(0.05)
+
+
+def test_a_refusal_to_retry_says_when_in_the_trailing_metadata(shipped_store: Path) -> None:
+    # Request bodies in flight may hold 1 MiB: a message of 1.1 MB is refused with UNAVAILABLE
+    # and retry-after, as REST answers 503 with Retry-After; a small one is served.
+    settings = Settings(
+        model_store=shipped_store, grpc=True, grpc_port=0, max_body_memory_bytes=1 << 20
+    )
+    with _client(settings) as client:
+        rows = np.repeat(GOLDEN_IN[:1], 4200, axis=0)
+        error = refused(lambda: client.infer(raw_request(rows)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert "max_body_memory_bytes" in (error.details() or "")
+        assert int(dict(error.trailing_metadata())["retry-after"]) >= 1
+        np.testing.assert_allclose(
+            outputs(client.infer(raw_request(GOLDEN_IN[:1])))[0], GOLDEN_OUT[0], atol=1e-4
+        )

@@ -173,7 +173,8 @@ class Call:
         try:
             self._budget.take(size)
         except FoldserveError as exc:
-            raise Aborted(Code.UNAVAILABLE, exc.message) from exc
+            retry = [(name.lower(), value) for name, value in exc.headers().items()]
+            raise Aborted(Code.UNAVAILABLE, exc.message, retry) from exc
         self._held += size
 
     def _arrive(self, flag: int, message: bytes) -> None:
