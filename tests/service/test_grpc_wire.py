@@ -437,3 +437,20 @@ def test_silent_and_surplus_connections_are_closed(tmp_path: Path) -> None:
             stream = c.call()
             c.send(stream, _framed(_message(GOLDEN_IN[:1])))
             assert c.answer(stream)[2]["grpc-status"] == "0"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from([b":status", b"content-type", b"grpc-status", b"x-" + b"n" * 130]),
+            st.binary(min_size=0, max_size=300).map(lambda b: bytes(32 + x % 95 for x in b)),
+        ),
+        max_size=6,
+    )
+)
+def test_the_servers_header_blocks_read_back_as_written(headers: list[tuple[bytes, bytes]]) -> None:
+    from service.rpc.wire.headers import encode
+
+    read = hpack.Decoder().decode(encode(headers), raw=True)
+    assert [(bytes(n), bytes(v)) for n, v in read] == headers

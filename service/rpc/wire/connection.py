@@ -38,6 +38,7 @@ _SETTINGS = {
     f.MAX_FRAME_SIZE: MAX_FRAME,
     f.ENABLE_PUSH: 0,
 }
+_HEAD_SIZE, _DATA, _HEADERS = f.FRAME_HEAD_SIZE, f.DATA, f.HEADERS
 _GRPC_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 _GRPC_BLOCK = encode(_GRPC_HEADERS)
 _OK_BLOCK = encode([(b"grpc-status", b"0")])
@@ -187,22 +188,23 @@ class Connection(asyncio.Protocol):
         pos, end = 0, len(data)
         view = memoryview(data)  # frames' payloads as slices of it: a DATA frame is not copied
         unpack = f.FRAME_HEAD.unpack_from
-        while end - pos >= f.FRAME_HEAD_SIZE:
+        on_data, on_headers = self._on_data, self._on_headers
+        while end - pos >= _HEAD_SIZE:
             length_kind, flags, stream = unpack(data, pos)
             length = length_kind >> 8
             if length > MAX_FRAME:
                 raise ConnectionError_(f.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
-            start = pos + f.FRAME_HEAD_SIZE
+            start = pos + _HEAD_SIZE
             if end - start < length:
                 break
             pos = start + length
             kind = length_kind & 0xFF
             # NOTE: a call's two frame types straight to their handlers: the frame path is
             # most of this layer's cost per call.
-            if kind == f.DATA and self._block is None:
-                self._on_data(flags, stream & 0x7FFFFFFF, view[start:pos])
-            elif kind == f.HEADERS and self._block is None and self._settings_seen:
-                self._on_headers(flags, stream & 0x7FFFFFFF, view[start:pos])
+            if kind == _DATA and self._block is None:
+                on_data(flags, stream & 0x7FFFFFFF, view[start:pos])
+            elif kind == _HEADERS and self._block is None and self._settings_seen:
+                on_headers(flags, stream & 0x7FFFFFFF, view[start:pos])
             else:
                 self._frame(kind, flags, stream & 0x7FFFFFFF, view[start:pos])
             if self._transport is None:

@@ -139,26 +139,33 @@ def _skip_string(block: bytes, i: int) -> int:
 
 
 _STATIC_NAMES = {b":status": 8, b"content-type": 31}  # (":status", "200") is entry 8 whole
+_NAMES: dict[bytes, bytes] = {}  # each name's bytes before its value, as written (few names)
 
 
 def encode(headers: Headers) -> bytes:
     """Each field a literal that is never added to a table (so that the client's table, and
     ours, stay as they are), its name an index where the static table has it."""
-    out = bytearray()
+    parts = []
     for name, value in headers:
         if name == b":status" and value == b"200":
-            out += b"\x88"
+            parts.append(b"\x88")
             continue
-        index = _STATIC_NAMES.get(name)
-        if index is None:
-            out += b"\x00"
-            out += _integer(len(name), 7)
-            out += name
-        else:
-            out += _integer(index, 4)
-        out += _integer(len(value), 7)
-        out += value
-    return bytes(out)
+        written = _NAMES.get(name)
+        if written is None:
+            written = _name(name)
+        parts.append(written)
+        size = len(value)
+        parts.append(bytes((size,)) if size < 0x7F else _integer(size, 7))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _name(name: bytes) -> bytes:
+    index = _STATIC_NAMES.get(name)
+    written = b"\x00" + _integer(len(name), 7) + name if index is None else _integer(index, 4)
+    if len(_NAMES) < 256:  # the server's own names, and clients' refusal metadata: few
+        _NAMES[name] = written
+    return written
 
 
 def _integer(value: int, prefix_bits: int) -> bytes:
