@@ -64,7 +64,9 @@ class InferHandlers:
     ) -> AsyncIterator[bytes]:
         head = head_of(context)
         await context.send_initial_metadata((("x-request-id", self._ids.of(head).decode()),))
-        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # Bounded: answers the client does not read stop the stream's requests being taken,
+        # and then, through the call's window, the client's sending (service.rpc.wire).
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=STREAM_IN_FLIGHT)
         room = asyncio.Semaphore(STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
 

@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,63 @@ def test_a_stalled_answer_leaves_other_calls_alone(app: Service) -> None:
         _, data, trailers = c.answer(second)
         assert trailers["grpc-status"] == "0"
         np.testing.assert_allclose(_outputs(data)[0], GOLDEN_OUT[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_stream_whose_answers_are_not_read_holds_its_client_back(app: Service) -> None:
+    # The client streams 1,200 requests of 64 rows (20 MB) and reads no answer (it gives no
+    # window back): the answers back up, the handler stops taking requests, and the call's
+    # window, no longer given back, stops the client after a few MB. Once it reads, all 1,200
+    # are answered.
+    count = 1200
+    message = _framed(_message(np.tile(GOLDEN_IN, (8, 1))))
+    total = count * len(message)
+    with client(app) as c:
+        c.granting = False
+        stream = c.call(path="/inference.GRPCInferenceService/ModelStreamInfer")
+        sent = _send_while_allowed(c, stream, message, 0, total, seconds=3.0)
+        assert sent < total // 2, f"{sent} of {total} bytes sent with no answer read"
+        c.granting = True
+        for event in c.events:  # what was received and not acknowledged
+            if isinstance(event, h2.events.DataReceived):
+                c.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        c.flush()
+        sent += _send_while_allowed(c, stream, message, sent, total, seconds=60.0)
+        assert sent == total
+        c.h2.end_stream(stream)
+        c.flush()
+        _, data, trailers = c.answer(stream)
+    assert trailers["grpc-status"] == "0"
+    answers = []
+    while data:
+        _, size = struct.unpack(">BI", data[:5])
+        answers.append(pb.ModelStreamInferResponse.FromString(data[5 : 5 + size]))
+        data = data[5 + size :]
+    assert len(answers) == count and not any(a.error_message for a in answers)
+
+
+def _send_while_allowed(
+    c: Client, stream: int, message: bytes, start: int, total: int, seconds: float
+) -> int:
+    """Send repeated ``message`` from byte ``start`` up to ``total`` as the server's windows
+    allow, for at most ``seconds`` without progress; the bytes sent."""
+    sent, stalled_since, total = 0, time.monotonic(), total - start
+    try:
+        while sent < total and time.monotonic() - stalled_since < seconds:
+            room = min(c.h2.local_flow_control_window(stream), c.h2.max_outbound_frame_size)
+            if room > 0:
+                offset = (start + sent) % len(message)
+                piece = message[offset : offset + min(room, total - sent)]
+                c.h2.send_data(stream, piece)
+                c.flush()
+                sent += len(piece)
+                stalled_since = time.monotonic()
+            # What the server sent (window updates, answers): waited for only when stopped.
+            c.sock.settimeout(0.05 if room <= 0 else 0)
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                c.read()
+    finally:
+        c.sock.settimeout(10)
+    return sent
 
 
 def test_pings_are_answered_and_settings_acknowledged(app: Service) -> None:

@@ -20,7 +20,7 @@ from service.rpc.wire.methods import Method
 MESSAGE_PREFIX = 5  # compressed flag (1 byte), length (4 bytes, big-endian)
 # A stream's answers queued past this many bytes (the client reading slower than they come)
 # make its handler wait before the next one.
-QUEUED_HIGH = 1 << 20
+QUEUED_HIGH = 256 << 10
 Metadata = Iterable[tuple[str, str | bytes]]
 
 
@@ -38,6 +38,8 @@ class Owner(Protocol):
     def answer(self, call: Call, payload: bytes) -> None: ...
 
     def wake_when_writable(self, call: Call) -> None: ...
+
+    def grant(self, call: Call) -> None: ...
 
 
 class Aborted(Exception):
@@ -202,6 +204,10 @@ class Call:
             )
         return plain
 
+    def waiting(self) -> bool:
+        """Whether whole requests wait for the handler to take them."""
+        return bool(self._messages)
+
     def end_of_requests(self) -> None:
         self.client_ended = True
         if self._arrived is not None and not self._arrived.done():
@@ -223,6 +229,8 @@ class Call:
             if messages:
                 message = messages.popleft()
                 self._give_back(len(message))
+                if not messages and not self.client_ended:
+                    self._connection.grant(self)
                 yield message
             elif self.client_ended:
                 return
@@ -274,7 +282,7 @@ class Call:
     async def writable(self) -> None:
         """Wait while this call's unsent answers, or the connection's, are too many."""
         while not self.finished and (self.out_bytes > QUEUED_HIGH or self._connection.write_paused):
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._connection.loop.create_future()
             self._connection.wake_when_writable(self)
             await self._writable
             self._writable = None

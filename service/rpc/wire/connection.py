@@ -400,7 +400,10 @@ class Connection(asyncio.Protocol):
             self._requests_ended(call)
             return
         call.recv_unacked += size
-        if call.recv_unacked >= RECEIVE_WINDOW // 2:
+        # NOTE: while requests wait in the call's inbox, its window stays as it is: a client
+        # streaming faster than its handler takes them waits for it (flow control), rather
+        # than fill the memory for bodies in flight. The handler's taking gives it back.
+        if call.recv_unacked >= RECEIVE_WINDOW // 2 and not call.waiting():
             self._pending.append(f.window_update(stream, call.recv_unacked))
             call.recv_unacked = 0
 
@@ -537,11 +540,17 @@ class Connection(asyncio.Protocol):
                 return
             self.flush(call)
 
+    def grant(self, call: Call) -> None:
+        """The call's handler took its waiting requests: the client may send what it held."""
+        if call.recv_unacked >= RECEIVE_WINDOW // 2 and call.stream_id in self.calls:
+            self._write(f.window_update(call.stream_id, call.recv_unacked))
+            call.recv_unacked = 0
+
     def wake_when_writable(self, call: Call) -> None:
+        """Wake ``call``'s writer when the transport takes data again; a writer waiting on the
+        client's window is woken by the flush that sends its data."""
         if self.write_paused:
             self._waiting_writers.add(call)
-        else:
-            call.wake_writer()
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
