@@ -19,7 +19,9 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import hpack
 import numpy as np
@@ -326,6 +328,43 @@ def test_a_reset_call_leaves_the_connection_serving(app: Service) -> None:
         again = c.call()
         c.send(again, _framed(_message(GOLDEN_IN[:1])))
         assert c.answer(again)[2]["grpc-status"] == "0"
+
+
+def test_rapid_resets_and_ping_floods_end_that_connection_only(app: Service) -> None:
+    # CVE-2023-44487: calls opened and reset at once, thousands a second. Past the reset
+    # bucket (1,000 at once, 100 a second) the connection ends with ENHANCE_YOUR_CALM; a
+    # PING flood likewise (100 at once, 10 a second).
+    def flood(send: Any) -> h2.events.ConnectionTerminated:
+        with client(app) as c:
+            with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+                for i in range(3000):
+                    send(c, i)
+                    if i % 100 == 99:
+                        c.flush()
+                c.flush()
+                while not any(isinstance(e, h2.events.ConnectionTerminated) for e in c.events):
+                    c.read()
+            return next(e for e in c.events if isinstance(e, h2.events.ConnectionTerminated))
+
+    def open_and_reset(c: Client, _: int) -> None:
+        stream = c.call()
+        c.h2.reset_stream(stream)
+
+    def ping(c: Client, i: int) -> None:
+        c.h2.ping(i.to_bytes(8, "big"))
+
+    for send, what in ((open_and_reset, b"stream resets"), (ping, b"PINGs")):
+        ended = flood(send)
+        assert ended.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert what in (ended.additional_data or b"")
+    # A client that cancels now and then, and the next connection, are served.
+    with client(app) as c:
+        for _ in range(50):
+            open_and_reset(c, 0)
+        c.flush()
+        stream = c.call()
+        c.send(stream, _framed(_message(GOLDEN_IN[:1])))
+        assert c.answer(stream)[2]["grpc-status"] == "0"
 
 
 def test_garbage_closes_that_connection_only(app: Service) -> None:

@@ -18,9 +18,11 @@ from service.http import eager
 from service.http.limits import BodyBudget
 from service.rpc.status import Code
 from service.rpc.wire import frames as f
+from service.rpc.wire import rates
 from service.rpc.wire.call import Aborted, Call
 from service.rpc.wire.headers import Fields, HeaderDecoder, HeaderError, encode
 from service.rpc.wire.methods import Kind, Method
+from service.rpc.wire.rates import Bucket
 from service.rpc.wire.run import run
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,10 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._silent: asyncio.TimerHandle | None = None
         self._failed = False  # closing: what still comes is dropped
+        now = self._loop.time()
+        self._resets = Bucket(*rates.RESETS, now)
+        self._pings = Bucket(*rates.PINGS, now)
+        self._settings_frames = Bucket(*rates.SETTINGS, now)
 
     # -- asyncio.Protocol
 
@@ -227,10 +233,14 @@ class Connection(asyncio.Protocol):
             if len(payload) != 8 or stream:
                 raise ConnectionError_(f.FRAME_SIZE_ERROR, "a PING of other than 8 bytes")
             if not flags & f.ACK:
+                self._within(self._pings, "PINGs")
                 self._pending.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
         elif kind == f.SETTINGS:
+            if not flags & f.ACK:
+                self._within(self._settings_frames, "SETTINGS frames")
             self._on_settings(flags, stream, payload)
         elif kind == f.RST_STREAM:
+            self._within(self._resets, "stream resets")
             call = self.calls.pop(stream, None)
             if call is not None:
                 self._blocked.pop(stream, None)
@@ -248,6 +258,10 @@ class Connection(asyncio.Protocol):
         elif kind == f.PUSH_PROMISE:
             raise ConnectionError_(f.PROTOCOL_ERROR, "a client may not push")
         # PRIORITY and unknown types: nothing to do (RFC 9113, 5.5)
+
+    def _within(self, bucket: Bucket, what: str) -> None:
+        if not bucket.take(self._loop.time()):
+            raise ConnectionError_(f.ENHANCE_YOUR_CALM, f"too many {what} in too little time")
 
     def _on_settings(self, flags: int, stream: int, payload: memoryview) -> None:
         if stream:
